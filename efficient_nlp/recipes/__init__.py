@@ -1,0 +1,19 @@
+"""Recipes: short functions ``run(config, workdir) -> results`` wiring the layers from a config.
+
+``train.py`` only looks the recipe up here by ``config.recipe`` and calls it.
+"""
+import importlib
+
+# recipe name -> module holding ``run(config, workdir)``; imported lazily.
+RECIPES = {
+    "finetune": "efficient_nlp.recipes.finetune",
+}
+
+
+def run_recipe(config, workdir):
+    """Runs ``config.recipe`` with ``config`` in ``workdir``; returns the recipe's results."""
+    name = config.get("recipe")
+    if name not in RECIPES:
+        raise ValueError(
+            f"Unknown recipe {name!r} in config.recipe; known recipes: {sorted(RECIPES)}.")
+    return importlib.import_module(RECIPES[name]).run(config, workdir)

@@ -1,0 +1,86 @@
+"""Fine-tuning recipe: a pretrained BERT-family encoder plus a task head.
+
+Cross-entropy for classification (and sentence pairs), mean squared error for
+regression (``num_labels == 1``, e.g. STS-B). Every other recipe starts from a model
+fine-tuned this way (the full-precision teacher of METHODS.md sections 1.3-1.5).
+"""
+import json
+import os
+
+import jax.numpy as jnp
+import optax
+
+from efficient_nlp import data as data_lib
+from efficient_nlp import models
+from efficient_nlp import train as train_lib
+
+
+def task_loss(model, batch, rngs):
+    """Cross-entropy (classification) or MSE (regression) of the model's logits."""
+    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                deterministic=False, rngs=rngs)
+    return logits_loss(out.logits, batch["labels"])
+
+
+def logits_loss(logits, labels):
+    """Returns ``(loss, aux)`` for logits [B, C] (C == 1: regression on ``labels``)."""
+    if logits.shape[-1] == 1:
+        return jnp.mean((logits[:, 0] - labels) ** 2), {}
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, {"accuracy": accuracy}
+
+
+def load_model_and_data(config):
+    """Loads the task data with the model directory's tokenizer and the model with its head."""
+    model_dir = config.model_dir or models.default_model_dir()
+    d = config.data
+    task_data = data_lib.load_task_data(
+        d.task, tokenizer_dir=model_dir, max_length=d.max_length,
+        data_dir=d.data_dir or None, train_file=d.train_file or None,
+        dev_file=d.dev_file or None, text_a=d.text_a or None, text_b=d.text_b or None,
+        label=d.label or None, num_labels=d.num_labels or None,
+        max_train_examples=d.max_train_examples or None)
+    model = models.from_pretrained(
+        model_dir, num_labels=task_data.spec.num_labels, seed=config.train.seed,
+        **config.model.to_dict())
+    return model, task_data
+
+
+def run(config, workdir):
+    """Fine-tunes ``config.model_dir`` on ``config.data``; returns dev metrics before/after."""
+    train_lib.init_distributed(config)
+    model, task_data = load_model_and_data(config)
+    spec = task_data.spec
+    eval_fn = train_lib.make_eval_fn(
+        task_data.dev, config.train.eval_batch_size,
+        lambda predictions, labels, weights: data_lib.compute_metrics(
+            spec, predictions, labels, weights))
+    before = eval_fn(model)
+
+    def batches(start_step):
+        return data_lib.train_batches(task_data.train, config.train.batch_size,
+                                      seed=config.train.seed, start_step=start_step)
+
+    model, _ = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
+                             eval_fn=eval_fn)
+    after = eval_fn(model)
+    results = {"task": spec.name, "train_examples": len(task_data.train["labels"]),
+               "dev_examples": len(task_data.dev["labels"]),
+               "dev_before": before, "dev_after": after}
+    print(format_results(results))
+    if train_lib.is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def format_results(results):
+    """A small table of dev metrics before and after fine-tuning."""
+    lines = [f"Task {results['task']}: {results['train_examples']} train / "
+             f"{results['dev_examples']} dev examples",
+             f"{'metric':<12}{'before':>10}{'after':>10}"]
+    for key, value in results["dev_after"].items():
+        lines.append(f"{key:<12}{results['dev_before'][key]:>10.4f}{value:>10.4f}")
+    return "\n".join(lines)
