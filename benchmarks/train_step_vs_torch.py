@@ -1,0 +1,93 @@
+"""Training-step time: our MiniLM fine-tuning step vs transformers' PyTorch model.
+
+Both sides fine-tune the same checkpoint (the embedded MiniLM-L6-H384 unless
+``--model_dir``) for sequence classification with AdamW (weight decay 0.01, grad clip
+1.0, dropout on), on the same CPU, batch and sequence length, in one run. Prints the
+median milliseconds per step of each and the ratio torch / ours (> 1: ours faster).
+
+    python benchmarks/train_step_vs_torch.py --batch 32 --seq 128 --steps 10
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def time_steps(step, n_warmup, n_steps):
+    for _ in range(n_warmup):
+        step()
+    times = []
+    for _ in range(n_steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def random_batch(vocab_size, batch, seq, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, vocab_size, size=(batch, seq), dtype=np.int32)
+    mask = np.ones((batch, seq), np.int32)
+    mask[: batch // 2, seq // 2:] = 0  # half the rows padded to half length
+    return {"input_ids": ids, "attention_mask": mask,
+            "token_type_ids": np.zeros_like(ids), "labels": rng.integers(0, 2, batch).astype(np.int32)}
+
+
+def ours(model_dir, batch, n_warmup, n_steps):
+    import ml_collections
+    from efficient_nlp import models, train
+    from efficient_nlp.recipes.finetune import task_loss
+
+    model = models.from_pretrained(model_dir, num_labels=2)
+    config = ml_collections.ConfigDict({"train": train.default_train_config()})
+    config.train.num_steps = n_warmup + n_steps
+    step = train.make_step_runner(model, task_loss, config=config)
+    return time_steps(lambda: step(batch), n_warmup, n_steps)
+
+
+def torch_side(model_dir, batch, n_warmup, n_steps):
+    import torch
+    import transformers
+
+    model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    tb = {k: torch.as_tensor(v).long() for k, v in batch.items()}
+
+    def step():
+        optimizer.zero_grad()
+        loss = model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
+                     token_type_ids=tb["token_type_ids"], labels=tb["labels"]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return time_steps(step, n_warmup, n_steps), torch.get_num_threads()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_dir", default="")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    from efficient_nlp import models
+
+    model_dir = args.model_dir or models.default_model_dir()
+    vocab = models.BertConfig.from_pretrained(model_dir).vocab_size
+    batch = random_batch(vocab, args.batch, args.seq)
+    ours_ms = ours(model_dir, batch, args.warmup, args.steps)
+    torch_ms, threads = torch_side(model_dir, batch, args.warmup, args.steps)
+    import jax
+    print(f"MiniLM fine-tuning step, batch {args.batch} x seq {args.seq}, "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads {threads}")
+    print(f"{'ours (jax)':<14}{ours_ms:>10.1f} ms/step")
+    print(f"{'torch':<14}{torch_ms:>10.1f} ms/step")
+    print(f"ratio torch/ours: {torch_ms / ours_ms:.2f}x (> 1 means ours is faster)")
+
+
+if __name__ == "__main__":
+    main()

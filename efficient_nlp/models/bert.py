@@ -1,0 +1,402 @@
+"""BERT-family encoder and heads in Flax NNX.
+
+The layout follows the original BERT (and HF ``BertModel``) exactly, so pretrained
+checkpoints load tensor-for-tensor (see `efficient_nlp.models.hf_checkpoint`):
+
+* embeddings: word + position + token-type, LayerNorm, dropout;
+* N post-LayerNorm layers: multi-head self-attention (query / key / value / output Linear,
+  residual, LayerNorm) then a feed-forward block (intermediate Linear, activation, output
+  Linear, residual, LayerNorm);
+* pooler: tanh(dense(first token));
+* heads: sequence classification (dropout + Linear; ``num_labels == 1`` is regression, sentence
+  pairs are the same head fed with ``token_type_ids``) and masked LM (dense + activation +
+  LayerNorm, decoder tied to the word embedding plus a bias).
+
+Every model holds its backbone under ``.bert`` (also the plain `BertModel`), so parameter paths
+are the same for all three: ``bert.encoder.layers.<i>.attention.query.kernel`` etc.  The
+models hold parameters only (no RNG state); dropout is active only with
+``deterministic=False`` and an ``nnx.Rngs`` with a ``dropout`` stream passed at call time.
+
+Intermediates are requested by name through ``capture=`` (see `CAPTURE_NAMES`).  The names are
+static Python values, so the plain forward pass traces no extra work.  The attention width is
+``num_heads * head_dim`` and need not equal ``hidden_size``; the number of heads of a layer is
+read from its query kernel (``kernel.shape[1] // head_dim``), so physically removing heads only
+needs smaller kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_nlp.models.config import BertConfig
+
+#: Names accepted by ``capture=``.  ``embedding`` is [B,T,H]; the per-layer entries are tuples
+#: with one array per layer run: ``attn_scores`` [B,N,T,T] (scaled q.k before the mask bias),
+#: ``attn_probs`` [B,N,T,T], ``values`` [B,N,T,D], ``mha_out`` [B,T,H] (after attention output
+#: dense + residual + LayerNorm), ``ffn_intermediate`` [B,T,I] (after activation), ``ffn_out``
+#: [B,T,H] (layer output); ``hidden_states`` is a tuple of L+1 arrays, the input first.
+CAPTURE_NAMES = (
+    "embedding",
+    "attn_scores",
+    "attn_probs",
+    "values",
+    "mha_out",
+    "ffn_intermediate",
+    "ffn_out",
+    "hidden_states",
+)
+LAYER_CAPTURE_NAMES = ("attn_scores", "attn_probs", "values", "mha_out", "ffn_intermediate", "ffn_out")
+
+#: Additive bias for masked keys: half of float32's most negative value, so adding a score to
+#: it cannot overflow to -inf and a fully-masked row still gives a finite (uniform) softmax.
+MASK_VALUE = 0.5 * float(jnp.finfo(jnp.float32).min)
+
+
+def check_capture(capture: Iterable[str] | str) -> frozenset[str]:
+    """Validate capture names; returns them as a frozenset.  Unknown name -> ValueError."""
+    if isinstance(capture, str):
+        capture = (capture,)
+    names = frozenset(capture)
+    unknown = sorted(names.difference(CAPTURE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown capture name(s) {unknown}; valid names are {CAPTURE_NAMES}")
+    return names
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation function for a HF ``hidden_act`` name."""
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "relu":
+        return jax.nn.relu
+    if name in ("silu", "swish"):
+        return jax.nn.silu
+    raise ValueError(f"unsupported hidden_act {name!r}")
+
+
+def attention_bias(attention_mask: jax.Array | None) -> jax.Array | None:
+    """[B,T] mask (1 = token, 0 = pad) -> additive float32 bias [B,1,1,T] (0 or `MASK_VALUE`)."""
+    if attention_mask is None:
+        return None
+    mask = jnp.asarray(attention_mask)
+    if mask.ndim != 2:
+        raise ValueError(f"attention_mask must be [batch, seq_len], got shape {mask.shape}")
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+def _check_rngs(deterministic: bool, rngs) -> None:
+    if not deterministic and rngs is None:
+        raise ValueError(
+            "deterministic=False needs rngs, e.g. rngs=nnx.Rngs(dropout=0) (a 'dropout' stream); "
+            "the model holds no RNG state."
+        )
+
+
+@flax.struct.dataclass
+class BertOutput:
+    """Output of every BERT model (a pytree; None fields are empty subtrees).
+
+    Attributes:
+      last_hidden_state: [B,T,H] output of the last layer.
+      pooler_output: [B,H] tanh-pooled first token, or None (no pooler, e.g. masked LM).
+      logits: head output ([B,num_labels] or [B,T,vocab]), or None for `BertModel`.
+      intermediates: dict of captured tensors (empty unless requested with ``capture=``).
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array | None = None
+    logits: jax.Array | None = None
+    intermediates: dict[str, Any] = flax.struct.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- building blocks
+def _linear(config: BertConfig, n_in: int, n_out: int, dtype, param_dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(
+        n_in, n_out,
+        kernel_init=jax.nn.initializers.normal(config.initializer_range),
+        bias_init=jax.nn.initializers.zeros,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    )
+
+
+def _layer_norm(config: BertConfig, n: int, dtype, param_dtype, rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2], as torch does (needed for 1e-5 parity).
+    return nnx.LayerNorm(
+        n, epsilon=config.layer_norm_eps, use_fast_variance=False,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    )
+
+
+def _embed(config: BertConfig, n: int, h: int, dtype, param_dtype, rngs) -> nnx.Embed:
+    return nnx.Embed(
+        n, h, embedding_init=jax.nn.initializers.normal(config.initializer_range),
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+    )
+
+
+class BertEmbeddings(nnx.Module):
+    """word + position + token-type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.word_embeddings = _embed(config, config.vocab_size, h, dtype, param_dtype, rngs)
+        self.position_embeddings = _embed(config, config.max_position_embeddings, h, dtype, param_dtype, rngs)
+        self.token_type_embeddings = _embed(config, config.type_vocab_size, h, dtype, param_dtype, rngs)
+        self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+    def __call__(self, input_ids, token_type_ids=None, *, deterministic: bool = True, rngs=None) -> jax.Array:
+        _check_rngs(deterministic, rngs)
+        input_ids = jnp.asarray(input_ids)
+        seq_len = input_ids.shape[-1]
+        max_len = self.position_embeddings.num_embeddings
+        if seq_len > max_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings={max_len}")
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(jnp.arange(seq_len))[None]
+            + self.token_type_embeddings(jnp.asarray(token_type_ids))
+        )
+        x = self.layer_norm(x)
+        return self.dropout(x, deterministic=deterministic, rngs=rngs)
+
+
+class BertAttention(nnx.Module):
+    """Multi-head self-attention with output dense, residual and post-LayerNorm."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        h, w = config.hidden_size, config.attention_width
+        self.head_dim = config.attention_head_dim
+        self.query = _linear(config, h, w, dtype, param_dtype, rngs)
+        self.key = _linear(config, h, w, dtype, param_dtype, rngs)
+        self.value = _linear(config, h, w, dtype, param_dtype, rngs)
+        self.output = _linear(config, w, h, dtype, param_dtype, rngs)
+        self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
+        self.attn_dropout = nnx.Dropout(config.attention_probs_dropout_prob)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+    def __call__(self, x, bias=None, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
+        """x [B,T,H], bias [B,1,1,T] additive (or None) -> (out [B,T,H], captured dict)."""
+        b, t, _ = x.shape
+        d = self.head_dim
+
+        def heads(y):
+            return y.reshape(b, t, y.shape[-1] // d, d)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        scores = jnp.einsum("btnd,bsnd->bnts", q, k) * (1.0 / math.sqrt(d))
+        logits = scores.astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        dropped = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
+        context = jnp.einsum("bnts,bsnd->btnd", dropped, v).reshape(b, t, -1)
+        out = self.dropout(self.output(context), deterministic=deterministic, rngs=rngs)
+        out = self.layer_norm(out + x)
+        captured = {}
+        if "attn_scores" in want:
+            captured["attn_scores"] = scores
+        if "attn_probs" in want:
+            captured["attn_probs"] = probs
+        if "values" in want:
+            captured["values"] = v.transpose(0, 2, 1, 3)
+        if "mha_out" in want:
+            captured["mha_out"] = out
+        return out, captured
+
+
+class BertFeedForward(nnx.Module):
+    """intermediate Linear -> activation -> output Linear -> dropout -> residual -> LayerNorm."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        h, i = config.hidden_size, config.intermediate_size
+        self.hidden_act = config.hidden_act
+        self.intermediate = _linear(config, h, i, dtype, param_dtype, rngs)
+        self.output = _linear(config, i, h, dtype, param_dtype, rngs)
+        self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+
+    def __call__(self, x, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
+        inner = activation(self.hidden_act)(self.intermediate(x))
+        out = self.dropout(self.output(inner), deterministic=deterministic, rngs=rngs)
+        out = self.layer_norm(out + x)
+        captured = {}
+        if "ffn_intermediate" in want:
+            captured["ffn_intermediate"] = inner
+        if "ffn_out" in want:
+            captured["ffn_out"] = out
+        return out, captured
+
+
+class BertLayer(nnx.Module):
+    """One transformer layer: `BertAttention` then `BertFeedForward`."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.attention = BertAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ffn = BertFeedForward(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, bias=None, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
+        x, captured = self.attention(x, bias, want=want, deterministic=deterministic, rngs=rngs)
+        x, more = self.ffn(x, want=want, deterministic=deterministic, rngs=rngs)
+        captured.update(more)
+        return x, captured
+
+
+class BertEncoder(nnx.Module):
+    """The stack of layers (``layers`` is an ``nnx.List``); can run any range [start, stop)."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for _ in range(config.num_hidden_layers)]
+        )
+
+    def __call__(self, hidden_states, attention_mask=None, *, start: int = 0, stop: int | None = None,
+                 capture: Iterable[str] = (), deterministic: bool = True, rngs=None):
+        """Run layers ``start .. stop-1`` on ``hidden_states`` [B,T,H].
+
+        Returns ``(hidden_states, intermediates)``; per-layer captures are tuples with one entry
+        per layer run and ``hidden_states`` (if requested) has the input first, so its length is
+        ``stop - start + 1``.  ``embedding`` is produced by the model, not here (ignored).
+        """
+        _check_rngs(deterministic, rngs)
+        want = check_capture(capture)
+        n = len(self.layers)
+        stop = n if stop is None else stop
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
+            raise ValueError(f"need 0 <= start <= stop <= {n} (number of layers); got start={start}, stop={stop}")
+        bias = attention_bias(attention_mask)
+        per_layer = {name: [] for name in LAYER_CAPTURE_NAMES if name in want}
+        states = [hidden_states] if "hidden_states" in want else None
+        for i in range(start, stop):
+            hidden_states, captured = self.layers[i](
+                hidden_states, bias, want=want, deterministic=deterministic, rngs=rngs)
+            for name, value in captured.items():
+                per_layer[name].append(value)
+            if states is not None:
+                states.append(hidden_states)
+        intermediates = {name: tuple(values) for name, values in per_layer.items()}
+        if states is not None:
+            intermediates["hidden_states"] = tuple(states)
+        return hidden_states, intermediates
+
+
+class BertPooler(nnx.Module):
+    """tanh(dense(hidden_states[:, 0]))."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dense = _linear(config, config.hidden_size, config.hidden_size, dtype, param_dtype, rngs)
+
+    def __call__(self, hidden_states):
+        return jnp.tanh(self.dense(hidden_states[:, 0]))
+
+
+class BertBackbone(nnx.Module):
+    """Embeddings + encoder (+ pooler): the ``.bert`` attribute of every model."""
+
+    def __init__(self, config: BertConfig, *, add_pooling_layer: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embeddings = BertEmbeddings(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = BertEncoder(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.pooler = (BertPooler(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                       if add_pooling_layer else None)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
+                 deterministic: bool = True, rngs=None) -> BertOutput:
+        _check_rngs(deterministic, rngs)
+        want = check_capture(capture)
+        emb = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+        hidden, intermediates = self.encoder(
+            emb, attention_mask, capture=want, deterministic=deterministic, rngs=rngs)
+        if "embedding" in want:
+            intermediates["embedding"] = emb
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return BertOutput(last_hidden_state=hidden, pooler_output=pooled, logits=None,
+                          intermediates=intermediates)
+
+
+# ----------------------------------------------------------------------------- models
+class BertModel(nnx.Module):
+    """The bare encoder (with pooler); ``logits`` is None.
+
+    Args:
+      config: the `BertConfig`.
+      rngs: ``nnx.Rngs`` used to initialise parameters (e.g. ``nnx.Rngs(0)``).
+      dtype: computation dtype; param_dtype: storage dtype of the parameters.
+      add_pooling_layer: build the tanh pooler (HF base checkpoints have one).
+    """
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 add_pooling_layer: bool = True):
+        self.config = config
+        self.bert = BertBackbone(config, add_pooling_layer=add_pooling_layer, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
+                 deterministic: bool = True, rngs=None) -> BertOutput:
+        return self.bert(input_ids, attention_mask, token_type_ids, capture=capture,
+                         deterministic=deterministic, rngs=rngs)
+
+
+class BertForSequenceClassification(nnx.Module):
+    """Encoder + pooler + dropout + Linear(hidden, num_labels).
+
+    ``num_labels == 1`` means regression (the logits are the prediction, shape [B,1]); sentence
+    pair tasks use the same head with ``token_type_ids`` marking the second segment.
+    """
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.config = config
+        self.bert = BertBackbone(config, add_pooling_layer=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        rate = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nnx.Dropout(rate)
+        self.classifier = _linear(config, config.hidden_size, config.num_labels, dtype, param_dtype, rngs)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
+                 deterministic: bool = True, rngs=None) -> BertOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, capture=capture,
+                        deterministic=deterministic, rngs=rngs)
+        pooled = self.dropout(out.pooler_output, deterministic=deterministic, rngs=rngs)
+        return out.replace(logits=self.classifier(pooled))
+
+
+class BertLMHead(nnx.Module):
+    """MLM prediction head: dense + activation + LayerNorm, then the tied decoder + bias."""
+
+    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.hidden_act = config.hidden_act
+        self.dense = _linear(config, config.hidden_size, config.hidden_size, dtype, param_dtype, rngs)
+        self.layer_norm = _layer_norm(config, config.hidden_size, dtype, param_dtype, rngs)
+        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), dtype=param_dtype))
+
+    def __call__(self, hidden_states, word_embedding):
+        """hidden_states [B,T,H], word_embedding [V,H] -> logits [B,T,V]."""
+        h = self.layer_norm(activation(self.hidden_act)(self.dense(hidden_states)))
+        logits = jnp.einsum("bth,vh->btv", h, word_embedding.astype(h.dtype))
+        return logits + self.bias[...].astype(logits.dtype)
+
+
+class BertForMaskedLM(nnx.Module):
+    """Encoder (no pooler, as in HF) + `BertLMHead` tied to the word embedding."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.config = config
+        self.bert = BertBackbone(config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = BertLMHead(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
+                 deterministic: bool = True, rngs=None) -> BertOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, capture=capture,
+                        deterministic=deterministic, rngs=rngs)
+        embedding = self.bert.embeddings.word_embeddings.embedding[...]
+        return out.replace(logits=self.lm_head(out.last_hidden_state, embedding))

@@ -1,0 +1,203 @@
+"""Configuration of BERT-family encoders.
+
+`BertConfig` is a frozen dataclass holding exactly the hyper-parameters that decide the
+shapes and the behaviour of `efficient_nlp.models.bert`.  It reads a HuggingFace
+``config.json`` (unknown HF keys such as ``architectures`` or ``use_cache`` are ignored) and
+writes one back (`to_hf_dict`) so that a checkpoint saved by
+`efficient_nlp.models.save_hf_checkpoint` is readable by ``transformers``.
+
+Width changes used by compression methods are expressed directly:
+
+* ``head_dim`` decouples the attention width (``num_attention_heads * head_dim``) from
+  ``hidden_size`` (structured head pruning, BinaryBERT's half-width model);
+* ``intermediate_size`` may be any positive integer (neuron pruning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+# Activation names understood by `efficient_nlp.models.bert.activation`.  "gelu" is the exact
+# (erf) GELU as in HF; "gelu_new", "gelu_pytorch_tanh" and "gelu_fast" are the tanh
+# approximation.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
+
+# Shape-defining fields: overriding one of them when loading a checkpoint makes the
+# checkpoint not fit (reported by the loader as missing / unexpected / mis-shaped tensors).
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "head_dim",
+    "num_labels",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyper-parameters of a BERT encoder (names and defaults as in HF ``BertConfig``).
+
+    Attributes:
+      vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size:
+        the architecture.
+      hidden_act: feed-forward (and MLM transform) activation, one of `ACTIVATIONS`.
+      hidden_dropout_prob: dropout after embeddings and after each residual branch.
+      attention_probs_dropout_prob: dropout on the attention probabilities.
+      max_position_embeddings, type_vocab_size: sizes of the position / segment tables.
+      layer_norm_eps: epsilon of every LayerNorm.
+      pad_token_id: id of the padding token (informational; padding is given by the mask).
+      head_dim: width of one attention head; None means ``hidden_size // num_attention_heads``.
+      num_labels: outputs of the sequence-classification head (1 = regression).
+      classifier_dropout: dropout before the classifier; None means ``hidden_dropout_prob``.
+      initializer_range: std of the normal initialiser of fresh weights.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    head_dim: int | None = None
+    num_labels: int = 2
+    classifier_dropout: float | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                     "num_labels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"BertConfig.{name} must be a positive int, got {value!r}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set head_dim explicitly to choose the "
+                    "attention width (num_attention_heads * head_dim)."
+                )
+        elif not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise ValueError(f"BertConfig.head_dim must be None or a positive int, got {self.head_dim!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; choose one of {ACTIVATIONS}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def attention_head_dim(self) -> int:
+        """Width of one head (``head_dim`` or ``hidden_size // num_attention_heads``)."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the query/key/value projections: ``num_attention_heads * head_dim``."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def _check_keys(cls, keys) -> None:
+        valid = cls.field_names()
+        unknown = sorted(k for k in keys if k not in valid)
+        if unknown:
+            raise ValueError(
+                f"unknown BertConfig field(s) {unknown}; valid keys are: {', '.join(valid)}"
+            )
+
+    def replace(self, **kwargs) -> "BertConfig":
+        """A copy with some fields changed; unknown names raise ValueError listing valid keys."""
+        self._check_keys(kwargs)
+        return dataclasses.replace(self, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides) -> "BertConfig":
+        """Build from a dict in HF ``config.json`` form; HF-only keys are ignored.
+
+        ``num_labels`` is taken from ``id2label`` when present (HF stores it that way).
+        Overrides are validated: an unknown name raises ValueError naming the valid keys.
+        """
+        cls._check_keys(overrides)
+        model_type = d.get("model_type")
+        if model_type not in (None, "bert"):
+            raise ValueError(
+                f"config.json has model_type={model_type!r}; only the BERT layout (model_type "
+                "'bert': word/position/token-type embeddings, post-LayerNorm) is supported."
+            )
+        pos_type = d.get("position_embedding_type", "absolute")
+        if pos_type != "absolute":
+            raise ValueError(
+                f"config.json has position_embedding_type={pos_type!r}; only 'absolute' is supported."
+            )
+        kwargs = {k: d[k] for k in cls.field_names() if k in d}
+        if "id2label" in d and isinstance(d["id2label"], dict) and d["id2label"]:
+            kwargs["num_labels"] = len(d["id2label"])
+        kwargs.update(overrides)
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
+                               "num_attention_heads", "intermediate_size") if k not in kwargs]
+        if missing:
+            raise ValueError(f"config is missing required BERT key(s) {missing}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model_dir_or_config_json: str | os.PathLike, **overrides) -> "BertConfig":
+        """Read ``config.json`` (a directory holding it, or the file itself) and apply overrides.
+
+        Overrides that change shapes (e.g. ``num_hidden_layers``) are accepted here; loading
+        weights into such a config then fails with the loader's clear mismatch report.
+        """
+        path = os.fspath(model_dir_or_config_json)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json found at {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return cls.from_dict(d, **overrides)
+
+    def to_hf_dict(self, architecture: str = "BertModel") -> dict[str, Any]:
+        """A HuggingFace-style ``config.json`` dict (readable by ``transformers.BertConfig``).
+
+        ``head_dim`` is written only when it differs from ``hidden_size // num_attention_heads``
+        (transformers' own BertModel cannot represent such a model, but our loader can).
+        """
+        d: dict[str, Any] = {"architectures": [architecture], "model_type": "bert"}
+        for k, v in self.to_dict().items():
+            if k in ("head_dim", "num_labels"):
+                continue
+            d[k] = v
+        if self.head_dim is not None and (
+            self.hidden_size % self.num_attention_heads
+            or self.head_dim != self.hidden_size // self.num_attention_heads
+        ):
+            d["head_dim"] = self.head_dim
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
+        d["position_embedding_type"] = "absolute"
+        d["tie_word_embeddings"] = True
+        return d

@@ -1,0 +1,298 @@
+"""Checkpoints of the training state with orbax: periodic save, keep N, safe restore.
+
+Layout: ``<directory>/<step>/state`` (the arrays, orbax PyTree format) and
+``<directory>/<step>/manifest`` (JSON: every leaf's path, shape, dtype and CRC32).
+
+The state is saved as a nested dict of arrays keyed by the leaves' readable paths
+(``params/encoder/layer/0/kernel``), which keeps the format independent of Python
+classes (NNX ``State``/``Variable``, optax state tuples). ``restore`` first reads the
+manifest and compares it with the target (paths, shapes, dtypes), then restores every
+array into a fresh tree with the target's shardings and verifies the checksums; only
+a complete, verified tree is returned. Problems raise ``CorruptCheckpointError`` (a
+file unreadable, truncated or garbled) or ``IncompatibleCheckpointError`` (another
+model/optimizer), both naming the step directory and the reason.
+
+All processes of a multi-host run call ``save`` / ``restore`` (orbax coordinates the
+writes); ``wait_until_finished`` blocks until asynchronous saves are committed.
+"""
+import logging
+import os
+import zlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_MAX_LISTED = 8  # differences listed in an error message
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be restored. ``step_dir`` names the step directory."""
+
+    def __init__(self, step_dir, reason):
+        self.step_dir = str(step_dir)
+        self.reason = reason
+        super().__init__(f"Cannot restore checkpoint {self.step_dir}: {reason}")
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Files of the checkpoint are missing, truncated or garbled."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint holds a different tree (paths, shapes or dtypes) than the target."""
+
+
+def _key_name(k):
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return str(k.name)
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)  # pragma: no cover
+
+
+def leaf_paths(tree):
+    """``(paths, leaves, treedef)``; a path is a tuple of names, NNX ``.value`` dropped."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    paths, leaves = [], []
+    for path, leaf in flat:
+        names = tuple(_key_name(k) for k in path
+                      if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"))
+        paths.append(names)
+        leaves.append(leaf)
+    if len(set(paths)) != len(paths):
+        raise ValueError("Two leaves of the training state have the same path; cannot "
+                         "checkpoint it.")
+    return paths, leaves, treedef
+
+
+def _nest(paths, leaves):
+    out = {}
+    for path, leaf in zip(paths, leaves):
+        node = out
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"Leaf path {'/'.join(path)} clashes with another leaf.")
+        node[path[-1]] = leaf
+    return out
+
+
+def _lookup(nested, path):
+    node = nested
+    for name in path:
+        node = node[name]
+    return node
+
+
+def _host_value(x):
+    """The full value of ``x`` on this host, or None if it is sharded across hosts."""
+    if isinstance(x, jax.Array):
+        if x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return None
+    return np.asarray(x)
+
+
+def _crc32(value):
+    value = np.ascontiguousarray(value)
+    return zlib.crc32(value.reshape(-1).view(np.uint8)) & 0xFFFFFFFF
+
+
+def _dtype_name(x):
+    return str(np.dtype(x.dtype))
+
+
+class Checkpointer:
+    """Orbax ``CheckpointManager`` wrapper for one training run's state.
+
+    Args:
+      directory: where step directories go (created).
+      max_to_keep: keep only the newest N checkpoints (None: all).
+      async_save: write in a background thread (call ``wait_until_finished``/``close``).
+      checksums: store a CRC32 of every (host-readable) leaf and verify it on restore.
+    """
+
+    def __init__(self, directory, *, max_to_keep=None, async_save=True, checksums=True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.checksums = checksums
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=bool(async_save))
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # -- queries -----------------------------------------------------------------------
+    def step_dir(self, step):
+        return os.path.join(self.directory, str(int(step)))
+
+    def all_steps(self):
+        return sorted(int(s) for s in self._manager.all_steps())
+
+    def latest_step(self):
+        return self._manager.latest_step()
+
+    # -- save --------------------------------------------------------------------------
+    def manifest(self, tree, step):
+        paths, leaves, _ = leaf_paths(tree)
+        entries = {}
+        for path, leaf in zip(paths, leaves):
+            entry = {"shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf)}
+            if self.checksums:
+                value = _host_value(leaf)
+                entry["crc32"] = None if value is None else _crc32(value)
+            entries["/".join(path)] = entry
+        return {"format": FORMAT_VERSION, "step": int(step), "leaves": entries}
+
+    def save(self, step, tree):
+        """Saves ``tree`` as ``step`` (skipped if that step exists); all processes call it."""
+        step = int(step)
+        if step in self.all_steps():
+            return False
+        paths, leaves, _ = leaf_paths(tree)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_nest(paths, leaves)),
+            manifest=ocp.args.JsonSave(self.manifest(tree, step)))
+        return self._manager.save(step, args=args, force=True)
+
+    # -- restore -----------------------------------------------------------------------
+    def restore(self, step, target):
+        """Restores ``step`` into a new tree shaped, typed and sharded like ``target``.
+
+        Raises ``CorruptCheckpointError`` / ``IncompatibleCheckpointError`` (never
+        returns a partly restored tree).
+        """
+        step = int(step)
+        self.wait_until_finished()
+        step_dir = self.step_dir(step)
+        if not os.path.isdir(step_dir):
+            raise CorruptCheckpointError(step_dir, "the step directory does not exist")
+        manifest = self._read_manifest(step, step_dir)
+        paths, leaves, treedef = leaf_paths(target)
+        self._check_compatible(manifest, paths, leaves, step_dir)
+
+        abstract = [self._abstract(leaf) for leaf in leaves]
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_nest(paths, abstract))))
+            restored = restored["state"]
+            new_leaves = [_lookup(restored, p) for p in paths]
+        except Exception as e:  # orbax / tensorstore raise many types
+            raise CorruptCheckpointError(
+                step_dir, f"reading the arrays failed ({type(e).__name__}: "
+                f"{_short(e)})") from e
+
+        bad = []
+        for path, leaf, want in zip(paths, new_leaves, abstract):
+            name = "/".join(path)
+            if tuple(np.shape(leaf)) != tuple(want.shape) or \
+                    _dtype_name(leaf) != _dtype_name(want):
+                bad.append(f"{name}: restored {np.shape(leaf)} {_dtype_name(leaf)}")
+                continue
+            crc = manifest["leaves"][name].get("crc32")
+            if crc is not None:
+                value = _host_value(leaf)
+                if value is not None and _crc32(value) != crc:
+                    bad.append(f"{name}: checksum mismatch")
+        if bad:
+            raise CorruptCheckpointError(
+                step_dir, "restored arrays do not match the manifest: " + _listing(bad))
+        return jax.tree_util.tree_unflatten(treedef, new_leaves)
+
+    def restore_latest(self, target):
+        """``(step, tree)`` for the newest checkpoint, or ``(None, None)`` if none."""
+        step = self.latest_step()
+        if step is None:
+            return None, None
+        return step, self.restore(step, target)
+
+    def _read_manifest(self, step, step_dir):
+        try:
+            out = self._manager.restore(
+                step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))
+            manifest = out["manifest"]
+        except Exception as e:
+            raise CorruptCheckpointError(
+                step_dir, f"the manifest is missing or unreadable ({type(e).__name__}: "
+                f"{_short(e)})") from e
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("leaves"), dict):
+            raise CorruptCheckpointError(step_dir, "the manifest is malformed")
+        if manifest.get("format") != FORMAT_VERSION:
+            raise IncompatibleCheckpointError(
+                step_dir, f"format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
+        return manifest
+
+    @staticmethod
+    def _check_compatible(manifest, paths, leaves, step_dir):
+        saved = manifest["leaves"]
+        names = ["/".join(p) for p in paths]
+        missing = [n for n in names if n not in saved]
+        unexpected = sorted(set(saved) - set(names))
+        problems = []
+        if missing:
+            problems.append(f"missing in the checkpoint: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"not in the model/optimizer: {_listing(unexpected)}")
+        mismatched = []
+        for name, leaf in zip(names, leaves):
+            entry = saved.get(name)
+            if entry is None:
+                continue
+            try:
+                shape, dtype = tuple(entry["shape"]), entry["dtype"]
+            except (KeyError, TypeError):
+                raise CorruptCheckpointError(step_dir, f"manifest entry {name} is malformed")
+            if shape != tuple(np.shape(leaf)) or dtype != _dtype_name(leaf):
+                mismatched.append(f"{name}: checkpoint {list(shape)} {dtype} vs target "
+                                  f"{list(np.shape(leaf))} {_dtype_name(leaf)}")
+        if mismatched:
+            problems.append(f"shape/dtype mismatch: {_listing(mismatched)}")
+        if problems:
+            raise IncompatibleCheckpointError(
+                step_dir, "it was written for a different model or optimizer; "
+                + "; ".join(problems))
+
+    @staticmethod
+    def _abstract(leaf):
+        if isinstance(leaf, jax.Array):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        leaf = np.asarray(leaf)
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def wait_until_finished(self):
+        self._manager.wait_until_finished()
+
+    def close(self):
+        """Waits for pending saves and releases the manager."""
+        try:
+            self._manager.wait_until_finished()
+        finally:
+            self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _short(e, limit=300):
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _listing(items):
+    items = list(items)
+    shown = ", ".join(items[:_MAX_LISTED])
+    more = len(items) - _MAX_LISTED
+    return shown + (f" (and {more} more)" if more > 0 else "")

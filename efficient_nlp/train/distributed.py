@@ -1,0 +1,213 @@
+"""Devices, mesh and multi-host plumbing for data-parallel training.
+
+One mesh axis, ``data``, spans every global device (all hosts). Parameters and optimizer
+state are replicated over it; batches are sharded along their leading (batch) axis.
+Each host feeds only its own rows (``batch_size // process_count``); ``shard_batch``
+assembles the global array with ``jax.make_array_from_process_local_data``.
+
+Multi-host (several processes, e.g. a TPU pod or GPUs on several machines):
+``init_distributed(config)`` calls ``jax.distributed.initialize`` once, before any other
+JAX call, with ``config.distributed.{coordinator_address, num_processes, process_id,
+local_device_ids}`` or the environment variables ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (``config.distributed.auto=True`` lets JAX
+detect TPU / Slurm / MPI clusters by itself).
+"""
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+log = logging.getLogger(__name__)
+_INITIALIZED = False
+
+
+def default_distributed_config():
+    """``config.distributed`` defaults: single process unless configured or in the env."""
+    c = ml_collections.ConfigDict()
+    c.auto = False  # True: jax.distributed.initialize() with cluster auto-detection.
+    c.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port"
+    c.num_processes = ml_collections.config_dict.placeholder(int)
+    c.process_id = ml_collections.config_dict.placeholder(int)
+    c.local_device_ids = ml_collections.config_dict.placeholder(str)  # "0,1" or None
+    c.cpu_collectives = "gloo"  # CPU cross-process collectives ("gloo" or "mpi").
+    c.initialization_timeout = 300
+    return c
+
+
+def _get(section, key, default=None):
+    if section is None:
+        return default
+    try:
+        value = section.get(key, default) if hasattr(section, "get") else getattr(
+            section, key, default)
+    except (AttributeError, KeyError):
+        return default
+    return default if value is None else value
+
+
+def init_distributed(config=None):
+    """Initialises multi-host JAX once; a no-op for a single process.
+
+    Reads ``config.distributed`` (see ``default_distributed_config``), falling back to the
+    environment variables ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID``. Must run before any JAX computation. Returns True when this call
+    (or an earlier one) set up a multi-process run.
+    """
+    global _INITIALIZED
+    if _INITIALIZED or _jax_distributed_initialized():
+        _INITIALIZED = True
+        return True
+    section = _get(config, "distributed") if config is not None else None
+    env = os.environ
+    address = _get(section, "coordinator_address") or env.get("JAX_COORDINATOR_ADDRESS")
+    num_processes = _get(section, "num_processes") or env.get("JAX_NUM_PROCESSES")
+    process_id = _get(section, "process_id")
+    if process_id is None:
+        process_id = env.get("JAX_PROCESS_ID")
+    auto = bool(_get(section, "auto", False))
+    if not auto and (address is None or num_processes is None):
+        return False  # single process
+    if not auto and int(num_processes) <= 1:
+        return False
+    collectives = _get(section, "cpu_collectives", "gloo")
+    if collectives:
+        try:  # Only matters for CPU devices; the flag is absent in some jax versions.
+            jax.config.update("jax_cpu_collectives_implementation", collectives)
+        except (AttributeError, KeyError, ValueError) as e:  # pragma: no cover
+            log.warning("could not set jax_cpu_collectives_implementation=%s: %s",
+                        collectives, e)
+    kwargs = {}
+    if not auto:
+        if process_id is None:
+            raise ValueError(
+                "Multi-host run with coordinator_address/num_processes set needs "
+                "config.distributed.process_id (or JAX_PROCESS_ID).")
+        kwargs = dict(coordinator_address=str(address), num_processes=int(num_processes),
+                      process_id=int(process_id))
+    ids = _get(section, "local_device_ids")
+    if ids not in (None, ""):
+        kwargs["local_device_ids"] = [int(i) for i in str(ids).split(",")]
+    timeout = _get(section, "initialization_timeout")
+    if timeout:
+        kwargs["initialization_timeout"] = int(timeout)
+    jax.distributed.initialize(**kwargs)
+    _INITIALIZED = True
+    log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(),
+             jax.device_count())
+    return True
+
+
+def _jax_distributed_initialized():
+    fn = getattr(jax.distributed, "is_initialized", None)
+    if fn is None:  # pragma: no cover - older jax
+        return False
+    try:
+        return bool(fn())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def is_main_process():
+    """True on process 0 (the one that writes metrics, results and logs)."""
+    return jax.process_index() == 0
+
+
+def make_mesh(devices=None):
+    """A 1-D mesh with axis ``data`` over all global devices, ordered by host.
+
+    Devices are sorted by (process_index, id) so each host's rows of a global batch land
+    on that host's own devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def replicated(mesh):
+    """Sharding that keeps a full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh):
+    """Sharding that splits the leading (batch) axis over the ``data`` axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicate(tree, mesh):
+    """Copies a host-identical pytree onto every device of ``mesh`` (multi-host safe).
+
+    Every process must pass the same values. Always allocates new buffers (the inputs
+    are never aliased, so they can be donated safely afterwards).
+    """
+    sharding = replicated(mesh)
+
+    def put(x):
+        host = np.asarray(jax.device_get(x) if isinstance(x, jax.Array) and
+                          x.is_fully_addressable else x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def shard_batch(host_batch, mesh):
+    """Builds global arrays from this host's numpy batch (a pytree of arrays).
+
+    Leading axis: this host's rows, concatenated over hosts in process order and sharded
+    over ``data``. Scalars (ndim 0) are replicated and must agree across hosts. The local
+    batch size must be divisible by the number of local devices.
+    """
+    data_sharding = batch_sharding(mesh)
+    rep = replicated(mesh)
+    n_local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+
+    def put(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.make_array_from_process_local_data(rep, x)
+        if x.shape[0] % max(n_local, 1):
+            raise ValueError(
+                f"Host-local batch of {x.shape[0]} rows cannot be split evenly over this "
+                f"host's {n_local} devices; make batch_size // process_count a multiple "
+                f"of {n_local}.")
+        return jax.make_array_from_process_local_data(data_sharding, x)
+
+    return jax.tree.map(put, host_batch)
+
+
+def to_host(tree):
+    """Fetches a pytree of (replicated or addressable) jax arrays to numpy on this host.
+
+    Replicated global arrays are read from a local shard, so this works on every
+    process of a multi-host run; sharded non-addressable arrays are all-gathered (a
+    collective: call it on every process).
+    """
+    def get(x):
+        if not isinstance(x, jax.Array):
+            return np.asarray(x)
+        if x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)
+
+
+def scalars_to_host(tree):
+    """``to_host`` and convert every leaf to a Python float (for logging)."""
+    return jax.tree.map(lambda x: float(np.asarray(x).reshape(-1)[0]) if np.size(x) == 1
+                        else np.asarray(x), to_host(tree))
+
+
+def sync(name):
+    """Barrier across processes (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
