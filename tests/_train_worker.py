@@ -65,7 +65,8 @@ def make_model(seed=0, dim=DIM):
             x = self.dropout(x, deterministic=deterministic, rngs=rngs)
             return self.classifier(x)
 
-    return TinyClassifier(nnx.Rngs(seed))
+    # Created under jit: one compilation instead of one per initializer op.
+    return nnx.jit(lambda: TinyClassifier(nnx.Rngs(seed)))()
 
 
 def loss_fn(model, batch, rngs):
@@ -76,6 +77,10 @@ def loss_fn(model, batch, rngs):
     loss = loss + jnp.mean(batch["poison"])  # NaN only in a poisoned batch
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
     return loss, {"accuracy": accuracy}
+
+
+# Configuration of the subprocess runs (and of the in-process reference run).
+SUBPROCESS_CONFIG = dict(num_steps=4, checkpoint_every=2)
 
 
 def make_config(**overrides):
@@ -94,19 +99,26 @@ def make_config(**overrides):
 
 def flat_params(model):
     """``{path: numpy array}`` of the model's nnx.Param leaves (host-local copies)."""
-    import jax
     from flax import nnx
     from efficient_nlp.train import to_host
-    state = nnx.state(model, nnx.Param)
-    flat = jax.tree_util.tree_flatten_with_path(to_host(state))[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+    def flatten(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flatten(value, f"{prefix}{key}/"))
+            else:
+                out[f"{prefix}{key}"] = np.asarray(value)
+        return out
+
+    return flatten(to_host(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 
 def main(argv):
     mode, workdir = argv[0], argv[1]
     if mode == "multihost":
         port, pid, nproc = int(argv[2]), int(argv[3]), int(argv[4])
-        config = make_config(num_steps=4, checkpoint_every=2)
+        config = make_config(**SUBPROCESS_CONFIG)
         config.distributed.coordinator_address = f"127.0.0.1:{port}"
         config.distributed.num_processes = nproc
         config.distributed.process_id = pid
@@ -115,7 +127,7 @@ def main(argv):
         init_distributed(config)
         batches = make_batches(8, process_index=pid, process_count=nproc)
     else:
-        config = make_config(num_steps=6)
+        config = make_config(**SUBPROCESS_CONFIG)
         batches = make_batches(8)
     import jax
     from efficient_nlp.train import fit

@@ -92,6 +92,16 @@ def _lookup(nested, path):
     return node
 
 
+def _is_key(x):
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _savable(x):
+    """Typed PRNG keys are stored as their raw uint32 data."""
+    return jax.random.key_data(x) if _is_key(x) else x
+
+
 def _host_value(x):
     """The full value of ``x`` on this host, or None if it is sharded across hosts."""
     if isinstance(x, jax.Array):
@@ -143,6 +153,7 @@ class Checkpointer:
     # -- save --------------------------------------------------------------------------
     def manifest(self, tree, step):
         paths, leaves, _ = leaf_paths(tree)
+        leaves = [_savable(x) for x in leaves]
         entries = {}
         for path, leaf in zip(paths, leaves):
             entry = {"shape": list(np.shape(leaf)), "dtype": _dtype_name(leaf)}
@@ -158,6 +169,7 @@ class Checkpointer:
         if step in self.all_steps():
             return False
         paths, leaves, _ = leaf_paths(tree)
+        leaves = [_savable(x) for x in leaves]
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_nest(paths, leaves)),
             manifest=ocp.args.JsonSave(self.manifest(tree, step)))
@@ -176,7 +188,8 @@ class Checkpointer:
         if not os.path.isdir(step_dir):
             raise CorruptCheckpointError(step_dir, "the step directory does not exist")
         manifest = self._read_manifest(step, step_dir)
-        paths, leaves, treedef = leaf_paths(target)
+        paths, target_leaves, treedef = leaf_paths(target)
+        leaves = [_savable(x) for x in target_leaves]
         self._check_compatible(manifest, paths, leaves, step_dir)
 
         abstract = [self._abstract(leaf) for leaf in leaves]
@@ -205,6 +218,9 @@ class Checkpointer:
         if bad:
             raise CorruptCheckpointError(
                 step_dir, "restored arrays do not match the manifest: " + _listing(bad))
+        new_leaves = [
+            jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(t)) if _is_key(t)
+            else leaf for leaf, t in zip(new_leaves, target_leaves)]
         return jax.tree_util.tree_unflatten(treedef, new_leaves)
 
     def restore_latest(self, target):

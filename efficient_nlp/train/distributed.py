@@ -95,7 +95,11 @@ def init_distributed(config=None):
     timeout = _get(section, "initialization_timeout")
     if timeout:
         kwargs["initialization_timeout"] = int(timeout)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except TypeError:  # pragma: no cover - a jax without initialization_timeout
+        kwargs.pop("initialization_timeout", None)
+        jax.distributed.initialize(**kwargs)
     _INITIALIZED = True
     log.info("jax.distributed initialised: process %d of %d, %d local / %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(),
@@ -126,6 +130,12 @@ def make_mesh(devices=None):
     """
     devices = list(jax.devices() if devices is None else devices)
     devices.sort(key=lambda d: (d.process_index, d.id))
+    axis_type = getattr(getattr(jax.sharding, "AxisType", None), "Auto", None)
+    if axis_type is not None:  # explicit Auto: newer jax may default to Explicit axes
+        try:
+            return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(axis_type,))
+        except TypeError:  # pragma: no cover - Mesh without axis_types
+            pass
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
@@ -142,17 +152,42 @@ def batch_sharding(mesh):
 def replicate(tree, mesh):
     """Copies a host-identical pytree onto every device of ``mesh`` (multi-host safe).
 
-    Every process must pass the same values. Always allocates new buffers (the inputs
-    are never aliased, so they can be donated safely afterwards).
+    Every process must pass the same values (numpy, local jax arrays, or global arrays
+    that are replicated). Always allocates new buffers (never aliases of the inputs, so
+    the result can be donated safely).
     """
     sharding = replicated(mesh)
 
     def put(x):
-        host = np.asarray(jax.device_get(x) if isinstance(x, jax.Array) and
-                          x.is_fully_addressable else x)
+        if is_key_array(x):  # typed PRNG keys: replicate their raw data
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = host_value(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     return jax.tree.map(put, tree)
+
+
+def is_key_array(x):
+    """True for typed PRNG key arrays (``jax.random.key``)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def host_value(x):
+    """The full value of ``x`` as numpy on this host.
+
+    Local and replicated global arrays are read directly; an array sharded across hosts
+    is all-gathered (a collective: every process must call this for it).
+    """
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def shard_batch(host_batch, mesh):
@@ -181,23 +216,11 @@ def shard_batch(host_batch, mesh):
 
 
 def to_host(tree):
-    """Fetches a pytree of (replicated or addressable) jax arrays to numpy on this host.
+    """Fetches a pytree of jax arrays to numpy on this host (see ``host_value``).
 
-    Replicated global arrays are read from a local shard, so this works on every
-    process of a multi-host run; sharded non-addressable arrays are all-gathered (a
-    collective: call it on every process).
+    Works on every process of a multi-host run for replicated arrays (metrics, params).
     """
-    def get(x):
-        if not isinstance(x, jax.Array):
-            return np.asarray(x)
-        if x.is_fully_addressable:
-            return np.asarray(jax.device_get(x))
-        if x.sharding.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(get, tree)
+    return jax.tree.map(host_value, tree)
 
 
 def scalars_to_host(tree):

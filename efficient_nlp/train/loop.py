@@ -140,7 +140,10 @@ def train_step(graphdef, tx, loss_fn, trainable, seed, state, nonfinite_step, ba
     key = jax.random.fold_in(jax.random.key(seed), step)
 
     def compute(params):
-        model = nnx.merge(graphdef, params, state.rest)
+        # Fresh Variable objects for the non-trainable state, created at this trace level
+        # so the model may update them (batch statistics, counters, RNG streams).
+        rest = jax.tree.map(lambda x: x, state.rest)
+        model = nnx.merge(graphdef, params, rest)
         rngs = nnx.Rngs(dropout=key)
         loss, aux = loss_fn(model, batch, rngs)
         _, _, new_rest = nnx.split(model, trainable, ...)
@@ -286,6 +289,9 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
                     "config.train.resume is False; use a new workdir or delete them.")
             start, setup.state = _restore(ckpt, latest, setup.state)
             log.info("Resumed from %s at step %d", ckpt.step_dir(start), start)
+            if start > num_steps:
+                log.warning("The latest checkpoint (step %d) is past num_steps=%d; "
+                            "returning it untrained.", start, num_steps)
         if main:
             _truncate_metrics(workdir, start)
         writer = MetricsWriter(workdir, tensorboard=opts.tensorboard)
@@ -402,15 +408,20 @@ def _truncate_metrics(workdir, start):
 
 
 def _progress_bar(opts, start, num_steps, main):
-    if not (main and opts.progress_bar):
-        return None
-    try:
-        if not sys.stderr.isatty():
-            return None
-    except (AttributeError, ValueError):
+    """tqdm on process 0 in a terminal or a notebook; None elsewhere (CI logs)."""
+    if not (main and opts.progress_bar and _interactive()):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True)
+
+
+def _interactive():
+    if "ipykernel" in sys.modules:  # Jupyter / Colab
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _report(pbar, record, t, num_steps):
