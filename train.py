@@ -7,7 +7,10 @@
 Every ``--config.<key>=<value>`` overrides a field of the config's ``get_config()``;
 an unknown key is an error (the config is locked).
 """
+import logging
+
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -20,6 +23,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # Our progress at INFO; libraries (orbax, jax) only from WARNING on.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("efficient_nlp").setLevel(logging.INFO)
     from efficient_nlp.recipes import run_recipe
 
     run_recipe(_CONFIG.value, _WORKDIR.value)

@@ -13,7 +13,7 @@ or a hub name (online only); empty means the embedded MiniLM-L6-H384
 """
 import ml_collections
 
-from efficient_nlp.train import default_train_config
+from efficient_nlp.train import default_distributed_config, default_train_config
 
 
 def get_config():
@@ -46,4 +46,5 @@ def get_config():
     config.train.grad_clip = 1.0
     config.train.eval_every = 500
     config.train.checkpoint_every = 500
+    config.distributed = default_distributed_config()
     return config

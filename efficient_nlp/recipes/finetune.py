@@ -41,6 +41,10 @@ def load_model_and_data(config):
         dev_file=d.dev_file or None, text_a=d.text_a or None, text_b=d.text_b or None,
         label=d.label or None, num_labels=d.num_labels or None,
         max_train_examples=d.max_train_examples or None)
+    if task_data.dev is None:
+        raise ValueError(
+            f"Task {d.task!r} has no dev split: give config.data.dev_file (or a data_dir "
+            "holding the task's dev file) so the recipe can report dev metrics.")
     model = models.from_pretrained(
         model_dir, num_labels=task_data.spec.num_labels, seed=config.train.seed,
         **config.model.to_dict())

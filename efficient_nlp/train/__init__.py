@@ -45,10 +45,7 @@ from efficient_nlp.train.optim import (
     weight_decay_mask,
 )
 
-try:  # evaluation helpers (efficient_nlp/train/evaluate.py, needs efficient_nlp.data)
-    from efficient_nlp.train.evaluate import make_eval_fn, predict
-except ImportError:  # pragma: no cover - while the data layer is incomplete
-    pass
+from efficient_nlp.train.evaluate import make_eval_fn, predict
 
 __all__ = [
     "CheckpointError", "Checkpointer", "CorruptCheckpointError", "DATA_AXIS",

@@ -29,7 +29,7 @@ def predict(model, arrays, batch_size, *, predict_fn=predict_logits, mesh=None):
 
     mesh = mesh or distributed.make_mesh()
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, distributed.replicated(mesh))
+    state = distributed.replicate(state, mesh)
     outputs, weights = [], []
     for host_batch in eval_batches(arrays, batch_size):
         batch = distributed.shard_batch(host_batch, mesh)
