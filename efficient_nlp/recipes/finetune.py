@@ -52,7 +52,11 @@ def load_model_and_data(config):
 
 
 def run(config, workdir):
-    """Fine-tunes ``config.model_dir`` on ``config.data``; returns dev metrics before/after."""
+    """Fine-tunes ``config.model_dir`` on ``config.data``; returns dev metrics before/after.
+
+    Writes ``workdir/results.json`` and the fine-tuned model with its tokenizer as a HF
+    directory ``workdir/model`` (loadable by ``models.from_pretrained``).
+    """
     train_lib.init_distributed(config)
     model, task_data = load_model_and_data(config)
     spec = task_data.spec
@@ -66,15 +70,18 @@ def run(config, workdir):
         return data_lib.train_batches(task_data.train, config.train.batch_size,
                                       seed=config.train.seed, start_step=start_step)
 
-    model, _ = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
-                             eval_fn=eval_fn)
-    after = eval_fn(model)
+    model, history = train_lib.fit(model, task_loss, batches, config=config,
+                                   workdir=workdir, eval_fn=eval_fn)
+    after = {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
     results = {"task": spec.name, "train_examples": len(task_data.train["labels"]),
                "dev_examples": len(task_data.dev["labels"]),
                "dev_before": before, "dev_after": after}
     print(format_results(results))
     if train_lib.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
+        # The fine-tuned model as an HF directory: the teacher of the compression recipes.
+        model_out = os.path.join(workdir, "model")
+        models.save_hf_checkpoint(model, model_out)
+        task_data.tokenizer.save_pretrained(model_out)
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     return results

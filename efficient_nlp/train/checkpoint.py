@@ -23,6 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from efficient_nlp.train.distributed import is_key_array
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -92,14 +94,9 @@ def _lookup(nested, path):
     return node
 
 
-def _is_key(x):
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-
-
 def _savable(x):
     """Typed PRNG keys are stored as their raw uint32 data."""
-    return jax.random.key_data(x) if _is_key(x) else x
+    return jax.random.key_data(x) if is_key_array(x) else x
 
 
 def _host_value(x):
@@ -219,7 +216,7 @@ class Checkpointer:
             raise CorruptCheckpointError(
                 step_dir, "restored arrays do not match the manifest: " + _listing(bad))
         new_leaves = [
-            jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(t)) if _is_key(t)
+            jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(t)) if is_key_array(t)
             else leaf for leaf, t in zip(new_leaves, target_leaves)]
         return jax.tree_util.tree_unflatten(treedef, new_leaves)
 

@@ -4,7 +4,6 @@ import functools
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from efficient_nlp.train import distributed
 
@@ -34,8 +33,8 @@ def predict(model, arrays, batch_size, *, predict_fn=predict_logits, mesh=None):
     for host_batch in eval_batches(arrays, batch_size):
         batch = distributed.shard_batch(host_batch, mesh)
         out = _predict_step(graphdef, state, batch, predict_fn)
-        outputs.append(np.asarray(multihost_utils.process_allgather(out, tiled=True)))
-        weights.append(np.asarray(multihost_utils.process_allgather(batch["weight"], tiled=True)))
+        outputs.append(distributed.host_value(out))
+        weights.append(distributed.host_value(batch["weight"]))
     keep = np.concatenate(weights) > 0
     return np.concatenate(outputs)[keep]
 
