@@ -2,10 +2,14 @@
 
 Both sides fine-tune the same checkpoint (the embedded MiniLM-L6-H384 unless
 ``--model_dir``) for sequence classification with AdamW (weight decay 0.01, grad clip
-1.0, dropout on), on the same CPU, batch and sequence length, in one run. Prints the
-median milliseconds per step of each and the ratio torch / ours (> 1: ours faster).
+1.0, dropout on), on the same CPU, batch and sequence length, in one run. The two
+alternate in blocks (a warm-up step, then timed steps; ours, torch, ours, ...) so that
+drifts in machine load hit both alike, while each block runs alone (torch's OpenMP
+threads keep spinning for a while after a step and would slow a step of ours that
+follows immediately); prints the median milliseconds per step of each and the ratio torch / ours
+(> 1: ours faster).
 
-    python benchmarks/train_step_vs_torch.py --batch 32 --seq 128 --steps 10
+    python benchmarks/train_step_vs_torch.py --batch 32 --seq 128 --steps 4 --rounds 3
 """
 import argparse
 import statistics
@@ -14,15 +18,20 @@ import time
 import numpy as np
 
 
-def time_steps(step, n_warmup, n_steps):
-    for _ in range(n_warmup):
-        step()
-    times = []
-    for _ in range(n_steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def time_alternating(steps, n_warmup, n_steps, n_rounds):
+    """Median ms per call of each callable in ``steps``, in alternating blocks."""
+    for step in steps:
+        for _ in range(n_warmup):
+            step()
+    times = [[] for _ in steps]
+    for _ in range(n_rounds):
+        for step, record in zip(steps, times):
+            step()  # settle after the other framework's block
+            for _ in range(n_steps):
+                start = time.perf_counter()
+                step()
+                record.append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
 
 
 def random_batch(vocab_size, batch, seq, seed=0):
@@ -34,19 +43,18 @@ def random_batch(vocab_size, batch, seq, seed=0):
             "token_type_ids": np.zeros_like(ids), "labels": rng.integers(0, 2, batch).astype(np.int32)}
 
 
-def ours(model_dir, batch, n_warmup, n_steps):
+def ours(model_dir, batch):
     import ml_collections
     from efficient_nlp import models, train
     from efficient_nlp.recipes.finetune import task_loss
 
     model = models.from_pretrained(model_dir, num_labels=2)
     config = ml_collections.ConfigDict({"train": train.default_train_config()})
-    config.train.num_steps = n_warmup + n_steps
     step = train.make_step_runner(model, task_loss, config=config)
-    return time_steps(lambda: step(batch), n_warmup, n_steps)
+    return lambda: step(batch)  # blocks until the step is done (returns the loss)
 
 
-def torch_side(model_dir, batch, n_warmup, n_steps):
+def torch_side(model_dir, batch):
     import torch
     import transformers
 
@@ -63,7 +71,7 @@ def torch_side(model_dir, batch, n_warmup, n_steps):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return time_steps(step, n_warmup, n_steps), torch.get_num_threads()
+    return step, torch.get_num_threads()
 
 
 def main():
@@ -71,16 +79,19 @@ def main():
     parser.add_argument("--model_dir", default="")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per block")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     from efficient_nlp import models
 
     model_dir = args.model_dir or models.default_model_dir()
     vocab = models.BertConfig.from_pretrained(model_dir).vocab_size
     batch = random_batch(vocab, args.batch, args.seq)
-    ours_ms = ours(model_dir, batch, args.warmup, args.steps)
-    torch_ms, threads = torch_side(model_dir, batch, args.warmup, args.steps)
+    ours_step = ours(model_dir, batch)
+    torch_step, threads = torch_side(model_dir, batch)
+    ours_ms, torch_ms = time_alternating([ours_step, torch_step], args.warmup, args.steps,
+                                         args.rounds)
     import jax
     print(f"MiniLM fine-tuning step, batch {args.batch} x seq {args.seq}, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads {threads}")

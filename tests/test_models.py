@@ -416,3 +416,26 @@ def test_parity_masked_lm(tmp_path):
     with torch.no_grad():
         again = back(input_ids=_pt(ids, torch), attention_mask=_pt(mask, torch), token_type_ids=_pt(tt, torch)).logits
     np.testing.assert_allclose(again.numpy(), ref.numpy(), atol=1e-5)
+
+
+def test_dropout_rate_scaling_and_reproducibility():
+    from efficient_nlp.models.dropout import Dropout, dropout
+
+    x = jnp.ones((200, 1001))  # odd size: the packed 16-bit stream is cut to length
+    key = jax.random.key(3)
+    y = dropout(x, 0.1, key)
+    dropped = float(jnp.mean(y == 0))
+    assert abs(dropped - 0.1) < 0.005  # 200k draws: 5 sigma is ~0.0034
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.9], rtol=1e-6)
+    assert abs(float(jnp.mean(y)) - 1.0) < 0.01  # inverted dropout keeps the mean
+    np.testing.assert_array_equal(y, dropout(x, 0.1, key))
+    assert not np.array_equal(y, dropout(x, 0.1, jax.random.key(4)))
+    layer = Dropout(0.3)
+    np.testing.assert_array_equal(layer(x), x)  # deterministic by default
+    with pytest.raises(ValueError, match="rngs"):
+        layer(x, deterministic=False)
+    z = layer(x, deterministic=False, rngs=nnx.Rngs(dropout=0))
+    assert abs(float(jnp.mean(z == 0)) - 0.3) < 0.01
+    # The straight gradient of dropout is the same mask, scaled.
+    g = jax.grad(lambda v: jnp.sum(dropout(v, 0.1, key)))(x)
+    np.testing.assert_array_equal(g, y)

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_nlp.models.config import BertConfig
+from efficient_nlp.models.dropout import Dropout
 
 #: Names accepted by ``capture=``.  ``embedding`` is [B,T,H]; the per-layer entries are tuples
 #: with one array per layer run: ``attn_scores`` [B,N,T,T] (scaled q.k before the mask bias),
@@ -151,7 +152,7 @@ class BertEmbeddings(nnx.Module):
         self.position_embeddings = _embed(config, config.max_position_embeddings, h, dtype, param_dtype, rngs)
         self.token_type_embeddings = _embed(config, config.type_vocab_size, h, dtype, param_dtype, rngs)
         self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids=None, *, deterministic: bool = True, rngs=None) -> jax.Array:
         _check_rngs(deterministic, rngs)
@@ -182,25 +183,27 @@ class BertAttention(nnx.Module):
         self.value = _linear(config, h, w, dtype, param_dtype, rngs)
         self.output = _linear(config, w, h, dtype, param_dtype, rngs)
         self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
-        self.attn_dropout = nnx.Dropout(config.attention_probs_dropout_prob)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+        self.attn_dropout = Dropout(config.attention_probs_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(self, x, bias=None, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
         """x [B,T,H], bias [B,1,1,T] additive (or None) -> (out [B,T,H], captured dict)."""
         b, t, _ = x.shape
         d = self.head_dim
 
-        def heads(y):
-            return y.reshape(b, t, y.shape[-1] // d, d)
+        def heads(y):  # [B,T,N*D] -> head-major [B,N,T,D]
+            return y.reshape(b, t, y.shape[-1] // d, d).transpose(0, 2, 1, 3)
 
+        # Head-major layout with plain batched matmuls: XLA:CPU runs these ~4x faster than
+        # an einsum over [B,T,N,D] operands (benchmarks/train_step_vs_torch.py).
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        scores = jnp.einsum("btnd,bsnd->bnts", q, k) * (1.0 / math.sqrt(d))
+        scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))
         logits = scores.astype(jnp.float32)
         if bias is not None:
             logits = logits + bias
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         dropped = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        context = jnp.einsum("bnts,bsnd->btnd", dropped, v).reshape(b, t, -1)
+        context = jnp.matmul(dropped, v).transpose(0, 2, 1, 3).reshape(b, t, -1)
         out = self.dropout(self.output(context), deterministic=deterministic, rngs=rngs)
         out = self.layer_norm(out + x)
         captured = {}
@@ -209,7 +212,7 @@ class BertAttention(nnx.Module):
         if "attn_probs" in want:
             captured["attn_probs"] = probs
         if "values" in want:
-            captured["values"] = v.transpose(0, 2, 1, 3)
+            captured["values"] = v
         if "mha_out" in want:
             captured["mha_out"] = out
         return out, captured
@@ -224,7 +227,7 @@ class BertFeedForward(nnx.Module):
         self.intermediate = _linear(config, h, i, dtype, param_dtype, rngs)
         self.output = _linear(config, i, h, dtype, param_dtype, rngs)
         self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def __call__(self, x, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
         inner = activation(self.hidden_act)(self.intermediate(x))
@@ -359,7 +362,7 @@ class BertForSequenceClassification(nnx.Module):
         self.config = config
         self.bert = BertBackbone(config, add_pooling_layer=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         rate = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nnx.Dropout(rate)
+        self.dropout = Dropout(rate)
         self.classifier = _linear(config, config.hidden_size, config.num_labels, dtype, param_dtype, rngs)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
