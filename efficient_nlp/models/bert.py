@@ -173,11 +173,17 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertAttention(nnx.Module):
-    """Multi-head self-attention with output dense, residual and post-LayerNorm."""
+    """Multi-head self-attention with output dense, residual and post-LayerNorm.
 
-    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        h, w = config.hidden_size, config.attention_width
+    ``num_heads`` (default ``config.num_attention_heads``) may be smaller, even 0, for a
+    physically pruned layer.
+    """
+
+    def __init__(self, config: BertConfig, *, num_heads: int | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.head_dim = config.attention_head_dim
+        n = config.num_attention_heads if num_heads is None else num_heads
+        h, w = config.hidden_size, n * self.head_dim
         self.query = _linear(config, h, w, dtype, param_dtype, rngs)
         self.key = _linear(config, h, w, dtype, param_dtype, rngs)
         self.value = _linear(config, h, w, dtype, param_dtype, rngs)
@@ -219,10 +225,15 @@ class BertAttention(nnx.Module):
 
 
 class BertFeedForward(nnx.Module):
-    """intermediate Linear -> activation -> output Linear -> dropout -> residual -> LayerNorm."""
+    """intermediate Linear -> activation -> output Linear -> dropout -> residual -> LayerNorm.
 
-    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        h, i = config.hidden_size, config.intermediate_size
+    ``intermediate_size`` (default ``config.intermediate_size``) may be smaller, even 0.
+    """
+
+    def __init__(self, config: BertConfig, *, intermediate_size: int | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        h = config.hidden_size
+        i = config.intermediate_size if intermediate_size is None else intermediate_size
         self.hidden_act = config.hidden_act
         self.intermediate = _linear(config, h, i, dtype, param_dtype, rngs)
         self.output = _linear(config, i, h, dtype, param_dtype, rngs)
@@ -242,11 +253,17 @@ class BertFeedForward(nnx.Module):
 
 
 class BertLayer(nnx.Module):
-    """One transformer layer: `BertAttention` then `BertFeedForward`."""
+    """One transformer layer: `BertAttention` then `BertFeedForward`.
 
-    def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.attention = BertAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ffn = BertFeedForward(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    ``index`` selects the layer's own head count / FFN width when the config has per-layer sizes.
+    """
+
+    def __init__(self, config: BertConfig, *, index: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.attention = BertAttention(config, num_heads=config.layer_num_heads(index), dtype=dtype,
+                                       param_dtype=param_dtype, rngs=rngs)
+        self.ffn = BertFeedForward(config, intermediate_size=config.layer_intermediate_size(index),
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, bias=None, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
         x, captured = self.attention(x, bias, want=want, deterministic=deterministic, rngs=rngs)
@@ -260,8 +277,8 @@ class BertEncoder(nnx.Module):
 
     def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.layers = nnx.List(
-            [BertLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-             for _ in range(config.num_hidden_layers)]
+            [BertLayer(config, index=i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for i in range(config.num_hidden_layers)]
         )
 
     def __call__(self, hidden_states, attention_mask=None, *, start: int = 0, stop: int | None = None,

@@ -10,7 +10,11 @@ Width changes used by compression methods are expressed directly:
 
 * ``head_dim`` decouples the attention width (``num_attention_heads * head_dim``) from
   ``hidden_size`` (structured head pruning, BinaryBERT's half-width model);
-* ``intermediate_size`` may be any positive integer (neuron pruning).
+* ``intermediate_size`` may be any positive integer (neuron pruning);
+* ``layer_num_attention_heads`` / ``layer_intermediate_sizes`` (optional tuples, one entry per
+  layer, entries may be 0) give each layer its own head count / FFN width, as left by
+  structured pruning (`efficient_nlp.prune.shrink`).  They are written to ``config.json`` only
+  when set (``transformers`` cannot build such a model; our loader can).
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ class BertConfig:
       num_labels: outputs of the sequence-classification head (1 = regression).
       classifier_dropout: dropout before the classifier; None means ``hidden_dropout_prob``.
       initializer_range: std of the normal initialiser of fresh weights.
+      layer_num_attention_heads: None, or per-layer head counts (length num_hidden_layers, >= 0;
+        each head keeps ``attention_head_dim``).  None = ``num_attention_heads`` everywhere.
+      layer_intermediate_sizes: None, or per-layer FFN widths (>= 0); None = ``intermediate_size``.
     """
 
     vocab_size: int
@@ -75,8 +82,21 @@ class BertConfig:
     num_labels: int = 2
     classifier_dropout: float | None = None
     initializer_range: float = 0.02
+    layer_num_attention_heads: tuple[int, ...] | None = None
+    layer_intermediate_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        for name in ("layer_num_attention_heads", "layer_intermediate_sizes"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(value)
+            object.__setattr__(self, name, value)  # lists (from JSON) -> hashable tuples
+            if len(value) != self.num_hidden_layers or any(
+                    not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value):
+                raise ValueError(
+                    f"BertConfig.{name} must hold {self.num_hidden_layers} ints >= 0 (one per "
+                    f"layer), got {value!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size",
                      "num_labels"):
@@ -109,6 +129,18 @@ class BertConfig:
     def attention_width(self) -> int:
         """Width of the query/key/value projections: ``num_attention_heads * head_dim``."""
         return self.num_attention_heads * self.attention_head_dim
+
+    def layer_num_heads(self, i: int) -> int:
+        """Number of attention heads of layer ``i``."""
+        if self.layer_num_attention_heads is not None:
+            return self.layer_num_attention_heads[i]
+        return self.num_attention_heads
+
+    def layer_intermediate_size(self, i: int) -> int:
+        """FFN width of layer ``i``."""
+        if self.layer_intermediate_sizes is not None:
+            return self.layer_intermediate_sizes[i]
+        return self.intermediate_size
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -189,6 +221,11 @@ class BertConfig:
         d: dict[str, Any] = {"architectures": [architecture], "model_type": "bert"}
         for k, v in self.to_dict().items():
             if k in ("head_dim", "num_labels"):
+                continue
+            if k in ("layer_num_attention_heads", "layer_intermediate_sizes"):
+                if v is not None:
+                    d[k] = list(v)
+                    d["head_dim"] = self.attention_head_dim  # pinned: heads per layer vary
                 continue
             d[k] = v
         if self.head_dim is not None and (

@@ -7,6 +7,8 @@ import importlib
 # recipe name -> module holding ``run(config, workdir)``; imported lazily.
 RECIPES = {
     "finetune": "efficient_nlp.recipes.finetune",
+    "distill": "efficient_nlp.recipes.distill",
+    "prune": "efficient_nlp.recipes.prune",
 }
 
 

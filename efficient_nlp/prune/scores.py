@@ -1,0 +1,108 @@
+"""Pruning criteria (METHODS.md section 2.1, "criterion" table): pure score functions.
+
+A score says how much a weight matters; pruning removes the LOWEST scores.  Each criterion is
+offered twice:
+
+* a pure one-step function ``fn(params, grads) -> scores`` (`magnitude_score`,
+  `movement_score`, `saliency_score`, `random_score`), pytree in, pytree out;
+* a `Criterion` ``(init, accumulate, score)`` used by the optax wrapper
+  (`efficient_nlp.prune.pruning`), whose statistics live in the optimizer state:
+  ``stats = init(params)``; every update ``stats = accumulate(stats, params, grads)``;
+  at a pruning step ``scores = score(params, stats)``.
+
+Only leaves that a pruning rule selects carry statistics; the wrapper passes the selected
+leaves only (a dict ``{name: array}``), so the criteria are written for any pytree.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+# ----------------------------------------------------------------------------- one-step scores
+def magnitude_score(params, grads=None):
+    """Magnitude (0th order): ``|w|`` (METHODS.md 2.1; Han et al. 2015, Zhu & Gupta 2017)."""
+    del grads
+    return jax.tree.map(jnp.abs, params)
+
+
+def movement_score(params, grads):
+    """Movement (1st order), one step: ``-grad * w`` (METHODS.md 2.1; Sanh et al. 2020).
+
+    Summed over steps (`movement`) it is large for weights moving AWAY from zero, which survive.
+    """
+    return jax.tree.map(lambda w, g: -g * w, params, grads)
+
+
+def saliency_score(params, grads):
+    """Saliency / first-order Taylor, one step: ``|w * grad|`` (METHODS.md 2.1; Molchanov et al. 2019)."""
+    return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
+
+
+def random_score(params, key):
+    """Uniform random scores in [0, 1) (the random-pruning baseline); one key per leaf."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = [jax.random.fold_in(key, i) for i in range(len(leaves))]
+    return jax.tree.unflatten(
+        treedef, [jax.random.uniform(k, jnp.shape(w), jnp.float32) for k, w in zip(keys, leaves)])
+
+
+# ----------------------------------------------------------------------------- criteria with state
+class Criterion(NamedTuple):
+    """A score with statistics kept across steps (a pytree, may be empty)."""
+
+    name: str
+    init: Callable[[Any], Any]
+    accumulate: Callable[[Any, Any, Any], Any]
+    score: Callable[[Any, Any], Any]
+
+
+def _zeros(params):
+    return jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+
+
+def _no_stats(params):
+    return ()
+
+
+def magnitude() -> Criterion:
+    """``|w|`` of the current weights; no statistics."""
+    return Criterion("magnitude", _no_stats, lambda s, p, g: s, lambda p, s: magnitude_score(p))
+
+
+def movement() -> Criterion:
+    """Movement pruning: ``S = -sum_t grad_t * w_t`` accumulated since the start of training
+    (METHODS.md 2.1).  Weights moving away from zero get high scores and survive."""
+    def accumulate(stats, params, grads):
+        return jax.tree.map(lambda s, w, g: s - (g * w).astype(jnp.float32), stats, params, grads)
+
+    return Criterion("movement", _zeros, accumulate, lambda p, s: s)
+
+
+def saliency() -> Criterion:
+    """Taylor saliency ``sum_t |w_t * grad_t|`` accumulated since the start (METHODS.md 2.1)."""
+    def accumulate(stats, params, grads):
+        return jax.tree.map(lambda s, w, g: s + jnp.abs(w * g).astype(jnp.float32), stats, params, grads)
+
+    return Criterion("saliency", _zeros, accumulate, lambda p, s: s)
+
+
+def random(seed: int = 0) -> Criterion:
+    """Random scores, fixed for the whole run (so gradual random masks only grow)."""
+    key = jax.random.key(seed)
+    return Criterion("random", _no_stats, lambda s, p, g: s, lambda p, s: random_score(p, key))
+
+
+CRITERIA = {"magnitude": magnitude, "movement": movement, "saliency": saliency,
+            "taylor": saliency, "random": random}
+
+
+def get_criterion(criterion, **kwargs) -> Criterion:
+    """A `Criterion` from a name in `CRITERIA` (or a `Criterion`, returned as is)."""
+    if isinstance(criterion, Criterion):
+        return criterion
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
+    return CRITERIA[criterion](**kwargs)

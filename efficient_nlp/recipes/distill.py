@@ -1,0 +1,203 @@
+"""Distillation recipe: a fine-tuned teacher into a shallower student initialised from its layers.
+
+    python train.py --config configs/distill_two_stage.py --workdir runs/distill
+
+1. Teacher: ``config.teacher_dir`` (a HF directory written by the finetune recipe's
+   ``workdir/model``); empty means "fine-tune ``config.model_dir`` on ``config.data`` first"
+   with ``config.teacher_train`` into ``workdir/teacher`` (reused when already there; about
+   10 minutes on 2 CPU cores for the embedded MiniLM on the built-in task).
+2. Student: the teacher's embeddings, encoder layers ``config.student.layers``, pooler and
+   classifier (`efficient_nlp.distill.student_from_teacher`).
+3. ``config.distill.method == "kd"``: stages run one after another, each a `fit` of a
+   `Distiller` with its own matches, steps and learning rate in ``workdir/stage_<name>``
+   (two-stage: intermediate matches, then the prediction layer; one-stage: all at once).
+   ``"theseus"``: BERT-of-Theseus module replacing in ``workdir/theseus``.
+4. Optionally (``config.baseline.enabled``) the same student trained on the task loss only.
+
+Prints teacher / student / baseline dev metrics (with loyalty and KL to the teacher), parameter
+counts and the student's forward-pass speed-up; writes ``results.json`` and the student as a
+HF directory ``workdir/student``.  All match configs are checked before any training.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from efficient_nlp import data as data_lib
+from efficient_nlp import distill
+from efficient_nlp import models
+from efficient_nlp import train as train_lib
+
+
+def _teacher_config_dir(config):
+    return config.teacher_dir or config.model_dir or models.default_model_dir()
+
+
+def check_config(config):
+    """Config-time validation of every stage's matches (layer indices, features, losses)."""
+    teacher_cfg = models.BertConfig.from_pretrained(_teacher_config_dir(config))
+    layers = tuple(config.student.layers)
+    if any(not isinstance(i, int) or not 0 <= i < teacher_cfg.num_hidden_layers for i in layers):
+        raise ValueError(f"config.student.layers={layers}: teacher layers are 0.."
+                         f"{teacher_cfg.num_hidden_layers - 1}")
+    student_cfg = teacher_cfg.replace(num_hidden_layers=len(layers))
+    method = config.distill.method
+    if method == "theseus":
+        distill.theseus_blocks(teacher_cfg.num_hidden_layers, len(layers))
+        distill.check_schedule(config.distill.replace_rate, "config.distill.replace_rate")
+        return {}
+    if method != "kd":
+        raise ValueError(f"config.distill.method={method!r}; use 'kd' or 'theseus'")
+    checked = {}
+    for stage in config.distill.stages:
+        name = stage["name"]
+        try:
+            checked[name] = distill.check_matches(stage["matches"], student_cfg, teacher_cfg)
+            distill.check_schedule(stage.get("hard_label_weight", 0.0), "hard_label_weight")
+        except ValueError as e:
+            raise ValueError(f"config.distill.stages[{name!r}]: {e}") from None
+    if not checked:
+        raise ValueError("config.distill.stages is empty")
+    return checked
+
+
+def resolve_teacher(config, workdir):
+    """``config.teacher_dir``, or a teacher fine-tuned now into ``workdir/teacher/model``."""
+    if config.teacher_dir:
+        return config.teacher_dir
+    from efficient_nlp.recipes import finetune
+
+    teacher_work = os.path.join(workdir, "teacher")
+    model_dir = os.path.join(teacher_work, "model")
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        ft = ml_collections.ConfigDict(dict(
+            recipe="finetune", model_dir=config.model_dir,
+            model=dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+            data=config.data.to_dict(), train=config.teacher_train.to_dict(),
+            distributed=config.distributed.to_dict()))
+        print("Fine-tuning the teacher first (config.teacher_dir is empty) ...")
+        finetune.run(ft, teacher_work)
+    return model_dir
+
+
+def _load_data(config, tokenizer_dir):
+    d = config.data
+    return data_lib.load_task_data(
+        d.task, tokenizer_dir=tokenizer_dir, max_length=d.max_length,
+        data_dir=d.data_dir or None, train_file=d.train_file or None,
+        dev_file=d.dev_file or None, text_a=d.text_a or None, text_b=d.text_b or None,
+        label=d.label or None, num_labels=d.num_labels or None,
+        max_train_examples=d.max_train_examples or None)
+
+
+def _stage_config(config, num_steps, learning_rate):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.train.num_steps = int(num_steps)
+    c.train.learning_rate = float(learning_rate)
+    return c
+
+
+def _final_eval(history):
+    return {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
+
+
+def run(config, workdir):
+    """Distils the teacher into the student; returns the results dict (see module docstring)."""
+    train_lib.init_distributed(config)
+    checked = check_config(config)
+    teacher_dir = resolve_teacher(config, workdir)
+    task = _load_data(config, teacher_dir)
+    spec = task.spec
+    teacher = models.from_pretrained(teacher_dir, num_labels=spec.num_labels)
+    student0 = distill.student_from_teacher(teacher, tuple(config.student.layers), seed=config.train.seed,
+                                            **config.student.overrides.to_dict())
+    bs = config.train.eval_batch_size
+
+    def metric_fn(predictions, labels, weights):
+        return data_lib.compute_metrics(spec, predictions, labels, weights)
+
+    teacher_dev = train_lib.predict(teacher, task.dev, bs)
+    eval_fn = distill.make_fidelity_eval_fn(task.dev, bs, metric_fn, teacher_dev)
+    results = {"task": spec.name, "teacher_dir": teacher_dir, "method": config.distill.method,
+               "student_layers": list(config.student.layers),
+               "teacher": eval_fn(teacher), "student_init": eval_fn(student0), "stages": {}}
+
+    train = dict(task.train)
+    if config.distill.cache_teacher_logits:
+        train["teacher_logits"] = distill.cache_teacher_logits(
+            teacher, task.train, bs, os.path.join(workdir, "teacher_logits.npz"))
+
+    def batches(start_step):
+        return data_lib.train_batches(train, config.train.batch_size, seed=config.train.seed,
+                                      start_step=start_step)
+
+    student, total_steps, last_lr = student0, 0, config.train.learning_rate
+    if config.distill.method == "theseus":
+        model = distill.TheseusModel(student, teacher)
+        model, history = train_lib.fit(
+            model, distill.make_theseus_loss(config.distill.replace_rate), batches, config=config,
+            workdir=os.path.join(workdir, "theseus"), eval_fn=eval_fn, trainable=distill.STUDENT_FILTER)
+        student, total_steps = model.student, config.train.num_steps
+        results["stages"]["theseus"] = _final_eval(history)
+    else:
+        for stage in config.distill.stages:
+            matches = checked[stage["name"]]
+            stage_cfg = _stage_config(config, stage["num_steps"], stage["learning_rate"])
+            model = distill.Distiller(student, teacher, matches, rngs=nnx.Rngs(config.train.seed))
+            loss_fn = distill.make_distill_loss(matches, hard_label_weight=stage.get("hard_label_weight", 0.0))
+            model, history = train_lib.fit(
+                model, loss_fn, batches, config=stage_cfg,
+                workdir=os.path.join(workdir, f"stage_{stage['name']}"), eval_fn=eval_fn,
+                trainable=distill.STUDENT_FILTER)
+            student = model.student
+            total_steps += int(stage["num_steps"])
+            last_lr = stage["learning_rate"]
+            results["stages"][stage["name"]] = _final_eval(history)
+    results["student"] = eval_fn(student)
+
+    if config.baseline.enabled:
+        from efficient_nlp.recipes.finetune import task_loss
+        base_cfg = _stage_config(config, config.baseline.num_steps or total_steps,
+                                 config.baseline.learning_rate or last_lr)
+        base, history = train_lib.fit(student0, task_loss, batches, config=base_cfg,
+                                      workdir=os.path.join(workdir, "baseline"), eval_fn=eval_fn)
+        results["baseline"] = _final_eval(history)
+
+    sample = next(iter(data_lib.eval_batches(task.dev, bs)))
+    t_time = distill.forward_seconds(teacher, sample)
+    s_time = distill.forward_seconds(student, sample)
+    results["size"] = {"teacher_params": distill.num_params(teacher),
+                       "student_params": distill.num_params(student),
+                       "teacher_forward_ms": 1e3 * t_time, "student_forward_ms": 1e3 * s_time,
+                       "speedup": t_time / s_time, "forward_batch": int(bs)}
+    print(format_results(results))
+    if train_lib.is_main_process():
+        out = os.path.join(workdir, "student")
+        models.save_hf_checkpoint(student, out)
+        task.tokenizer.save_pretrained(out)
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def format_results(results):
+    """Teacher / student (/ baseline) dev metrics, sizes and speed-up as a small table."""
+    rows = [("teacher", results["teacher"]), ("student init", results["student_init"])]
+    rows += [(f"after {name}", r) for name, r in results["stages"].items()]
+    if "baseline" in results:
+        rows.append(("no distillation", results["baseline"]))
+    keys = list(results["teacher"])
+    lines = [f"Task {results['task']}: {results['method']} into layers {results['student_layers']}",
+             f"{'model':<20}" + "".join(f"{k:>12}" for k in keys)]
+    for name, r in rows:
+        lines.append(f"{name:<20}" + "".join(f"{r.get(k, np.nan):>12.4f}" for k in keys))
+    s = results["size"]
+    lines.append(f"params: teacher {s['teacher_params']:,} / student {s['student_params']:,} "
+                 f"({s['student_params'] / s['teacher_params']:.2f}x)")
+    lines.append(f"forward (batch {s['forward_batch']}): teacher {s['teacher_forward_ms']:.1f} ms, "
+                 f"student {s['student_forward_ms']:.1f} ms, speed-up {s['speedup']:.2f}x")
+    return "\n".join(lines)

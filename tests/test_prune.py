@@ -1,0 +1,273 @@
+"""efficient_nlp.prune: scores, patterns, distributions, schedules, optax wrapper, prox operators.
+
+Everything on small arrays against NumPy; jit where the code is meant to run jitted."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from efficient_nlp import prune, tree
+
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape):
+    return jnp.asarray(RNG.normal(size=shape).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- scores
+def test_scores_against_numpy():
+    w, g = {"a": rand(3, 4)}, {"a": rand(3, 4)}
+    np.testing.assert_array_equal(prune.magnitude_score(w)["a"], np.abs(w["a"]))
+    np.testing.assert_array_equal(prune.movement_score(w, g)["a"], -np.asarray(g["a"]) * np.asarray(w["a"]))
+    np.testing.assert_array_equal(prune.saliency_score(w, g)["a"], np.abs(np.asarray(w["a"]) * np.asarray(g["a"])))
+    r1, r2 = prune.random_score(w, jax.random.key(1)), prune.random_score(w, jax.random.key(1))
+    np.testing.assert_array_equal(r1["a"], r2["a"])
+    assert 0 <= float(r1["a"].min()) and float(r1["a"].max()) < 1
+    # Accumulated movement: -sum_t g_t * w_t.
+    crit = prune.movement()
+    s = crit.init(w)
+    for _ in range(3):
+        s = crit.accumulate(s, w, g)
+    np.testing.assert_allclose(crit.score(w, s)["a"], -3 * np.asarray(g["a"]) * np.asarray(w["a"]), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- patterns
+def test_topk_and_nm_masks_against_numpy():
+    s = np.array([3.0, 1.0, 2.0, 1.0, 5.0], np.float32)
+    np.testing.assert_array_equal(prune.topk_mask(jnp.asarray(s), 2), [True, False, True, False, True])
+    np.testing.assert_array_equal(jax.jit(prune.topk_mask)(jnp.asarray(s), jnp.int32(3)),
+                                  [True, False, False, False, True])
+    x = np.asarray(rand(4, 8))
+    mask = np.asarray(prune.nm_mask(jnp.asarray(x), 2, 4, axis=-1))
+    for row in range(4):
+        for b in range(2):
+            blk = x[row, 4 * b:4 * b + 4]
+            want = np.zeros(4, bool)
+            want[np.argsort(-blk)[:2]] = True
+            np.testing.assert_array_equal(mask[row, 4 * b:4 * b + 4], want)
+    mask0 = np.asarray(prune.nm_mask(jnp.asarray(x), 1, 2, axis=0))
+    assert (mask0.reshape(2, 2, 8).sum(1) == 1).all()
+
+
+def one_shot(params, rules, scores=None):
+    return prune.make_masks(params, rules, scores)
+
+
+def test_block_and_neuron_patterns_against_numpy():
+    w = {"k": rand(4, 6)}
+    m = np.asarray(one_shot(w, [prune.rule("k", "block", 0.5, block_shape=(2, 3))])["k"])
+    blocks = np.abs(np.asarray(w["k"])).reshape(2, 2, 2, 3).sum((1, 3))
+    keep = blocks >= np.sort(blocks.ravel())[2]
+    np.testing.assert_array_equal(m, np.repeat(np.repeat(keep, 2, 0), 3, 1))
+    m = np.asarray(one_shot(w, [prune.rule("k", "neurons", 0.5)])["k"])
+    cols = np.abs(np.asarray(w["k"])).sum(0)
+    np.testing.assert_array_equal(m, np.broadcast_to(cols >= np.sort(cols)[3], (4, 6)))
+    m = np.asarray(one_shot(w, [prune.rule("k", "rows", 0.25)])["k"])
+    rows = np.abs(np.asarray(w["k"])).sum(1)
+    np.testing.assert_array_equal(m, np.broadcast_to((rows > rows.min())[:, None], (4, 6)))
+    m = np.asarray(one_shot(w, [prune.rule("k", "n_m", n=1, m=3)])["k"])
+    assert (m.reshape(4, 2, 3).sum(-1) == 1).all()
+
+
+def attention_params(n_layers=2, heads=4, d=2, h=6):
+    p = {}
+    for i in range(n_layers):
+        a = {name: {"kernel": rand(h, heads * d), "bias": rand(heads * d)} for name in ("query", "key", "value")}
+        a["output"] = {"kernel": rand(heads * d, h), "bias": rand(h)}
+        p[str(i)] = {"attention": a, "ffn": {"intermediate": {"kernel": rand(h, 5), "bias": rand(5)},
+                                              "output": {"kernel": rand(5, h), "bias": rand(h)}}}
+    return {"layers": p}
+
+
+HEADS = r"attention\.(query|key|value)\.(kernel|bias)$|attention\.output\.kernel$"
+
+
+def test_heads_group_qkv_columns_and_output_rows_of_a_head():
+    p = attention_params()
+    masks = one_shot(p, [prune.rule(HEADS, "heads", 0.5, "uniform", head_dim=2)])
+    for i in ("0", "1"):
+        a, am = p["layers"][i]["attention"], masks["layers"][i]["attention"]
+        score = sum(np.abs(np.asarray(a[n]["kernel"])).reshape(6, 4, 2).sum((0, 2)) for n in ("query", "key", "value"))
+        score = score + sum(np.abs(np.asarray(a[n]["bias"])).reshape(4, 2).sum(1) for n in ("query", "key", "value"))
+        score = score + np.abs(np.asarray(a["output"]["kernel"])).reshape(4, 2, 6).sum((1, 2))
+        keep = score >= np.sort(score)[2]
+        for n in ("query", "key", "value"):
+            np.testing.assert_array_equal(am[n]["kernel"], np.broadcast_to(np.repeat(keep, 2), (6, 8)))
+            np.testing.assert_array_equal(am[n]["bias"], np.repeat(keep, 2))
+        np.testing.assert_array_equal(am["output"]["kernel"], np.broadcast_to(np.repeat(keep, 2)[:, None], (8, 6)))
+        assert am["output"]["bias"].shape == ()  # not selected: a broadcasting True
+    with pytest.raises(prune.PatternError, match="output.bias"):
+        one_shot(p, [prune.rule(r"attention\..*", "heads", 0.5, head_dim=2)])
+
+
+def test_ffn_neurons_and_layers_patterns():
+    p = attention_params()
+    m = one_shot(p, [prune.rule(r"ffn\.(intermediate\.(kernel|bias)|output\.kernel)$", "ffn_neurons", 0.4, "uniform")])
+    f = m["layers"]["0"]["ffn"]
+    keep = np.asarray(f["intermediate"]["bias"])
+    assert keep.sum() == 3
+    np.testing.assert_array_equal(f["intermediate"]["kernel"], np.broadcast_to(keep, (6, 5)))
+    np.testing.assert_array_equal(f["output"]["kernel"], np.broadcast_to(keep[:, None], (5, 6)))
+    m = one_shot(p, [prune.rule(r"kernel$", "layers", 0.5)])
+    kept = [bool(np.asarray(m["layers"][i]["ffn"]["output"]["kernel"]).all()) for i in ("0", "1")]
+    assert sorted(kept) == [False, True]
+    for i in ("0", "1"):  # every kernel of a layer shares its fate
+        assert {bool(np.asarray(x).all()) for x in jax.tree.leaves(m["layers"][i]) if np.ndim(x)} == {kept[int(i)]}
+
+
+# ----------------------------------------------------------------------------- distributions
+def test_global_with_per_tensor_normalisation_uniform_erk_and_custom():
+    p = {"a": rand(8, 8), "b": 10 * rand(4, 16)}  # b has 10x the scale
+    m = one_shot(p, [prune.rule(".", "unstructured", 0.5, "global", normalize=False)])
+    assert int(np.sum(~np.asarray(m["a"]))) + int(np.sum(~np.asarray(m["b"]))) == 64
+    assert np.asarray(m["a"]).mean() < 0.2  # without normalisation the small tensor is wiped out
+    m = one_shot(p, [prune.rule(".", "unstructured", 0.5, "global")])
+    na = np.abs(np.asarray(p["a"])) / np.abs(np.asarray(p["a"])).mean()
+    nb = np.abs(np.asarray(p["b"])) / np.abs(np.asarray(p["b"])).mean()
+    thr = np.sort(np.concatenate([na.ravel(), nb.ravel()]))[64]
+    np.testing.assert_array_equal(m["a"], na >= thr)
+    np.testing.assert_array_equal(m["b"], nb >= thr)
+    m = one_shot(p, [prune.rule(".", "unstructured", 0.75, "uniform")])
+    assert int(np.sum(~np.asarray(m["a"]))) == 48 and int(np.sum(~np.asarray(m["b"]))) == 48
+    m = one_shot(p, [prune.rule(".", "unstructured", 0.5, {"^a$": 0.25})])
+    assert int(np.sum(~np.asarray(m["a"]))) == 16 and int(np.sum(~np.asarray(m["b"]))) == 32
+    big = {"small": rand(4, 4), "wide": rand(64, 64)}
+    plan = prune.make_plan(big, [prune.rule(".", "unstructured", 0.8, "erk")])
+    s = {g.key: g.sparsity for g in plan.groups.values()}
+    # ERK: density ~ (sum of dims) / (number of weights); total sparsity is the target.
+    assert s["small"] == 0.0  # ERK's density for it would exceed 1: kept dense
+    assert (s["wide"] * 4096) / (16 + 4096) == pytest.approx(0.8, abs=1e-6)
+    two = {"x": rand(16, 16), "y": rand(32, 32)}
+    plan = prune.make_plan(two, [prune.rule(".", "unstructured", 0.5, "erk")])
+    s = {g.key: g.sparsity for g in plan.groups.values()}
+    assert (s["x"] * 256 + s["y"] * 1024) / 1280 == pytest.approx(0.5, abs=1e-6)
+    np.testing.assert_allclose((1 - s["x"]) / (1 - s["y"]), (32 / 256) / (64 / 1024), rtol=1e-6)
+
+
+def test_impossible_targets_and_bad_rules_fail_clearly():
+    p = {"a": rand(4, 6)}
+    with pytest.raises(ValueError, match=r"target sparsity must be in \[0, 1\)"):
+        prune.make_plan(p, [prune.rule("a", "unstructured", 1.0)])
+    with pytest.raises(ValueError, match="custom sparsity"):
+        prune.make_plan(p, [prune.rule("a", "unstructured", 0.5, {"a": -0.1})])
+    with pytest.raises(tree.RuleError, match="matches no leaf"):
+        prune.make_plan(p, [prune.rule("kernal", "unstructured", 0.5)])
+    with pytest.raises(tree.RuleError, match="not a valid regular expression"):
+        prune.make_plan(p, [prune.rule("a[", "unstructured", 0.5)])
+    with pytest.raises(prune.PatternError, match="multiple of M=4"):
+        prune.make_plan(p, [prune.rule("a", "n_m", n=2, m=4)])
+    with pytest.raises(prune.PatternError, match="does not tile"):
+        prune.make_plan(p, [prune.rule("a", "block", 0.5, block_shape=(4, 4))])
+    with pytest.raises(ValueError, match="unknown distribution"):
+        prune.make_plan(p, [prune.rule("a", "unstructured", 0.5, "erdos")])
+    with pytest.raises(ValueError, match="unknown sparsity pattern"):
+        prune.rule("a", "diagonal", 0.5)
+    with pytest.raises(ValueError, match="begin_step < end_step"):
+        prune.gradual_cubic(10, 5)
+
+
+# ----------------------------------------------------------------------------- schedules + wrapper
+def test_cubic_schedule_values():
+    s = prune.gradual_cubic(10, 20, 5)
+    for t, want in [(0, 0.0), (10, 0.0), (15, 1 - 0.5 ** 3), (20, 1.0), (99, 1.0)]:
+        assert float(s.progress(t)) == pytest.approx(want)
+    assert [t for t in range(30) if bool(s.update(t))] == [10, 15, 20]
+    o = prune.one_shot(3)
+    assert [float(o.progress(t)) for t in (2, 3, 4)] == [0.0, 1.0, 1.0] and bool(o.update(3))
+
+
+def sgd_pruner(rules, schedule, criterion="magnitude", lr=0.01):
+    return prune.pruning(optax.adam(lr), rules, criterion=criterion, schedule=schedule)
+
+
+def test_exact_sparsity_reached_at_every_schedule_step_under_jit():
+    p = {"w": rand(10, 10), "b": rand(10)}
+    sched = prune.gradual_cubic(2, 8, 2)
+    tx = sgd_pruner([prune.rule("w", "unstructured", 0.9)], sched)
+    state = tx.init(p)
+
+    @jax.jit
+    def step(p, state):
+        grads = jax.tree.map(jnp.ones_like, p)
+        u, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, u), state
+
+    last = 0
+    for t in range(1, 11):
+        p, state = step(p, state)
+        mask = np.asarray(state.masks["w"])
+        if bool(sched.update(t)):
+            last = int(np.round(np.float32(0.9) * np.float32(sched.progress(t)) * 100))
+        assert int((~mask).sum()) == last, t
+        assert np.all(np.asarray(p["w"])[~mask] == 0.0)  # masks applied after the update
+        assert state.masks["b"].shape == ()
+    assert last == 90
+
+
+def test_masked_gradients_zero_and_pruned_weights_stay_exactly_zero():
+    p = {"w": rand(6, 6)}
+    tx = prune.pruning(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.1, weight_decay=0.1)),
+                       [prune.rule("w", "unstructured", 0.5)], schedule=prune.one_shot(0))
+    state = tx.init(p)
+    keep = np.asarray(state.masks["w"])
+    assert (~keep).sum() == 18
+    for _ in range(3):
+        u, state = tx.update({"w": rand(6, 6)}, state, p)
+        p = optax.apply_updates(p, u)
+        assert np.all(np.asarray(p["w"])[~keep] == 0.0) and np.all(np.asarray(p["w"])[keep] != 0.0)
+    mu = np.asarray(state.inner_state[1][0].mu["w"])
+    assert np.all(mu[~keep] == 0.0)  # masked gradients never reached the moments
+
+
+def test_moments_of_regrown_weights_are_reset():
+    # A criterion whose scores are the last gradient: the gradients decide which weights live.
+    crit = prune.Criterion("last_grad", lambda p: jax.tree.map(jnp.zeros_like, p),
+                           lambda s, p, g: g, lambda p, s: s)
+    p = {"w": jnp.ones((2, 4))}
+    tx = prune.pruning(optax.adam(0.1), [prune.rule("w", "unstructured", 0.5, "uniform")], criterion=crit,
+                       schedule=prune.gradual_cubic(0, 2, 1))
+    state = tx.init(p)
+    g_a = jnp.asarray([[1.0, 1, 0, 0], [1, 1, 0, 0]])
+    g_b = jnp.asarray([[0.0, 0, 2, 2], [0, 0, 2, 2]])
+    u, state = tx.update({"w": g_a + 0.1}, state, p)  # t=1: progress 7/8 -> 4 pruned: keep the 'a' half
+    p = optax.apply_updates(p, u)
+    np.testing.assert_array_equal(state.masks["w"], g_a > 0)
+    u, state = tx.update({"w": g_b + 0.1}, state, p)  # t=2: the 'b' half comes back, 'a' goes
+    p = optax.apply_updates(p, u)
+    regrown = np.asarray(g_b > 0)
+    np.testing.assert_array_equal(state.masks["w"], regrown)
+    adam = state.inner_state[0]
+    assert np.all(np.asarray(adam.mu["w"])[regrown] == 0) and np.all(np.asarray(adam.nu["w"])[regrown] == 0)
+    assert np.all(np.asarray(adam.mu["w"])[~regrown] != 0)  # the others keep their history
+    assert np.all(np.asarray(p["w"])[~regrown] == 0)
+
+
+def test_l1_and_group_soft_threshold_closed_forms():
+    p = {"k": rand(4, 6), "bias": rand(6)}
+    u = {"k": rand(4, 6), "bias": rand(6)}
+    tx = prune.l1_soft_threshold(0.5, learning_rate=0.4, rules="^k$")
+    out, _ = tx.update(u, tx.init(p), p)
+    w = np.asarray(p["k"]) + np.asarray(u["k"])
+    np.testing.assert_allclose(np.asarray(p["k"]) + np.asarray(out["k"]),
+                               np.sign(w) * np.maximum(np.abs(w) - 0.2, 0), atol=1e-6)
+    np.testing.assert_array_equal(out["bias"], u["bias"])  # not selected
+    tx = prune.group_soft_threshold(1.0, [("k", prune.neurons())], learning_rate=lambda c: 1.5)
+    out, _ = tx.update(u, tx.init(p), p)
+    norms = np.linalg.norm(w, axis=0)
+    want = w * np.maximum(0, 1 - 1.5 / norms)
+    np.testing.assert_allclose(np.asarray(p["k"]) + np.asarray(out["k"]), want, atol=1e-5)
+    assert (np.abs(want).sum(0) == 0).any() or norms.min() > 1.5
+    # heads: the group is a head's Q/K/V columns and O rows together.
+    a = attention_params(n_layers=1, heads=2, d=2, h=3)
+    zero = jax.tree.map(jnp.zeros_like, a)
+    tx = prune.group_soft_threshold(0.3, [(HEADS, prune.heads(2))])
+    out, _ = tx.update(zero, tx.init(a), a)
+    att = a["layers"]["0"]["attention"]
+    sq = sum(np.square(np.asarray(att[n]["kernel"])).reshape(3, 2, 2).sum((0, 2)) +
+             np.square(np.asarray(att[n]["bias"])).reshape(2, 2).sum(1) for n in ("query", "key", "value"))
+    sq = sq + np.square(np.asarray(att["output"]["kernel"])).reshape(2, 2, 3).sum((1, 2))
+    factor = np.maximum(0, 1 - 0.3 / np.sqrt(sq))
+    got = np.asarray(att["output"]["kernel"]) + np.asarray(out["layers"]["0"]["attention"]["output"]["kernel"])
+    np.testing.assert_allclose(got, np.asarray(att["output"]["kernel"]) * np.repeat(factor, 2)[:, None], rtol=1e-5)
