@@ -1,5 +1,4 @@
 """Matches (config round trip, config-time errors), schedules, the Distiller step, Theseus."""
-import dataclasses
 
 import jax
 import ml_collections

@@ -1,11 +1,9 @@
 """The distillation recipe end to end: a tiny model (fast) and the real MiniLM (slow)."""
 import json
 import os
-import shutil
 import sys
 
 import pytest
-from flax import nnx
 
 from efficient_nlp import distill, models
 
@@ -14,19 +12,11 @@ sys.path.insert(0, REPO)  # configs/ is importable from the repository root
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory):
-    try:
-        minilm = models.default_model_dir()
-    except ModuleNotFoundError as e:
-        pytest.skip(f"embedded MiniLM not installed: {e}")
-    out = tmp_path_factory.mktemp("tiny_teacher")
-    config = models.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=4,
-                               num_attention_heads=2, intermediate_size=32,
-                               max_position_embeddings=64, num_labels=9)
-    models.save_hf_checkpoint(models.BertForSequenceClassification(config, rngs=nnx.Rngs(0)), out)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(os.path.join(minilm, name), out / name)
-    return str(out)
+def tiny_teacher_dir(make_tiny_model_dir):
+    return make_tiny_model_dir(
+        "tiny_teacher", models.BertForSequenceClassification, hidden_size=16,
+        num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, num_labels=9)
 
 
 def tiny_config(teacher_dir, method="kd"):

@@ -5,14 +5,10 @@ quickstart on the pretrained MiniLM is the slow test at the bottom.
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
-from flax import nnx
 
 from efficient_nlp import models
 
@@ -21,20 +17,10 @@ sys.path.insert(0, REPO)  # configs/ is importable from the repository root
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    try:
-        minilm = models.default_model_dir()
-    except ModuleNotFoundError as e:
-        pytest.skip(f"embedded MiniLM not installed: {e}")
-    out = tmp_path_factory.mktemp("tiny_bert")
-    config = models.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+def tiny_model_dir(make_tiny_model_dir):
+    return make_tiny_model_dir("tiny_bert", hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=2, intermediate_size=64,
                                max_position_embeddings=128)
-    models.save_hf_checkpoint(models.BertModel(config, rngs=nnx.Rngs(0)), out)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json"):
-        shutil.copy(os.path.join(minilm, name), out / name)
-    return str(out)
 
 
 def quickstart_config(model_dir, **train):

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from efficient_nlp.data.files import read_split
-from efficient_nlp.data.tasks import TASKS, TaskSpec, get_task
+from efficient_nlp.data.tasks import TaskSpec, get_task
 
 __all__ = [
     "TaskData",

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from efficient_nlp.tree import path_str
+
 # A parameter whose path has a component matching this (case-insensitively) is not decayed.
 NO_DECAY_PATTERN = re.compile(r"bias|layernorm|layer_norm|norm", re.IGNORECASE)
 
@@ -57,28 +59,11 @@ def make_lr_schedule(config, num_steps):
     return schedule
 
 
-def path_names(path):
-    """Readable names of a key path (dict keys, attribute names, indices)."""
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            names.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            names.append(str(k.name))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            names.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            names.append(str(k.key))
-        else:  # pragma: no cover - future key types
-            names.append(str(k))
-    return names
-
-
 def decays(path, leaf):
     """True if weight decay applies to the parameter at ``path`` (a weight matrix)."""
     if jnp.ndim(leaf) <= 1:
         return False
-    return not any(NO_DECAY_PATTERN.search(name) for name in path_names(path))
+    return not any(NO_DECAY_PATTERN.search(name) for name in path_str(path).split("."))
 
 
 def weight_decay_mask(params):
