@@ -20,7 +20,6 @@ HF directory ``workdir/student``.  All match configs are checked before any trai
 """
 from __future__ import annotations
 
-import json
 import os
 
 import ml_collections
@@ -31,6 +30,7 @@ from efficient_nlp import data as data_lib
 from efficient_nlp import distill
 from efficient_nlp import models
 from efficient_nlp import train as train_lib
+from efficient_nlp.recipes.outputs import save_outputs
 
 
 def _teacher_config_dir(config):
@@ -175,12 +175,7 @@ def run(config, workdir):
                        "teacher_forward_ms": 1e3 * t_time, "student_forward_ms": 1e3 * s_time,
                        "speedup": t_time / s_time, "forward_batch": int(bs)}
     print(format_results(results))
-    if train_lib.is_main_process():
-        out = os.path.join(workdir, "student")
-        models.save_hf_checkpoint(student, out)
-        task.tokenizer.save_pretrained(out)
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    save_outputs(workdir, results, task.tokenizer, {"student": student})
     return results
 
 

@@ -4,8 +4,6 @@ Cross-entropy for classification (and sentence pairs), mean squared error for
 regression (``num_labels == 1``, e.g. STS-B). Every other recipe starts from a model
 fine-tuned this way (the full-precision teacher of METHODS.md sections 1.3-1.5).
 """
-import json
-import os
 
 import jax.numpy as jnp
 import optax
@@ -13,6 +11,7 @@ import optax
 from efficient_nlp import data as data_lib
 from efficient_nlp import models
 from efficient_nlp import train as train_lib
+from efficient_nlp.recipes.outputs import save_outputs
 
 
 def task_loss(model, batch, rngs):
@@ -77,13 +76,8 @@ def run(config, workdir):
                "dev_examples": len(task_data.dev["labels"]),
                "dev_before": before, "dev_after": after}
     print(format_results(results))
-    if train_lib.is_main_process():
-        # The fine-tuned model as an HF directory: the teacher of the compression recipes.
-        model_out = os.path.join(workdir, "model")
-        models.save_hf_checkpoint(model, model_out)
-        task_data.tokenizer.save_pretrained(model_out)
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    # The fine-tuned model as an HF directory: the teacher of the compression recipes.
+    save_outputs(workdir, results, task_data.tokenizer, {"model": model})
     return results
 
 

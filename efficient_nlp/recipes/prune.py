@@ -15,12 +15,12 @@ Prints dev metrics before/after and the per-layer sparsity; writes ``workdir/spa
 ``workdir/results.json``, the pruned model ``workdir/model`` and, with ``shrink``, the smaller
 model ``workdir/model_shrunk`` (params / FLOPs / latency report in the results).
 """
-import json
 import os
 
 from efficient_nlp import data as data_lib
 from efficient_nlp import models, prune
 from efficient_nlp import train as train_lib
+from efficient_nlp.recipes.outputs import save_outputs
 from efficient_nlp.recipes.finetune import load_model_and_data, task_loss
 
 _PATTERN_KEYS = ("block_shape", "axis", "n", "m")
@@ -79,7 +79,6 @@ def run(config, workdir):
                "dev_before": before, "dev_after": after,
                "sparsity_per_layer": prune.layer_summary(rows),
                "sparsity_total": sum(r["zeros"] for r in rows) / max(sum(r["size"] for r in rows), 1)}
-    main = train_lib.is_main_process()
     small = None
     if config.prune.shrink:
         small, structure = prune.shrink(model)
@@ -91,14 +90,9 @@ def run(config, workdir):
                              "flops_after": report.flops_after, "speedup": report.speedup,
                              "dev_shrunk": eval_fn(small)}
     print(format_results(results))
-    if main:
+    if train_lib.is_main_process():
         prune.plot_summary(rows, os.path.join(workdir, "sparsity.png"))
-        for m, sub in ((model, "model"), (small, "model_shrunk")):
-            if m is not None:
-                models.save_hf_checkpoint(m, os.path.join(workdir, sub))
-                task_data.tokenizer.save_pretrained(os.path.join(workdir, sub))
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    save_outputs(workdir, results, task_data.tokenizer, {"model": model, "model_shrunk": small})
     return results
 
 
