@@ -23,6 +23,8 @@ import re
 
 import jax.numpy as jnp
 
+from efficient_nlp.prune._registry import resolve
+
 _LAYER = re.compile(r"^(.*?layers\.\d+)\.")
 
 
@@ -289,9 +291,5 @@ PATTERNS = {"unstructured": unstructured, "block": block, "neurons": neurons, "r
 
 def get_pattern(pattern, **kwargs) -> Pattern:
     """A `Pattern` from a name in `PATTERNS` with keyword arguments (or a `Pattern`)."""
-    if isinstance(pattern, Pattern):
-        return pattern
-    if pattern not in PATTERNS:
-        raise ValueError(f"unknown sparsity pattern {pattern!r}; choose one of {sorted(PATTERNS)}")
-    return PATTERNS[pattern](**kwargs)
+    return resolve(PATTERNS, pattern, "sparsity pattern", Pattern, **kwargs)
 

@@ -11,6 +11,8 @@ from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 
+from efficient_nlp.prune._registry import resolve
+
 
 class Schedule(NamedTuple):
     name: str
@@ -54,8 +56,5 @@ SCHEDULES = {"one_shot": one_shot, "gradual_cubic": gradual_cubic}
 
 
 def get_schedule(schedule, **kwargs) -> Schedule:
-    if isinstance(schedule, Schedule):
-        return schedule
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pruning schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
-    return SCHEDULES[schedule](**kwargs)
+    """A `Schedule` from a name in `SCHEDULES` with keyword arguments (or a `Schedule`)."""
+    return resolve(SCHEDULES, schedule, "pruning schedule", Schedule, **kwargs)

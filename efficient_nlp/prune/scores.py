@@ -20,6 +20,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from efficient_nlp.prune._registry import resolve
+
 
 # ----------------------------------------------------------------------------- one-step scores
 def magnitude_score(params, grads=None):
@@ -101,8 +103,4 @@ CRITERIA = {"magnitude": magnitude, "movement": movement, "saliency": saliency,
 
 def get_criterion(criterion, **kwargs) -> Criterion:
     """A `Criterion` from a name in `CRITERIA` (or a `Criterion`, returned as is)."""
-    if isinstance(criterion, Criterion):
-        return criterion
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown pruning criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
-    return CRITERIA[criterion](**kwargs)
+    return resolve(CRITERIA, criterion, "pruning criterion", Criterion, **kwargs)
