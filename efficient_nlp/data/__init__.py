@@ -10,6 +10,7 @@ See docs/contracts.md ("data") for the array and batch contracts.
 """
 
 from efficient_nlp.data.builtin import builtin_examples, builtin_stats
+from efficient_nlp.data.images import load_digits, sample_k_per_class
 from efficient_nlp.data.files import SUPPORTED_EXTENSIONS, read_split
 from efficient_nlp.data.metrics import (
     accuracy,
@@ -52,4 +53,6 @@ __all__ = [
     "builtin_examples",
     "builtin_stats",
     "SUPPORTED_EXTENSIONS",
+    "load_digits",
+    "sample_k_per_class",
 ]
