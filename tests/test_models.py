@@ -242,7 +242,7 @@ def test_capture_shapes_and_identities():
     assert set(inter) == set(M.CAPTURE_NAMES)
     assert inter["embedding"].shape == (B, T, 16)
     for name, shape in [("attn_scores", (B, 2, T, T)), ("attn_probs", (B, 2, T, T)), ("values", (B, 2, T, 12)),
-                        ("mha_out", (B, T, 16)), ("ffn_intermediate", (B, T, 20)), ("ffn_out", (B, T, 16))]:
+                        ("context", (B, T, 24)), ("mha_out", (B, T, 16)), ("ffn_intermediate", (B, T, 20)), ("ffn_out", (B, T, 16))]:
         assert len(inter[name]) == L and all(x.shape == shape for x in inter[name]), name
     hs = inter["hidden_states"]
     assert len(hs) == L + 1
@@ -251,6 +251,8 @@ def test_capture_shapes_and_identities():
     for layer in range(L):
         np.testing.assert_array_equal(inter["ffn_out"][layer], hs[layer + 1])
     np.testing.assert_allclose(np.asarray(inter["attn_probs"][0]).sum(-1), 1.0, rtol=1e-5)
+    context = np.einsum("bnts,bnsd->btnd", inter["attn_probs"][0], inter["values"][0]).reshape(B, T, 24)
+    np.testing.assert_allclose(inter["context"][0], context, atol=1e-5)
     np.testing.assert_allclose(out.logits, plain.logits, atol=1e-6)
     with pytest.raises(ValueError, match="valid names.*attn_probs"):
         model(ids, mask, tt, capture=("attention",))

@@ -39,7 +39,8 @@ from efficient_nlp.models.dropout import Dropout
 
 #: Names accepted by ``capture=``.  ``embedding`` is [B,T,H]; the per-layer entries are tuples
 #: with one array per layer run: ``attn_scores`` [B,N,T,T] (scaled q.k before the mask bias),
-#: ``attn_probs`` [B,N,T,T], ``values`` [B,N,T,D], ``mha_out`` [B,T,H] (after attention output
+#: ``attn_probs`` [B,N,T,T], ``values`` [B,N,T,D], ``context`` [B,T,N*D] (heads concatenated,
+#: the input of the attention output dense), ``mha_out`` [B,T,H] (after attention output
 #: dense + residual + LayerNorm), ``ffn_intermediate`` [B,T,I] (after activation), ``ffn_out``
 #: [B,T,H] (layer output); ``hidden_states`` is a tuple of L+1 arrays, the input first.
 CAPTURE_NAMES = (
@@ -47,12 +48,13 @@ CAPTURE_NAMES = (
     "attn_scores",
     "attn_probs",
     "values",
+    "context",
     "mha_out",
     "ffn_intermediate",
     "ffn_out",
     "hidden_states",
 )
-LAYER_CAPTURE_NAMES = ("attn_scores", "attn_probs", "values", "mha_out", "ffn_intermediate", "ffn_out")
+LAYER_CAPTURE_NAMES = ("attn_scores", "attn_probs", "values", "context", "mha_out", "ffn_intermediate", "ffn_out")
 
 #: Additive bias for masked keys: half of float32's most negative value, so adding a score to
 #: it cannot overflow to -inf and a fully-masked row still gives a finite (uniform) softmax.
@@ -219,6 +221,8 @@ class BertAttention(nnx.Module):
             captured["attn_probs"] = probs
         if "values" in want:
             captured["values"] = v
+        if "context" in want:
+            captured["context"] = context
         if "mha_out" in want:
             captured["mha_out"] = out
         return out, captured
