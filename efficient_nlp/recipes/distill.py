@@ -52,16 +52,21 @@ def check_config(config):
         return {}
     if method != "kd":
         raise ValueError(f"config.distill.method={method!r}; use 'kd' or 'theseus'")
+    return check_stages(config.distill.stages, student_cfg, teacher_cfg, "config.distill.stages")
+
+
+def check_stages(stages, student_cfg, teacher_cfg, where):
+    """``{stage name: checked matches}``; any bad match or schedule raises naming the stage."""
     checked = {}
-    for stage in config.distill.stages:
+    for stage in stages:
         name = stage["name"]
         try:
             checked[name] = distill.check_matches(stage["matches"], student_cfg, teacher_cfg)
             distill.check_schedule(stage.get("hard_label_weight", 0.0), "hard_label_weight")
         except ValueError as e:
-            raise ValueError(f"config.distill.stages[{name!r}]: {e}") from None
+            raise ValueError(f"{where}[{name!r}]: {e}") from None
     if not checked:
-        raise ValueError("config.distill.stages is empty")
+        raise ValueError(f"{where} is empty")
     return checked
 
 
@@ -99,6 +104,24 @@ def _stage_config(config, num_steps, learning_rate):
     c.train.num_steps = int(num_steps)
     c.train.learning_rate = float(learning_rate)
     return c
+
+
+def run_kd_stages(student, teacher, stages, checked, config, workdir, batches, eval_fn):
+    """Runs the distillation ``stages`` one after another (each a `fit` of a `Distiller` in
+    ``workdir/stage_<name>``); returns ``(student, {stage name: final eval metrics})``."""
+    out = {}
+    for stage in stages:
+        matches = checked[stage["name"]]
+        stage_cfg = _stage_config(config, stage["num_steps"], stage["learning_rate"])
+        model = distill.Distiller(student, teacher, matches, rngs=nnx.Rngs(config.train.seed))
+        loss_fn = distill.make_distill_loss(matches, hard_label_weight=stage.get("hard_label_weight", 0.0))
+        model, history = train_lib.fit(
+            model, loss_fn, batches, config=stage_cfg,
+            workdir=os.path.join(workdir, f"stage_{stage['name']}"), eval_fn=eval_fn,
+            trainable=distill.STUDENT_FILTER)
+        student = model.student
+        out[stage["name"]] = _final_eval(history)
+    return student, out
 
 
 def _final_eval(history):
@@ -144,19 +167,10 @@ def run(config, workdir):
         student, total_steps = model.student, config.train.num_steps
         results["stages"]["theseus"] = _final_eval(history)
     else:
-        for stage in config.distill.stages:
-            matches = checked[stage["name"]]
-            stage_cfg = _stage_config(config, stage["num_steps"], stage["learning_rate"])
-            model = distill.Distiller(student, teacher, matches, rngs=nnx.Rngs(config.train.seed))
-            loss_fn = distill.make_distill_loss(matches, hard_label_weight=stage.get("hard_label_weight", 0.0))
-            model, history = train_lib.fit(
-                model, loss_fn, batches, config=stage_cfg,
-                workdir=os.path.join(workdir, f"stage_{stage['name']}"), eval_fn=eval_fn,
-                trainable=distill.STUDENT_FILTER)
-            student = model.student
-            total_steps += int(stage["num_steps"])
-            last_lr = stage["learning_rate"]
-            results["stages"][stage["name"]] = _final_eval(history)
+        student, results["stages"] = run_kd_stages(student, teacher, config.distill.stages, checked,
+                                                   config, workdir, batches, eval_fn)
+        total_steps = sum(int(stage["num_steps"]) for stage in config.distill.stages)
+        last_lr = config.distill.stages[-1]["learning_rate"]
     results["student"] = eval_fn(student)
 
     if config.baseline.enabled:

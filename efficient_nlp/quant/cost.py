@@ -1,0 +1,101 @@
+"""Cost accounting for a model under a `QuantSpec`: parameters, stored size, FLOPs and BOPs.
+
+* Stored size: every quantized weight at its bit width plus one float32 scale per scale group
+  (per tensor or per channel); everything else (LayerNorm, biases, position / token-type
+  embeddings, classifier, learned quantizer state) at 32 bits.
+* FLOPs per example: ``2 x MACs`` of every matmul (Linear layers and BERT's two attention
+  matmuls), found by tracing one forward pass abstractly (``jax.eval_shape``, nothing runs).
+* BOPs (METHODS.md 1.2): a matmul whose two operands are both quantized to m and n <= 8 bits
+  counts ``FLOPs * m * n / 64``; a matmul with a float operand counts its full FLOPs.  This is
+  the convention of the BinaryBERT / TernaryBERT tables (full-precision BERT-base: 22.5 G).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_nlp.quant import modules as M
+from efficient_nlp.quant.spec import QuantSpec, make_spec
+from efficient_nlp.quant.transform import quantize_model, quantizer_modules
+
+
+@dataclasses.dataclass
+class CostReport:
+    """Totals (``params``, ``size_mb``, ``fp32_size_mb``, ``flops``, ``bops`` per example) and
+    per-matmul ``rows`` (site, kind, w_bits, a_bits, flops, bops)."""
+
+    spec_bits: str
+    params: int
+    size_mb: float
+    fp32_size_mb: float
+    flops: float
+    bops: float
+    rows: list
+
+    def summary(self) -> dict[str, float]:
+        return {"params": self.params, "size_mb": self.size_mb, "flops": self.flops, "bops": self.bops}
+
+    def __str__(self):
+        return (f"{self.spec_bits:>8}: params {self.params:,}  size {self.size_mb:.2f} MB "
+                f"({self.fp32_size_mb / self.size_mb:.1f}x smaller than fp32)  "
+                f"FLOPs {self.flops / 1e9:.3f} G  BOPs {self.bops / 1e9:.3f} G per example")
+
+
+def _bops(flops, w_bits, a_bits):
+    if w_bits <= 8 and a_bits <= 8:
+        return flops * w_bits * a_bits / 64
+    return flops
+
+
+def _default_forward(inputs):
+    def run(model):
+        return model(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("token_type_ids"))
+    return run
+
+
+def cost_report(model, spec: QuantSpec | None, inputs: dict[str, Any] | Callable) -> CostReport:
+    """Cost of ``model`` (a float model) quantized by ``spec`` (None = full precision).
+
+    ``inputs``: one example batch for BERT models (``input_ids`` [B,T] ...; costs are divided by
+    B), or a callable ``fn(model) -> output`` (then B = 1).
+    """
+    spec = spec or make_spec(32, 32, 32)
+    wrapped, _ = quantize_model(model, spec, keep_float_sites=True)
+    for _, q in quantizer_modules(wrapped):
+        q.calibrated = True  # abstract trace only: values do not matter
+    run = inputs if callable(inputs) else _default_forward(inputs)
+    batch = 1 if callable(inputs) else int(jnp.asarray(inputs["input_ids"]).shape[0])
+    with M.recording() as records:
+        jax.eval_shape(lambda: run(wrapped))
+    rows, flops, bops = [], 0.0, 0.0
+    for r in records:
+        f = 2.0 * r["macs"] / batch
+        b = _bops(f, r["w_bits"], r["a_bits"])
+        rows.append(dict(site=r["site"], kind=r["kind"], w_bits=r["w_bits"], a_bits=r["a_bits"], flops=f, bops=b))
+        flops, bops = flops + f, bops + b
+
+    params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(wrapped, nnx.Param)))
+    bits = 32.0 * params
+    for _, mod in nnx.iter_modules(wrapped):
+        wq = getattr(mod, "weight_quant", None)
+        if isinstance(mod, (M.QuantLinear, M.QuantEmbed)) and wq is not None:
+            shape = (mod.kernel if isinstance(mod, M.QuantLinear) else mod.embedding)[...].shape
+            groups = 1 if wq.axis is None else math.prod(s for i, s in enumerate(shape) if i != wq.axis)
+            bits += math.prod(shape) * (wq.quantizer.bits - 32) + 32 * groups
+    return CostReport(spec.bits, params, bits / 8 / 2**20, 32 * params / 8 / 2**20, flops, bops, rows)
+
+
+def cost_table(model, specs: dict[str, QuantSpec | None], inputs) -> str:
+    """A Markdown table of `cost_report` for several specs (e.g. full precision and 2-2-8)."""
+    lines = ["| setting | W-E-A | params | size (MB) | FLOPs (G) | BOPs (G) |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for name, spec in specs.items():
+        r = cost_report(model, spec, inputs)
+        lines.append(f"| {name} | {r.spec_bits} | {r.params:,} | {r.size_mb:.2f} | {r.flops / 1e9:.3f} | "
+                     f"{r.bops / 1e9:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Fake-quantized NNX modules (a simulation: values on the low-bit grid, stored in float).
+
+`QuantLinear` / `QuantEmbed` take over the parameters of an ``nnx.Linear`` / ``nnx.Embed`` (same
+Variable objects, same names: ``...query.kernel`` stays ``...query.kernel``) and quantize the
+weight (and the Linear's input) with straight-through gradients on every call, so the latent
+full-precision weights are what the optimizer updates (QAT, METHODS.md 1.3).  `AttentionQuant`
+is plugged into BERT attention's ``matmul_quant`` hook and quantizes the inputs of the two
+activation-activation matmuls (q.k^T and probs.v).  Learned quantizer state (LSQ step and
+offset, PACT clip values) are ``nnx.Param`` under ``<module>.weight_quant`` /
+``<module>.input_quant``.
+
+Every matmul also reports its shape and bit widths to an active `recording` (used by
+`efficient_nlp.quant.cost` under ``jax.eval_shape``; nothing is recorded otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_nlp.quant import quantizers as Q
+from efficient_nlp.quant.spec import Quantizer
+
+_RECORDS: list | None = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects one dict per matmul run inside the block: site, kind, macs, w_bits, a_bits."""
+    global _RECORDS
+    previous, _RECORDS = _RECORDS, []
+    try:
+        yield _RECORDS
+    finally:
+        _RECORDS = previous
+
+
+def _record(site, kind, macs, w_bits, a_bits):
+    if _RECORDS is not None:
+        _RECORDS.append(dict(site=site, kind=kind, macs=int(macs), w_bits=w_bits, a_bits=a_bits))
+
+
+def _bits(mod):
+    return 32 if mod is None else mod.quantizer.bits
+
+
+class QuantizerModule(nnx.Module):
+    """Applies one `Quantizer`; holds its learned state.
+
+    ``axis`` is the axis reduced for per-channel scales (weights only).  Learned activation
+    quantizers (``lsq``, ``pact``) start uncalibrated and must see data first (`calibrate`:
+    LSQ step ``2 mean|x| / sqrt(Qp)``, LSQ+ offset = min; PACT clip = observed min / max).
+    Weight quantizers are initialised from the weight they quantize (``init``).
+    """
+
+    def __init__(self, quantizer: Quantizer, *, axis=None, init: jax.Array | None = None):
+        self.quantizer = quantizer
+        self.axis = axis
+        self.calibrating = False
+        # True: the input is already on the grid (weights restored from a packed export,
+        # `efficient_nlp.quant.restore`) and passes through unchanged.
+        self.frozen = False
+        self.calibrated = init is not None or quantizer.method not in ("lsq", "pact")
+        m, b, signed = quantizer.method, quantizer.bits, quantizer.signed
+        x = jnp.zeros((1,)) if init is None else jnp.asarray(init, jnp.float32)
+        if m == "lsq":
+            self.step = nnx.Param(Q.lsq_init(x, b, signed, axis=axis))
+            if not signed:
+                self.offset = nnx.Param(jnp.min(x, axis=axis, keepdims=axis is not None))
+        elif m == "pact":
+            self.lo = nnx.Param(jnp.min(x))
+            self.hi = nnx.Param(jnp.max(x))
+
+    def observe(self, x):
+        """Sets the learned state from a sample ``x`` (eager; called by `calibrate`)."""
+        m, b, signed = self.quantizer.method, self.quantizer.bits, self.quantizer.signed
+        x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+        if m == "lsq":
+            offset = jnp.min(x) if not signed else 0.0
+            self.step[...] = Q.lsq_init(x - offset, b, signed).astype(self.step[...].dtype)
+            if not signed:
+                self.offset[...] = offset
+        elif m == "pact":
+            self.lo[...] = jnp.min(x)
+            self.hi[...] = jnp.max(x)
+        self.calibrated = True
+
+    def __call__(self, x):
+        if getattr(self, "frozen", False):
+            return x
+        if self.calibrating:
+            self.observe(x)
+        if not self.calibrated:
+            raise RuntimeError(
+                f"a learned activation quantizer ({self.quantizer.name}) was used before calibration; "
+                "call efficient_nlp.quant.calibrate(model, batch) once on real data first")
+        m, b, signed = self.quantizer.method, self.quantizer.bits, self.quantizer.signed
+        if m == "uniform":
+            return Q.uniform(x, b, signed=signed, axis=self.axis,
+                             range_mode="absmax" if signed else "minmax")
+        if m == "twn":
+            return Q.twn(x, axis=self.axis)[0]
+        if m == "bwn":
+            return Q.bwn(x, axis=self.axis)[0]
+        if m == "lsq":
+            step = self.step[...]
+            if signed:
+                return Q.lsq(x, step, b, signed=True)
+            return Q.lsq_plus(x, step, self.offset[...], b)
+        if m == "pact":
+            return Q.clip_quant(x, self.lo[...], self.hi[...], b, signed=signed)
+        raise AssertionError(m)  # Quantizer validates the method
+
+
+def _maybe(mod, x):
+    return x if mod is None else mod(x)
+
+
+class QuantLinear(nnx.Module):
+    """``y = Q_a(x) @ Q_w(kernel) + bias`` over an existing ``nnx.Linear``'s parameters."""
+
+    def __init__(self, linear: nnx.Linear, site: str, weight: Quantizer | None, inputs: Quantizer | None):
+        self.kernel = linear.kernel
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.dtype
+        self.site = site
+        axis = 0 if weight is not None and weight.granularity == "channel" else None
+        self.weight_quant = None if weight is None else QuantizerModule(weight, axis=axis, init=self.kernel[...])
+        self.input_quant = None if inputs is None else QuantizerModule(inputs)
+
+    def __call__(self, x):
+        dtype = self.dtype or jnp.result_type(x, self.kernel[...])
+        x = _maybe(self.input_quant, jnp.asarray(x, dtype))
+        w = _maybe(self.weight_quant, self.kernel[...]).astype(dtype)
+        _record(self.site, "linear", math.prod(x.shape[:-1]) * w.shape[0] * w.shape[1],
+                _bits(self.weight_quant), _bits(self.input_quant))
+        y = jnp.dot(x, w)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class QuantEmbed(nnx.Module):
+    """Embedding lookup in a quantized table (row-wise scales with ``channel`` granularity)."""
+
+    def __init__(self, embed: nnx.Embed, site: str, weight: Quantizer):
+        self.embedding = embed.embedding
+        self.num_embeddings, self.features = embed.num_embeddings, embed.features
+        self.dtype = embed.dtype
+        self.site = site
+        axis = 1 if weight.granularity == "channel" else None
+        self.weight_quant = QuantizerModule(weight, axis=axis, init=self.embedding[...])
+
+    def __call__(self, ids):
+        table = self.weight_quant(self.embedding[...])
+        if self.dtype is not None:
+            table = table.astype(self.dtype)
+        return jnp.take(table, jnp.asarray(ids), axis=0)
+
+
+class AttentionQuant(nnx.Module):
+    """Quantizers for BERT attention's ``q.k^T`` and ``probs.v`` inputs (the ``matmul_quant`` hook)."""
+
+    def __init__(self, site: str, q: Quantizer | None, k: Quantizer | None, v: Quantizer | None,
+                 probs: Quantizer | None):
+        self.site = site
+        self.q, self.k, self.v, self.probs = (None if x is None else QuantizerModule(x) for x in (q, k, v, probs))
+
+    def scores_inputs(self, q, k):
+        """q, k [B,N,T,D] -> quantized q, k."""
+        b, n, t, d = q.shape
+        _record(self.site + ".scores", "attention", b * n * t * k.shape[2] * d, _bits(self.k), _bits(self.q))
+        return _maybe(self.q, q), _maybe(self.k, k)
+
+    def context_inputs(self, probs, v):
+        """probs [B,N,T,S], v [B,N,S,D] -> quantized probs, v."""
+        b, n, t, s = probs.shape
+        _record(self.site + ".context", "attention", b * n * t * s * v.shape[-1], _bits(self.v), _bits(self.probs))
+        return _maybe(self.probs, probs), _maybe(self.v, v)

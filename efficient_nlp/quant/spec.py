@@ -1,0 +1,200 @@
+"""Quantization specs: which quantizer goes where (METHODS.md 1.2).
+
+A model has *sites*, each named by a dotted module path plus a suffix:
+
+* ``<linear>``            the weight (kernel) of an ``nnx.Linear``: role ``weight``;
+* ``<linear>.input``      the input activation of that Linear: role ``activation``, or
+                          ``activation_unsigned`` for BERT's FFN output dense (its input is
+                          post-GELU, mostly positive);
+* ``<embed>``             the table of an ``nnx.Embed``: role ``embedding`` (row-wise scales);
+* ``<attention>.{q,k,v}`` the inputs of the two activation-activation matmuls of BERT
+                          attention (role ``activation``) and ``<attention>.probs`` the
+                          post-softmax probabilities (role ``activation_unsigned``).
+
+`QuantSpec` gives one `Quantizer` per role (W-E-A bit widths, the literature's defaults) and a
+list of rules ``(regex, payload)`` matched against site names with `efficient_nlp.tree.rules`
+(first match wins; a rule matching no site is an error).  A payload is ``None`` (leave the
+site in float), a dict of `Quantizer` fields to override (``{"bits": 8}``) or a `Quantizer`.
+After the user's rules the default skips apply: the classifier, position and token-type
+embeddings (LayerNorm and biases are never quantized).  Sites with a ``None`` role quantizer
+(e.g. activations at 32 bits) are left in float.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from efficient_nlp.tree import rules as rules_lib
+
+METHODS = ("uniform", "lsq", "pact", "twn", "bwn")
+ROLES = ("weight", "embedding", "activation", "activation_unsigned")
+GRANULARITIES = ("tensor", "channel")
+
+#: Sites left in float unless a user rule says otherwise (METHODS.md 1.2).
+DEFAULT_SKIP = (
+    r"(^|\.)classifier(\.input)?$",
+    r"(^|\.)(position|token_type)_embeddings$",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """One quantizer.
+
+    method: ``uniform`` (range from the tensor each call: abs-max symmetric / min-max
+      asymmetric), ``lsq`` (learned step; LSQ+ offset when unsigned), ``pact`` (learned clip
+      range), ``twn`` (ternary), ``bwn`` (binary).
+    bits: 1..8 (``twn`` implies 2, ``bwn`` 1).
+    signed: symmetric grid around 0 (False: asymmetric ``[0, 2^b-1]`` grid over ``[min, max]``).
+    granularity: ``tensor`` (one scale) or ``channel`` (one per output column of a kernel, one
+      per row of an embedding table); weights only.
+    """
+
+    method: str = "uniform"
+    bits: int = 8
+    signed: bool = True
+    granularity: str = "tensor"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantizer method {self.method!r}; valid: {METHODS}")
+        if self.method == "twn" and self.bits != 2:
+            raise ValueError(f"twn is ternary (2 bits), got bits={self.bits}")
+        if self.method == "bwn" and self.bits != 1:
+            raise ValueError(f"bwn is binary (1 bit), got bits={self.bits}")
+        if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
+            raise ValueError(f"bits must be an int in 1..8, got {self.bits!r}")
+        if self.bits == 1 and self.method != "bwn":
+            raise ValueError(f"1-bit {self.method!r} is degenerate; use method='bwn' for 1 bit")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+
+    def replace(self, **kw) -> "Quantizer":
+        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown Quantizer field(s) {unknown}; valid: method, bits, signed, granularity")
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def name(self) -> str:
+        s = f"{self.method}{self.bits}"
+        if not self.signed:
+            s += "u"
+        return s + ("/ch" if self.granularity == "channel" else "")
+
+
+def weight_quantizer(bits: int, method: str | None = None, granularity: str = "tensor") -> Quantizer | None:
+    """The default weight quantizer for ``bits``: 1 -> bwn, 2 -> twn, else uniform abs-max;
+    32 (or None) -> None (float)."""
+    if bits is None or bits >= 32:
+        return None
+    method = method or {1: "bwn", 2: "twn"}.get(bits, "uniform")
+    return Quantizer(method, bits, True, granularity)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Quantizers per role and the rules that override them per site (see module docstring)."""
+
+    weight: Quantizer | None = None
+    embedding: Quantizer | None = None
+    activation: Quantizer | None = None
+    activation_unsigned: Quantizer | None = None
+    rules: tuple = ()
+
+    @property
+    def bits(self) -> str:
+        """The W-E-A name, e.g. ``2-2-8``."""
+        def b(q):
+            return "32" if q is None else str(q.bits)
+        return f"{b(self.weight)}-{b(self.embedding)}-{b(self.activation)}"
+
+
+def make_spec(w_bits: int = 8, e_bits: int | None = None, a_bits: int = 8, *,
+              weight_method: str | None = None, activation_method: str = "uniform",
+              rules: Any = ()) -> QuantSpec:
+    """A W-E-A spec with the literature's defaults (METHODS.md 1.2).
+
+    Weights: ``w_bits`` 1 -> BWN, 2 -> TWN, else uniform symmetric, per tensor; embeddings the
+    same method at ``e_bits`` (default ``w_bits``) with row-wise scales; activations at
+    ``a_bits`` with ``activation_method`` (``uniform``: per-batch range, ``lsq`` or ``pact``:
+    learned), symmetric except attention probabilities and post-GELU FFN activations
+    (asymmetric).  32 bits leaves that role in float.  ``rules``: see `QuantSpec`.
+    """
+    e_bits = w_bits if e_bits is None else e_bits
+    weight = weight_quantizer(w_bits, weight_method)
+    embedding = weight_quantizer(e_bits, weight_method if e_bits == w_bits else None, "channel")
+    if a_bits is None or a_bits >= 32:
+        act = act_u = None
+    else:
+        act = Quantizer(activation_method, a_bits, True)
+        act_u = Quantizer(activation_method, a_bits, False)
+    return QuantSpec(weight, embedding, act, act_u, tuple(_normalise_rules(rules)))
+
+
+def spec_from_config(cfg: Mapping) -> QuantSpec:
+    """`make_spec` from a config dict with keys w_bits, e_bits, a_bits, weight_method,
+    activation_method, rules (``[[regex, payload], ...]``); unknown keys are an error."""
+    cfg = dict(cfg)
+    valid = {"w_bits", "e_bits", "a_bits", "weight_method", "activation_method", "rules"}
+    unknown = sorted(set(cfg) - valid)
+    if unknown:
+        raise ValueError(f"unknown quantization config key(s) {unknown}; valid: {sorted(valid)}")
+    for key in ("e_bits", "weight_method"):
+        if cfg.get(key) in ("", 0):
+            cfg.pop(key)
+    w_bits = cfg.pop("w_bits", 8)
+    return make_spec(w_bits, **cfg)
+
+
+def _normalise_rules(rules):
+    out = []
+    for rule in rules_lib.compile_rules(rules) if rules else []:
+        payload = rule.payload
+        if payload is True:
+            raise rules_lib.RuleError(
+                f"rule {rule.index} {rule.regex!r} needs a payload: None (keep float), a dict of "
+                "Quantizer fields, or a Quantizer")
+        if isinstance(payload, Mapping):
+            payload = dict(payload)
+            implied = {"twn": 2, "bwn": 1}.get(payload.get("method"))
+            if implied is not None:
+                payload.setdefault("bits", implied)
+            Quantizer().replace(**{k: v for k, v in payload.items() if k != "bits"})  # field names
+        elif payload is not None and not isinstance(payload, Quantizer):
+            raise rules_lib.RuleError(f"rule {rule.index} {rule.regex!r}: payload must be None, a dict or "
+                                      f"a Quantizer, got {payload!r}")
+        out.append((rule.regex, payload))
+    return out
+
+
+def resolve(spec: QuantSpec, sites: Mapping[str, str]) -> dict[str, tuple[Quantizer | None, str]]:
+    """``{site: (quantizer or None, reason)}`` for every site (``sites`` maps name -> role).
+
+    Reasons: ``"rule <i>"``, ``"default skip"``, ``"role <role>"``.  A user rule matching no
+    site raises `RuleError` listing site names.
+    """
+    names = {name: 0 for name in sites}
+    found = rules_lib.match(names, list(spec.rules)) if spec.rules else {}
+    skips = rules_lib.match(names, list(DEFAULT_SKIP), allow_unused=True)
+    out = {}
+    for name, role in sites.items():
+        if role not in ROLES:
+            raise ValueError(f"site {name!r} has unknown role {role!r}")
+        base = getattr(spec, role)
+        if name in found:
+            payload = found[name].payload
+            if payload is None:
+                q = None
+            elif isinstance(payload, Quantizer):
+                q = payload
+            else:
+                start = base or (weight_quantizer(8) if role in ("weight", "embedding") else
+                                 Quantizer("uniform", 8, role == "activation"))
+                q = start.replace(**payload)
+            out[name] = (q, f"rule {found[name].index}")
+        elif name in skips:
+            out[name] = (None, "default skip")
+        else:
+            out[name] = (base, f"role {role}")
+    return out
