@@ -29,3 +29,29 @@ def make_tiny_model_dir(tmp_path_factory):
         return str(out)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def finetuned_minilm_dir(tmp_path_factory):
+    """The embedded MiniLM fine-tuned on the built-in task by configs/quickstart.py (once per
+    session, ~10 min on 2 CPU cores): the teacher of the slow compression tests.  Set
+    ``EFFICIENT_NLP_TEACHER_DIR`` to a directory written by that recipe (``<workdir>/model``)
+    to reuse it."""
+    given = os.environ.get("EFFICIENT_NLP_TEACHER_DIR")
+    if given:
+        if not os.path.exists(os.path.join(given, "model.safetensors")):
+            raise FileNotFoundError(f"EFFICIENT_NLP_TEACHER_DIR={given} holds no model.safetensors")
+        return given
+    try:
+        models.default_model_dir()
+    except ModuleNotFoundError as e:
+        pytest.skip(f"embedded MiniLM not installed: {e}")
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import quickstart
+    from efficient_nlp.recipes import run_recipe
+    config = quickstart.get_config()
+    config.train.progress_bar = False
+    workdir = tmp_path_factory.mktemp("quickstart_teacher")
+    run_recipe(config, str(workdir))
+    return str(workdir / "model")

@@ -193,6 +193,9 @@ class BertAttention(nnx.Module):
         self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
         self.attn_dropout = Dropout(config.attention_probs_dropout_prob)
         self.dropout = Dropout(config.hidden_dropout_prob)
+        # Hook for quantizing the inputs of q.k^T and probs.v (`efficient_nlp.quant`): an object
+        # with scores_inputs(q, k) -> (q, k) and context_inputs(probs, v) -> (probs, v).
+        self.matmul_quant = None
 
     def __call__(self, x, bias=None, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
         """x [B,T,H], bias [B,1,1,T] additive (or None) -> (out [B,T,H], captured dict)."""
@@ -205,13 +208,16 @@ class BertAttention(nnx.Module):
         # Head-major layout with plain batched matmuls: XLA:CPU runs these ~4x faster than
         # an einsum over [B,T,N,D] operands (benchmarks/train_step_vs_torch.py).
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        scores = jnp.matmul(q, k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))
+        mq = self.matmul_quant
+        qq, kq = (q, k) if mq is None else mq.scores_inputs(q, k)
+        scores = jnp.matmul(qq, kq.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))
         logits = scores.astype(jnp.float32)
         if bias is not None:
             logits = logits + bias
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         dropped = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        context = jnp.matmul(dropped, v).transpose(0, 2, 1, 3).reshape(b, t, -1)
+        pq, vq = (dropped, v) if mq is None else mq.context_inputs(dropped, v)
+        context = jnp.matmul(pq, vq).transpose(0, 2, 1, 3).reshape(b, t, -1)
         out = self.dropout(self.output(context), deterministic=deterministic, rngs=rngs)
         out = self.layer_norm(out + x)
         captured = {}
@@ -277,21 +283,45 @@ class BertLayer(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-    """The stack of layers (``layers`` is an ``nnx.List``); can run any range [start, stop)."""
+    """The stack of layers (``layers`` is an ``nnx.List``); can run any range [start, stop).
+
+    LayerDrop (Fan et al. 2020, METHODS.md 2.1): with ``deterministic=False`` each layer is
+    skipped (its input passed through unchanged) with probability ``layer_drop``; the Bernoulli
+    draw comes from the ``dropout`` stream of ``rngs`` and selects with ``jnp.where`` (jit-safe;
+    the layer is still computed).  ``layer_drop`` is a float or one float per layer; when not
+    given, the module attribute ``layer_drop`` (default 0.0: the plain forward) is used, so a
+    model trained with LayerDrop needs no other change than ``model.bert.encoder.layer_drop = p``.
+    At ``deterministic=True`` no layer is dropped.
+    """
 
     def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.layers = nnx.List(
             [BertLayer(config, index=i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
              for i in range(config.num_hidden_layers)]
         )
+        self.layer_drop = 0.0
+
+    def _drop_rates(self, layer_drop, n):
+        value = getattr(self, "layer_drop", 0.0) if layer_drop is None else layer_drop
+        if isinstance(value, (int, float)):
+            rates = (float(value),) * n
+        else:
+            rates = tuple(float(v) for v in value)
+            if len(rates) != n:
+                raise ValueError(f"layer_drop needs one rate per layer ({n}), got {len(rates)}")
+        if any(not 0.0 <= r <= 1.0 for r in rates):
+            raise ValueError(f"layer_drop rates must be in [0, 1], got {value!r}")
+        return rates
 
     def __call__(self, hidden_states, attention_mask=None, *, start: int = 0, stop: int | None = None,
-                 capture: Iterable[str] = (), deterministic: bool = True, rngs=None):
+                 capture: Iterable[str] = (), deterministic: bool = True, rngs=None, layer_drop=None):
         """Run layers ``start .. stop-1`` on ``hidden_states`` [B,T,H].
 
         Returns ``(hidden_states, intermediates)``; per-layer captures are tuples with one entry
         per layer run and ``hidden_states`` (if requested) has the input first, so its length is
         ``stop - start + 1``.  ``embedding`` is produced by the model, not here (ignored).
+        ``layer_drop``: skip probability (float, or a sequence indexed by absolute layer number;
+        see the class docstring); for a dropped layer ``hidden_states`` holds its input.
         """
         _check_rngs(deterministic, rngs)
         want = check_capture(capture)
@@ -299,12 +329,17 @@ class BertEncoder(nnx.Module):
         stop = n if stop is None else stop
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
             raise ValueError(f"need 0 <= start <= stop <= {n} (number of layers); got start={start}, stop={stop}")
+        rates = self._drop_rates(layer_drop, n)
         bias = attention_bias(attention_mask)
         per_layer = {name: [] for name in LAYER_CAPTURE_NAMES if name in want}
         states = [hidden_states] if "hidden_states" in want else None
         for i in range(start, stop):
-            hidden_states, captured = self.layers[i](
+            drop = not deterministic and rates[i] > 0.0
+            if drop:  # drawn before the layer's own dropout keys
+                keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rates[i])
+            out, captured = self.layers[i](
                 hidden_states, bias, want=want, deterministic=deterministic, rngs=rngs)
+            hidden_states = jnp.where(keep, out, hidden_states) if drop else out
             for name, value in captured.items():
                 per_layer[name].append(value)
             if states is not None:

@@ -79,8 +79,9 @@ def cost_report(model, spec: QuantSpec | None, inputs: dict[str, Any] | Callable
         rows.append(dict(site=r["site"], kind=r["kind"], w_bits=r["w_bits"], a_bits=r["a_bits"], flops=f, bops=b))
         flops, bops = flops + f, bops + b
 
-    params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(wrapped, nnx.Param)))
-    bits = 32.0 * params
+    # Parameters of the model itself; learned quantizer state (steps, clips) only adds size.
+    params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    bits = 32.0 * sum(int(x.size) for x in jax.tree.leaves(nnx.state(wrapped, nnx.Param)))
     for _, mod in nnx.iter_modules(wrapped):
         wq = getattr(mod, "weight_quant", None)
         if isinstance(mod, (M.QuantLinear, M.QuantEmbed)) and wq is not None:

@@ -89,7 +89,7 @@ class QuantizerModule(nnx.Module):
         self.calibrated = True
 
     def __call__(self, x):
-        if getattr(self, "frozen", False):
+        if self.frozen:
             return x
         if self.calibrating:
             self.observe(x)

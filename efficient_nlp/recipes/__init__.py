@@ -9,6 +9,8 @@ RECIPES = {
     "finetune": "efficient_nlp.recipes.finetune",
     "distill": "efficient_nlp.recipes.distill",
     "prune": "efficient_nlp.recipes.prune",
+    "qat": "efficient_nlp.recipes.qat",
+    "nas": "efficient_nlp.recipes.nas",
 }
 
 

@@ -1,0 +1,64 @@
+"""Quantization (METHODS.md section 1): quantizers, W-E-A specs by rules, the fake-quant model
+transform, packed integer export, integer inference, cost accounting.
+
+    from efficient_nlp import quant
+    spec = quant.make_spec(2, 2, 8)                      # TWN weights / embeddings, 8-bit activations
+    qmodel, report = quant.quantize_model(model, spec)   # a fake-quantized copy (simulation)
+    print(report); print(quant.cost_report(model, spec, batch))
+    quant.save_packed(quant.export_packed(qmodel), out_dir)   # real bit-packed integer artefact
+    imodel, _ = quant.to_integer_model(qmodel)           # int8 dot_general inference
+"""
+from efficient_nlp.quant.cost import CostReport, cost_report, cost_table
+from efficient_nlp.quant.export import (
+    PackedArtifactError,
+    artifact_nbytes,
+    dequantize_weight,
+    export_packed,
+    load_packed,
+    packed_size_mb,
+    quantized_weights,
+    restore,
+    save_packed,
+    unpacked_weights,
+    weight_codes,
+)
+from efficient_nlp.quant.integer import (
+    DequantLinear,
+    IntegerReport,
+    IntEmbed,
+    IntLinear,
+    activation_codes,
+    int8_matmul,
+    to_integer_model,
+)
+from efficient_nlp.quant.modules import AttentionQuant, QuantEmbed, QuantizerModule, QuantLinear
+from efficient_nlp.quant.packing import pack, packed_nbytes, unpack
+from efficient_nlp.quant.quantizers import (
+    binary_codes,
+    bwn,
+    clip_quant,
+    dequantize,
+    lsq,
+    lsq_init,
+    lsq_plus,
+    quantize_codes,
+    qrange,
+    ternary_codes,
+    twn,
+    uniform,
+    uniform_params,
+)
+from efficient_nlp.quant.spec import Quantizer, QuantSpec, make_spec, spec_from_config
+from efficient_nlp.quant.transform import QuantReport, calibrate, find_sites, quantize_model, quantizer_modules
+
+__all__ = [
+    "uniform", "uniform_params", "quantize_codes", "dequantize", "qrange", "clip_quant", "lsq", "lsq_init",
+    "lsq_plus", "twn", "bwn", "ternary_codes", "binary_codes", "pack", "unpack", "packed_nbytes",
+    "Quantizer", "QuantSpec", "make_spec", "spec_from_config", "QuantReport", "quantize_model",
+    "calibrate", "find_sites", "quantizer_modules", "QuantizerModule", "QuantLinear", "QuantEmbed",
+    "AttentionQuant", "CostReport", "cost_report", "cost_table",
+    "PackedArtifactError", "export_packed", "save_packed", "load_packed", "packed_size_mb", "restore",
+    "weight_codes", "dequantize_weight", "unpacked_weights", "quantized_weights", "artifact_nbytes",
+    "to_integer_model", "IntegerReport", "IntLinear", "DequantLinear", "IntEmbed", "activation_codes",
+    "int8_matmul",
+]

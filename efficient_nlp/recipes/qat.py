@@ -1,0 +1,98 @@
+"""Quantization-aware training with two-stage distillation (TernaryBERT recipe, METHODS.md 1.3).
+
+    python train.py --config configs/qat_2_2_8.py --workdir runs/qat_2_2_8
+
+1. Teacher: the fine-tuned full-precision model (``config.teacher_dir``; empty = fine-tune
+   ``config.model_dir`` on ``config.data`` first, as the distill recipe does).
+2. Student: a copy of the teacher, fake-quantized by ``config.quant`` (W-E-A bits, methods,
+   rules; `efficient_nlp.quant.spec_from_config`); learned activation quantizers are
+   calibrated on one training batch.  The quantization report is printed.
+3. Stages (``config.distill.stages``), each a `fit` of a `Distiller`: intermediate-layer
+   distillation (embedding, MHA outputs, FFN outputs, attention scores), then prediction-layer
+   distillation (soft cross-entropy, T = 1).  Latent float weights and learned step sizes train.
+4. Output: dev metrics of the teacher, of the quantized student before and after training,
+   parameters / stored size / FLOPs / BOPs next to full precision, ``results.json``, the
+   packed integer artefact ``workdir/quantized`` (its file size is the size reported as
+   ``packed_mb``).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from efficient_nlp import data as data_lib
+from efficient_nlp import distill
+from efficient_nlp import models
+from efficient_nlp import quant
+from efficient_nlp import train as train_lib
+from efficient_nlp.recipes.distill import _load_data, check_stages, resolve_teacher, run_kd_stages
+from efficient_nlp.recipes.outputs import save_outputs
+
+
+def check_config(config):
+    """Config-time validation: the spec and every stage's matches (same-architecture student)."""
+    spec = quant.spec_from_config(config.quant.to_dict())
+    teacher_cfg = models.BertConfig.from_pretrained(config.teacher_dir or config.model_dir
+                                                    or models.default_model_dir())
+    return spec, check_stages(config.distill.stages, teacher_cfg, teacher_cfg, "config.distill.stages")
+
+
+def quantized_student(teacher, spec, calibration_batch):
+    """A fake-quantized copy of ``teacher`` (calibrated) and its `QuantReport`."""
+    student, report = quant.quantize_model(teacher, spec)
+    quant.calibrate(student, calibration_batch)
+    return student, report
+
+
+def run(config, workdir):
+    """Runs QAT; returns the results dict (see module docstring)."""
+    train_lib.init_distributed(config)
+    spec, checked = check_config(config)
+    teacher_dir = resolve_teacher(config, workdir)
+    task = _load_data(config, teacher_dir)
+    teacher = models.from_pretrained(teacher_dir, num_labels=task.spec.num_labels)
+
+    def batches(start_step):
+        return data_lib.train_batches(task.train, config.train.batch_size, seed=config.train.seed,
+                                      start_step=start_step)
+
+    student, report = quantized_student(teacher, spec, next(batches(0)))
+    print(report)
+    bs = config.train.eval_batch_size
+
+    def metric_fn(predictions, labels, weights):
+        return data_lib.compute_metrics(task.spec, predictions, labels, weights)
+
+    eval_fn = distill.make_fidelity_eval_fn(task.dev, bs, metric_fn, train_lib.predict(teacher, task.dev, bs))
+    results = {"task": task.spec.name, "teacher_dir": teacher_dir, "bits": spec.bits,
+               "teacher": eval_fn(teacher), "student_init": eval_fn(student)}
+    student, results["stages"] = run_kd_stages(student, teacher, config.distill.stages, checked,
+                                               config, workdir, batches, eval_fn)
+    results["student"] = eval_fn(student)
+
+    sample = {k: v[:1] for k, v in task.dev.items()}
+    results["cost"] = {"full_precision": quant.cost_report(teacher, None, sample).summary(),
+                       "quantized": quant.cost_report(teacher, spec, sample).summary()}
+    out_dir = os.path.join(workdir, "quantized")
+    quant.save_packed(quant.export_packed(student), out_dir)
+    results["cost"]["quantized"]["packed_mb"] = quant.packed_size_mb(out_dir)
+    print(format_results(results))
+    save_outputs(workdir, results, task.tokenizer, {})
+    return results
+
+
+def format_results(results):
+    """Teacher vs quantized student: dev metrics, size and BOPs."""
+    keys = list(results["teacher"])
+    fp, q = results["cost"]["full_precision"], results["cost"]["quantized"]
+    lines = [f"Task {results['task']}: QAT W-E-A {results['bits']}",
+             f"{'model':<22}" + "".join(f"{k:>12}" for k in keys) + f"{'size MB':>10}{'BOPs G':>10}"]
+    rows = [("full precision", results["teacher"], fp), ("quantized, untrained", results["student_init"], q)]
+    rows += [(f"after {name}", r, q) for name, r in results["stages"].items()]
+    for name, r, c in rows:
+        lines.append(f"{name:<22}" + "".join(f"{r.get(k, np.nan):>12.4f}" for k in keys)
+                     + f"{c['size_mb']:>10.2f}{c['bops'] / 1e9:>10.3f}")
+    if "packed_mb" in q:
+        lines.append(f"packed artefact: {q['packed_mb']:.2f} MB on disk (full precision {fp['size_mb']:.2f} MB)")
+    return "\n".join(lines)
