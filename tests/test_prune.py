@@ -244,6 +244,39 @@ def test_moments_of_regrown_weights_are_reset():
     assert np.all(np.asarray(p["w"])[~regrown] == 0)
 
 
+def test_no_regrow_keeps_pruned_weights_pruned_and_the_sparsity_exact():
+    crit = prune.Criterion("last_grad", lambda p: jax.tree.map(jnp.zeros_like, p),
+                           lambda s, p, g: g, lambda p, s: s)
+    p = {"w": jnp.ones((2, 4))}
+    rules = [prune.rule("w", "unstructured", 0.75, "global")]
+    tx = prune.pruning(optax.adam(0.1), rules, criterion=crit, schedule=prune.gradual_cubic(0, 3, 1), regrow=False)
+    state = tx.init(p)
+    g_a = jnp.asarray([[1.0, 1, 1, 0], [1, 1, 1, 0]])
+    prev = np.ones((2, 4), bool)
+    for g in (g_a, 3.0 - g_a, g_a):  # the scores flip, but what is pruned stays pruned
+        u, state = jax.jit(tx.update)({"w": g + 0.1}, state, p)
+        p = optax.apply_updates(p, u)
+        m = np.asarray(state.masks["w"])
+        assert not np.any(m & ~prev)
+        prev = m
+    assert int((~prev).sum()) == 6  # round(0.75 * 8) exactly at the end of the ramp
+    assert np.all(np.asarray(p["w"])[~prev] == 0)
+
+
+def test_given_masks_are_kept_fixed():
+    p = {"w": rand(4, 4), "b": rand(4)}
+    keep = np.asarray(RNG.random((4, 4)) > 0.5)
+    tx = prune.pruning(optax.sgd(0.1), [prune.rule("^w$", "unstructured", 0.0)], masks={"w": keep})
+    state = tx.init(p)
+    for _ in range(2):
+        u, state = jax.jit(tx.update)({"w": rand(4, 4), "b": rand(4)}, state, p)
+        p = optax.apply_updates(p, u)
+        np.testing.assert_array_equal(state.masks["w"], keep)
+        assert np.all(np.asarray(p["w"])[~keep] == 0) and np.all(np.asarray(p["w"])[keep] != 0)
+    with pytest.raises(ValueError, match="no mask"):
+        prune.pruning(optax.sgd(0.1), [prune.rule("^(w|b)$", "unstructured", 0.0)], masks={"w": keep}).init(p)
+
+
 def test_l1_and_group_soft_threshold_closed_forms():
     p = {"k": rand(4, 6), "bias": rand(6)}
     u = {"k": rand(4, 6), "bias": rand(6)}

@@ -43,3 +43,63 @@ def test_structured_prune_recipe_shrinks_to_an_equivalent_model(tiny_dir, tmp_pa
     masked = models.from_pretrained(str(tmp_path / "model"), num_labels=9)
     kernel = np.asarray(masked.bert.encoder.layers[0].ffn.intermediate.kernel.get_value())
     assert np.sum(np.all(kernel == 0, axis=0)) == 16  # half the neurons zeroed in the saved masked model
+
+
+def _tiny_config(config, tiny_dir, steps=6):
+    config.model_dir = tiny_dir
+    config.data.max_train_examples = 64
+    config.data.max_length = 16
+    config.train.update(dict(num_steps=steps, batch_size=8, eval_every=0, checkpoint_every=0,
+                             log_every=3, async_checkpointing=False, tensorboard=False))
+    config.prune.measure_latency = False
+    return config
+
+
+def test_new_method_configs_build():
+    from configs import prune_earlybert, prune_layerdrop, prune_lottery, prune_structured_flops
+    assert prune_lottery.get_config("0.8").prune.method == "lottery"
+    assert prune_earlybert.get_config("0.25,0.5").prune.earlybert.ffn_sparsity == 0.5
+    assert prune_structured_flops.get_config("0.4").prune.flops.target == 0.4
+    assert prune_layerdrop.get_config("0.3").prune.layerdrop.rate == 0.3
+
+
+@pytest.mark.slow  # one compiled train step per round: ~2 min on 2 shared CPU cores
+def test_lottery_recipe(tiny_dir, tmp_path):
+    from configs import prune_lottery
+    from efficient_nlp.recipes import run_recipe
+
+    config = _tiny_config(prune_lottery.get_config("0.75"), tiny_dir)
+    config.prune.lottery.update(dict(rounds=2, rewind_step=2))
+    results = run_recipe(config, str(tmp_path))
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert results["sparsity_total"] == pytest.approx(0.75, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_flops_recipe_meets_the_target(tiny_dir, tmp_path):
+    from configs import prune_structured_flops
+    from efficient_nlp.recipes import run_recipe
+
+    config = _tiny_config(prune_structured_flops.get_config("0.5"), tiny_dir)
+    config.prune.flops.score_batches = 2
+    results = run_recipe(config, str(tmp_path))
+    shrink = results["shrink"]
+    assert shrink["flops_after"] <= 0.5 * shrink["flops_before"]
+    assert shrink["dev_shrunk"] == pytest.approx(results["dev_after"])
+
+
+@pytest.mark.slow
+def test_earlybert_and_layerdrop_recipes(tiny_dir, tmp_path):
+    from configs import prune_earlybert, prune_layerdrop
+    from efficient_nlp.recipes import run_recipe
+
+    config = _tiny_config(prune_earlybert.get_config("0.5,0.5"), tiny_dir)
+    config.prune.earlybert.update(dict(check_every=2, max_search_steps=6, threshold=0.5, window=1))
+    results = run_recipe(config, str(tmp_path / "eb"))
+    assert results["shrink"]["params_after"] < results["shrink"]["params_before"]
+    small = models.from_pretrained(str(tmp_path / "eb" / "model_shrunk"), num_labels=9)
+    assert [small.config.layer_num_heads(i) for i in range(2)] == [1, 1]
+    config = _tiny_config(prune_layerdrop.get_config("0.5"), tiny_dir)
+    results = run_recipe(config, str(tmp_path / "ld"))
+    assert results["shrink"]["structure"]["layers"] == [0]
+    assert "accuracy" in results["shrink"]["dev_shrunk"]

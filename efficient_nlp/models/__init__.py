@@ -30,6 +30,7 @@ from efficient_nlp.models.bert import (
     activation,
     attention_bias,
 )
+from efficient_nlp.models.cnn import SmallCNN, cnn_accuracy, fit_cnn
 from efficient_nlp.models.config import ACTIVATIONS, BertConfig
 from efficient_nlp.models.hf_checkpoint import (
     CheckpointMismatchError,
@@ -69,4 +70,7 @@ __all__ = [
     "load_hf_weights",
     "named_params",
     "save_hf_checkpoint",
+    "SmallCNN",
+    "cnn_accuracy",
+    "fit_cnn",
 ]

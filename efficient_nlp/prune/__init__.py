@@ -11,6 +11,11 @@ keeping masks in the optimizer state, proximal operators, physical shrink of BER
 
 Everything that only zeroes weights is a *simulation* of sparsity; `shrink` is the real removal
 of heads / neurons / layers that makes inference faster.
+
+More procedures on the same pieces: `lottery_ticket` (iterative magnitude pruning with
+rewinding), `earlybert_search` / `Slimming` (gates on heads and FFN neurons with L1, pruned once
+their mask stabilises), `with_layer_drop` / `remove_layers` (LayerDrop), `flops_structure`
+(heads + FFN neurons chosen to a FLOPs target).
 """
 from efficient_nlp.prune.masks import (
     DISTRIBUTIONS,
@@ -39,7 +44,7 @@ from efficient_nlp.prune.patterns import (
     topk_mask,
     unstructured,
 )
-from efficient_nlp.prune.schedules import SCHEDULES, Schedule, get_schedule, gradual_cubic, one_shot
+from efficient_nlp.prune.schedules import SCHEDULES, Schedule, fixed, get_schedule, gradual_cubic, one_shot
 from efficient_nlp.prune.scores import (
     CRITERIA,
     Criterion,
@@ -65,11 +70,41 @@ from efficient_nlp.prune.shrink import (
     ShrinkReport,
     count_params,
     flops,
+    full_structure,
     measure_latency,
     shrink,
     shrink_report,
+    shrunk_config,
+    structure_masks,
     structure_of,
 )
 from efficient_nlp.prune.summary import format_summary, layer_summary, plot_summary, sparsity_summary
+from efficient_nlp.prune.lottery import LotteryResult, imp_masks, lottery_ticket, rewind, round_rules, round_sparsity
+from efficient_nlp.prune.slimming import (
+    SearchResult,
+    Slimming,
+    apply_gates,
+    earlybert_search,
+    gate_masks,
+    gate_structure,
+    init_gates,
+    l1_penalty,
+    mask_distance,
+    slimming_loss,
+    stabilized,
+)
+from efficient_nlp.prune.layerdrop import every_other, remove_layers, skip_rates, with_layer_drop
+from efficient_nlp.prune.budget import flops_structure, taylor_scores, unit_flops, unit_scores
+
+from efficient_nlp.prune.transform import group_shrink
+from efficient_nlp.prune.cross_distillation import (
+    correction_loss,
+    cross_distillation_loss,
+    imitation_loss,
+    layerwise_loss,
+    soft_cross_distillation_loss,
+    sparsify,
+)
+from efficient_nlp.prune import fewshot
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -175,6 +175,12 @@ def _count(sparsity, n):
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)
 
 
+def _finite_mean_abs(u):
+    """Mean ``|u|`` over the finite entries (``-inf`` marks units that must stay pruned)."""
+    finite = jnp.isfinite(u)
+    return jnp.sum(jnp.where(finite, jnp.abs(u), 0.0)) / jnp.maximum(jnp.sum(finite), 1)
+
+
 def compute_masks(plan: Plan, scores: Mapping[str, Any], progress=1.0) -> dict:
     """``{name: bool keep-mask}`` for every selected parameter.
 
@@ -198,7 +204,7 @@ def compute_masks(plan: Plan, scores: Mapping[str, Any], progress=1.0) -> dict:
             unit_scores.append(u)
         if pr.distribution == "global":
             if pr.normalize:
-                unit_scores = [u / (jnp.mean(jnp.abs(u)) + 1e-12) for u in unit_scores]
+                unit_scores = [u / (_finite_mean_abs(u) + 1e-12) for u in unit_scores]
             flat = jnp.concatenate(unit_scores)
             keep = topk_mask(flat, _count(pr.sparsity * progress, flat.shape[0]))
             offsets = np.cumsum([0] + [u.shape[0] for u in unit_scores])

@@ -3,7 +3,8 @@
 A `Schedule` is a pair of jit-safe pure functions of ``count`` (completed updates, as in
 optax): ``progress(count) -> [0, 1]`` (fraction of each rule's target sparsity) and
 ``update(count) -> bool`` (recompute the masks after this update).  ``count == 0`` is
-``init``: a schedule that updates at 0 prunes from the start (one-shot).
+``init``: a schedule that updates at 0 prunes from the start (one-shot).  Iterative magnitude
+pruning with rewinding spans several training runs; it is `efficient_nlp.prune.lottery`.
 """
 from __future__ import annotations
 
@@ -52,7 +53,13 @@ def gradual_cubic(begin_step: int, end_step: int, frequency: int = 100) -> Sched
     return Schedule("gradual_cubic", progress, update)
 
 
-SCHEDULES = {"one_shot": one_shot, "gradual_cubic": gradual_cubic}
+def fixed() -> Schedule:
+    """Never recompute: the masks given to `pruning` (``masks=``) are kept for the whole run
+    (lottery-ticket rounds, masks chosen outside training such as a FLOPs budget)."""
+    return Schedule("fixed", lambda c: jnp.ones((), jnp.float32), lambda c: jnp.zeros((), bool))
+
+
+SCHEDULES = {"one_shot": one_shot, "gradual_cubic": gradual_cubic, "fixed": fixed}
 
 
 def get_schedule(schedule, **kwargs) -> Schedule:

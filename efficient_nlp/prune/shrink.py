@@ -57,6 +57,56 @@ def structure_of(model, masks=None) -> dict:
     return out
 
 
+def full_structure(model) -> dict:
+    """The structure of ``model`` with nothing removed (every layer, head and FFN neuron)."""
+    d = model.config.attention_head_dim
+    layers = model.bert.encoder.layers
+    return {"layers": list(range(len(layers))),
+            "heads": [list(range(np.shape(l.attention.output.kernel.get_value())[0] // d)) for l in layers],
+            "neurons": [list(range(np.shape(l.ffn.output.kernel.get_value())[0])) for l in layers]}
+
+
+def structure_masks(model, structure) -> dict:
+    """``{parameter name: bool keep mask}`` that zeroes what ``structure`` removes: a head's
+    Q/K/V columns and biases and its O rows, a neuron's intermediate column and bias and its
+    output row, every kernel of a removed layer.  ``apply`` them (`apply_masks`) and
+    `structure_of` reads ``structure`` back; `shrink(model, structure=...)` removes the same
+    units for real (the inverse pair: simulation vs removal)."""
+    d = model.config.attention_head_dim
+    full = full_structure(model)
+    where = dict(zip(structure["layers"], zip(structure["heads"], structure["neurons"])))
+    out = {}
+    for i in full["layers"]:
+        p = f"bert.encoder.layers.{i}."
+        kept = i in where
+        heads, neurons = where.get(i, ([], []))
+        hm = np.zeros(len(full["heads"][i]), bool)
+        hm[list(heads)] = True
+        nm = np.zeros(len(full["neurons"][i]), bool)
+        nm[list(neurons)] = True
+        cols = np.repeat(hm, d)
+        h = model.config.hidden_size
+        for k in ("query", "key", "value"):
+            out[p + f"attention.{k}.kernel"] = np.broadcast_to(cols[None, :], (h, cols.size))
+            out[p + f"attention.{k}.bias"] = cols
+        out[p + "attention.output.kernel"] = np.broadcast_to(cols[:, None], (cols.size, h))
+        out[p + "ffn.intermediate.kernel"] = np.broadcast_to(nm[None, :], (h, nm.size))
+        out[p + "ffn.intermediate.bias"] = nm
+        out[p + "ffn.output.kernel"] = np.broadcast_to(nm[:, None], (nm.size, h))
+        if not kept:
+            out = {k: (np.zeros(np.shape(v), bool) if k.startswith(p) else v) for k, v in out.items()}
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def shrunk_config(config, structure):
+    """The `BertConfig` of the model `shrink` builds for ``structure`` (per-layer head counts and
+    FFN widths); ``flops(shrunk_config(config, st))`` is the exact FLOPs count after removal."""
+    return config.replace(
+        num_hidden_layers=len(structure["layers"]), head_dim=config.attention_head_dim,
+        layer_num_attention_heads=tuple(len(h) for h in structure["heads"]),
+        layer_intermediate_sizes=tuple(len(n) for n in structure["neurons"]))
+
+
 def _set(var, value):
     if hasattr(var, "set_value"):
         var.set_value(value)
@@ -73,10 +123,7 @@ def shrink(model, masks=None, structure=None):
     st = structure if structure is not None else structure_of(model, masks)
     if not st["layers"]:
         raise ValueError("shrink: every layer is pruned; a BERT needs at least one layer")
-    new_cfg = cfg.replace(
-        num_hidden_layers=len(st["layers"]), head_dim=d,
-        layer_num_attention_heads=tuple(len(h) for h in st["heads"]),
-        layer_intermediate_sizes=tuple(len(n) for n in st["neurons"]))
+    new_cfg = shrunk_config(cfg, st)
     kwargs = {}
     if isinstance(model, models.BertModel) and model.bert.pooler is None:
         kwargs["add_pooling_layer"] = False

@@ -2,14 +2,12 @@
 
 Sparsity is read from the weights (fraction of exact zeros), which after masked training is the
 mask sparsity: `pruning` sends pruned weights to exactly 0 and a kept weight is essentially never
-exactly 0.  `plot_summary` uses matplotlib when it is installed, else writes a plain bar chart
-PNG itself (zlib + the PNG chunk format, no text) so that the recipe needs no extra dependency.
+exactly 0.  `plot_summary` draws with matplotlib (a declared dependency) through a bare
+`matplotlib.figure.Figure`, so pyplot's global state and backend are left alone.
 """
 from __future__ import annotations
 
 import re
-import struct
-import zlib
 
 import numpy as np
 
@@ -56,45 +54,18 @@ def format_summary(rows) -> str:
     return "\n".join(lines)
 
 
-def _write_png(path, rgb):
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
 def plot_summary(rows, path, title="sparsity per layer") -> str:
     """Bar chart of per-layer sparsity (0..1) to a PNG at ``path``; returns ``path``."""
     per_layer = layer_summary(rows)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        n = max(len(per_layer), 1)
-        bar, gap, height = 24, 8, 200
-        img = np.full((height + 20, n * (bar + gap) + gap, 3), 255, np.uint8)
-        img[10 + height, :] = 0
-        for k, v in enumerate(per_layer.values()):
-            x0 = gap + k * (bar + gap)
-            top = 10 + height - int(round(v * height))
-            img[top:10 + height, x0:x0 + bar] = (31, 119, 180)
-        for frac in (0.5, 0.9):
-            img[10 + height - int(frac * height), ::4] = (200, 0, 0)
-        _write_png(path, img)
-        return path
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(per_layer) + 2), 3))
+    from matplotlib.figure import Figure  # no pyplot: the user's backend and figures are untouched
+
+    fig = Figure(figsize=(max(4, 0.6 * len(per_layer) + 2), 3))
+    ax = fig.subplots()
     ax.bar(list(per_layer), list(per_layer.values()))
     ax.set_ylim(0, 1)
     ax.set_ylabel("sparsity")
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fig.savefig(path, format="png")
     return path

@@ -19,7 +19,7 @@ Proximal operators (chain them AFTER the base optimizer, they need ``params``):
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import optax
 from efficient_nlp import tree as tree_lib
 from efficient_nlp.prune import masks as masks_lib
 from efficient_nlp.prune.patterns import Pattern
-from efficient_nlp.prune.schedules import get_schedule, one_shot
+from efficient_nlp.prune.schedules import fixed, get_schedule, one_shot
 from efficient_nlp.prune.scores import get_criterion
 
 
@@ -58,7 +58,8 @@ def _map_param_like(fn, state, params_treedef):
 
 
 def pruning(inner: optax.GradientTransformation, rules, *, criterion="magnitude",
-            schedule=None, reset_regrown: bool = True) -> optax.GradientTransformation:
+            schedule=None, reset_regrown: bool = True, masks=None,
+            regrow: bool = True) -> optax.GradientTransformation:
     """Wraps ``inner`` so that it prunes the parameters ``rules`` select.
 
     Args:
@@ -67,9 +68,24 @@ def pruning(inner: optax.GradientTransformation, rules, *, criterion="magnitude"
       criterion: a name in `scores.CRITERIA` or a `Criterion`.
       schedule: a `Schedule` (default: `one_shot` at init).
       reset_regrown: zero inner moments of weights that come back.
+      regrow: False makes masks monotone: a pruned unit gets score ``-inf`` at every later
+        recompute, so it is never revived (a revived weight restarts from 0 and has lost its
+        pretrained value) and the sparsity stays exact.
+      masks: initial masks (a pytree like params, or ``{name: bool array}``) used from init
+        instead of scores; with ``schedule=None`` they are then kept for the whole run
+        (`schedules.fixed`).  Parameters they set to False should already be zero (the first
+        update zeroes them otherwise).
     """
     crit = get_criterion(criterion)
-    sched = get_schedule(schedule) if schedule is not None else one_shot(0)
+    if schedule is not None:
+        sched = get_schedule(schedule)
+    else:
+        sched = fixed() if masks is not None else one_shot(0)
+    given = None
+    if masks is not None:
+        flat = isinstance(masks, dict) and all(isinstance(k, str) and not isinstance(v, Mapping)
+                                               for k, v in masks.items())
+        given = dict(masks) if flat else dict(tree_lib.named_leaves(masks))
 
     def init(params):
         plan = masks_lib.make_plan(params, rules)
@@ -79,7 +95,12 @@ def pruning(inner: optax.GradientTransformation, rules, *, criterion="magnitude"
         named = {n: jnp.ones(jnp.shape(w), bool) for n, w in sel.items()}
         with jax.ensure_compile_time_eval():  # init may run under jit (train.fit does)
             at_init = bool(sched.update(0))
-        if at_init:
+        if given is not None:
+            missing = sorted(n for n in sel if n not in given or jnp.ndim(given[n]) == 0)
+            if missing:
+                raise ValueError(f"pruning(masks=...): no mask for selected parameters {missing[:4]}")
+            named = {n: jnp.broadcast_to(jnp.asarray(given[n], bool), jnp.shape(w)) for n, w in sel.items()}
+        elif at_init:
             named = masks_lib.compute_masks(plan, crit.score(sel, raw_stats), sched.progress(0))
         return PruningState(jnp.zeros((), jnp.int32), masks_lib.to_tree(params, plan, named),
                             stats, inner.init(params))
@@ -101,7 +122,11 @@ def pruning(inner: optax.GradientTransformation, rules, *, criterion="magnitude"
 
         def recompute(_):
             sel = masks_lib.selected(new_params, plan)
-            named = masks_lib.compute_masks(plan, crit.score(sel, raw_stats), sched.progress(count))
+            scores = crit.score(sel, raw_stats)
+            if not regrow:
+                kept = masks_lib.selected(old, plan)
+                scores = {n: jnp.where(kept[n], s.astype(jnp.float32), -jnp.inf) for n, s in scores.items()}
+            named = masks_lib.compute_masks(plan, scores, sched.progress(count))
             return masks_lib.to_tree(params, plan, named)
 
         new = jax.lax.cond(sched.update(count), recompute, lambda _: old, None)
@@ -136,6 +161,17 @@ def _lr(learning_rate, count):
 def soft_threshold(w, t):
     """The proximal operator of ``t * ||w||_1``: ``sign(w) * max(|w| - t, 0)``."""
     return jnp.sign(w) * jnp.maximum(jnp.abs(w) - t, 0.0).astype(w.dtype)
+
+
+def group_shrink(members, pattern: Pattern, t):
+    """The proximal operator of ``t * sum_g ||w_g||_2`` (group soft threshold) on the tensors of
+    ONE pattern group: ``members = {name: array}`` (e.g. one layer's Q/K/V/O kernels for
+    `heads`, or a single kernel for `neurons`); unit ``g`` gathers its entries over all members,
+    ``w_g <- w_g max(0, 1 - t / ||w_g||)``.  ``t`` is a scalar (may be traced)."""
+    sq = sum(pattern.reduce(n, jnp.square(w.astype(jnp.float32))) for n, w in members.items())
+    norm = jnp.sqrt(sq)
+    factor = jnp.where(norm > 0, jnp.maximum(0.0, 1.0 - t / jnp.where(norm > 0, norm, 1.0)), 0.0)
+    return {n: w * pattern.expand(n, factor, jnp.shape(w)).astype(w.dtype) for n, w in members.items()}
 
 
 def l1_soft_threshold(strength: float, learning_rate=1.0, rules=r"kernel$") -> optax.GradientTransformation:
@@ -181,11 +217,7 @@ def group_soft_threshold(strength: float, rules, learning_rate=1.0) -> optax.Gra
         out = {}
         for g in plan.groups.values():
             pat = plan.rules[g.rule][1].pattern
-            sq = sum(pat.reduce(n, jnp.square(sel[n].astype(jnp.float32))) for n in g.members)
-            norm = jnp.sqrt(sq)
-            factor = jnp.where(norm > 0, jnp.maximum(0.0, 1.0 - t / jnp.where(norm > 0, norm, 1.0)), 0.0)
-            for n in g.members:
-                out[n] = sel[n] * pat.expand(n, factor, plan.shapes[n]).astype(sel[n].dtype)
+            out.update(group_shrink({n: sel[n] for n in g.members}, pat, t))
         shrunk = masks_lib.to_tree(params, plan, out, fill=jnp.nan)
 
         def pick(path, u, w, s):

@@ -11,6 +11,7 @@ RECIPES = {
     "prune": "efficient_nlp.recipes.prune",
     "qat": "efficient_nlp.recipes.qat",
     "nas": "efficient_nlp.recipes.nas",
+    "cross_distill": "efficient_nlp.recipes.cross_distill",
 }
 
 

@@ -10,12 +10,19 @@ distribution) and schedule (one-shot, gradual cubic) come from ``config.prune``:
     config.prune.rules = [dict(regex=r"layers\\.\\d+\\.(attention|ffn)\\..*kernel$",
                                pattern="unstructured", sparsity=0.9, distribution="global")]
     config.prune.shrink = False   # True: physically remove pruned heads / FFN neurons at the end
+    config.prune.regrow = True    # False: pruned weights are never revived (monotone masks)
+
+``config.prune.method`` selects another procedure on the same pieces (see `run`): ``lottery``
+(configs/prune_lottery.py), ``earlybert`` (configs/prune_earlybert.py), ``flops``
+(configs/prune_structured_flops.py) and ``layerdrop`` (configs/prune_layerdrop.py).
 
 Prints dev metrics before/after and the per-layer sparsity; writes ``workdir/sparsity.png``,
 ``workdir/results.json``, the pruned model ``workdir/model`` and, with ``shrink``, the smaller
 model ``workdir/model_shrunk`` (params / FLOPs / latency report in the results).
 """
 import os
+
+from flax import nnx
 
 from efficient_nlp import data as data_lib
 from efficient_nlp import models, prune
@@ -50,9 +57,30 @@ def build_schedule(schedule):
     return prune.get_schedule(kind, **s)
 
 
+METHODS = ("mask", "lottery", "earlybert", "flops", "layerdrop")
+
+
 def run(config, workdir):
-    """Prunes while fine-tuning; returns dev metrics, sparsity and (with shrink) the report."""
+    """Prunes while fine-tuning; returns dev metrics, sparsity and (with shrink) the report.
+
+    ``config.prune.method`` picks the procedure (default ``"mask"``):
+
+    * ``mask``: masks in the optimizer state with the configured criterion and schedule;
+    * ``lottery``: iterative magnitude pruning with rewinding (``config.prune.lottery``:
+      ``rounds``, ``rewind_step``), `prune.lottery_ticket`;
+    * ``earlybert``: gate search with L1 until the head / neuron mask stabilises, then the
+      ticket is physically shrunk from the pretrained weights and fine-tuned
+      (``config.prune.earlybert``), `prune.earlybert_search`;
+    * ``flops``: heads + FFN neurons chosen by score to a FLOPs target
+      (``config.prune.flops``: ``target``, ``criterion``, ``score_batches``), fixed masks while
+      fine-tuning, then physical removal;
+    * ``layerdrop``: fine-tuning with LayerDrop (``config.prune.layerdrop``: ``rate``, ``keep``)
+      then removal of layers, evaluated with and without them.
+    """
     train_lib.init_distributed(config)
+    method = config.prune.get("method", "mask") or "mask"
+    if method not in METHODS:
+        raise ValueError(f"unknown config.prune.method {method!r}; choose one of {METHODS}")
     model, task_data = load_model_and_data(config)
     spec = task_data.spec
     eval_fn = train_lib.make_eval_fn(
@@ -60,35 +88,110 @@ def run(config, workdir):
         lambda predictions, labels, weights: data_lib.compute_metrics(spec, predictions, labels, weights))
     before = eval_fn(model)
     num_steps = config.train.num_steps
-    rules = build_rules(config.prune.rules, model)
-    tx = prune.pruning(train_lib.make_optimizer(config, num_steps), rules,
-                       criterion=config.prune.criterion, schedule=build_schedule(config.prune.schedule))
 
     def batches(start_step):
         return data_lib.train_batches(task_data.train, config.train.batch_size,
                                       seed=config.train.seed, start_step=start_step)
 
-    model, history = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
-                                   eval_fn=eval_fn, optimizer=tx,
-                                   lr_schedule=train_lib.make_lr_schedule(config, num_steps))
-    after = {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
+    def final_eval(history):
+        return {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
+
+    rules = build_rules(config.prune.rules, model) if config.prune.get("rules") else []
+    results = {"task": spec.name, "method": method, "criterion": config.prune.get("criterion", "magnitude"),
+               "dev_before": before}
+    original, structure = model, None
+    if method == "mask":
+        tx = prune.pruning(train_lib.make_optimizer(config, num_steps), rules,
+                           criterion=config.prune.criterion, schedule=build_schedule(config.prune.schedule),
+                           regrow=bool(config.prune.get("regrow", True)))
+        model, history = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
+                                       eval_fn=eval_fn, optimizer=tx,
+                                       lr_schedule=train_lib.make_lr_schedule(config, num_steps))
+        after = final_eval(history)
+    elif method == "lottery":
+        lt = config.prune.lottery
+        res = prune.lottery_ticket(model, task_loss, batches, config=config, workdir=workdir, rules=rules,
+                                   rounds=int(lt.rounds), rewind_step=int(lt.rewind_step), eval_fn=eval_fn)
+        model, after = res.model, {k: v for k, v in res.rounds[-1].items()
+                                   if k not in ("round", "sparsity", "target")}
+        results["rounds"] = res.rounds
+        print("\n".join(f"round {r['round']}: sparsity {r['sparsity']:.3f} " +
+                        " ".join(f"{k}={v:.4f}" for k, v in r.items() if k not in ("round", "sparsity", "target"))
+                        for r in res.rounds))
+    elif method == "earlybert":
+        eb = config.prune.earlybert
+        search = prune.earlybert_search(
+            model, task_loss, batches, config=config, head_sparsity=eb.head_sparsity,
+            ffn_sparsity=eb.ffn_sparsity, l1_heads=eb.l1_heads, l1_ffn=eb.l1_ffn,
+            distribution=eb.distribution, check_every=eb.check_every, threshold=eb.threshold,
+            window=eb.window, max_steps=eb.max_search_steps)
+        structure = search.structure
+        results["search"] = {"steps": search.steps, "stable": search.stable, "distances": search.distances,
+                             "structure": structure}
+        print(f"EarlyBERT search: {search.steps} updates, mask stable: {search.stable}")
+        # The ticket: pretrained weights with the gated units removed for real, then fine-tuned.
+        model, _ = prune.shrink(original, structure=structure)
+        model, history = train_lib.fit(model, task_loss, batches, config=config,
+                                       workdir=os.path.join(workdir, "finetune"), eval_fn=eval_fn)
+        after = final_eval(history)
+    elif method == "flops":
+        fc = config.prune.flops
+        if fc.criterion == "magnitude":
+            scores = prune.unit_scores(model)
+        elif fc.criterion in ("saliency", "taylor"):
+            scores = prune.unit_scores(model, prune.taylor_scores(model, task_loss, batches(0),
+                                                                  int(fc.score_batches), config.train.seed))
+        else:
+            raise ValueError(f"config.prune.flops.criterion must be magnitude or saliency, got {fc.criterion!r}")
+        structure, flops_after = prune.flops_structure(model, fc.target, seq_len=config.data.max_length,
+                                                       scores=scores)
+        masks = prune.structure_masks(model, structure)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params = prune.apply_masks(params, _tree(params, masks))
+        model = nnx.merge(graphdef, params, rest)
+        rules = [prune.rule(_UNIT_PARAMS, "unstructured", 0.0)]
+        tx = prune.pruning(train_lib.make_optimizer(config, num_steps), rules, masks=masks)
+        model, history = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
+                                       eval_fn=eval_fn, optimizer=tx,
+                                       lr_schedule=train_lib.make_lr_schedule(config, num_steps))
+        after = final_eval(history)
+        results["flops_target"] = fc.target
+    else:  # layerdrop
+        ld = config.prune.layerdrop
+        prune.with_layer_drop(model, float(ld.rate))
+        model, history = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
+                                       eval_fn=eval_fn)
+        after = final_eval(history)
+        n = model.config.num_hidden_layers
+        keep = ld.keep
+        if isinstance(keep, str):
+            keep = prune.every_other(n) if keep == "every_other" else [int(i) for i in keep.split(",")]
+        full = prune.full_structure(model)
+        keep = [int(i) for i in keep]
+        structure = {"layers": keep, "heads": [full["heads"][i] for i in keep],
+                     "neurons": [full["neurons"][i] for i in keep]}
+    results["dev_after"] = after
     weights = {k: v.get_value() for k, v in models.named_params(model).items()}
-    rows = prune.sparsity_summary(weights, [regex for regex, _ in rules])
+    regexes = [regex for regex, _ in rules] if method in ("mask", "lottery") else [r"layers\.\d+\..*kernel$"]
+    rows = prune.sparsity_summary(weights, regexes)
     print(prune.format_summary(rows))
-    results = {"task": spec.name, "criterion": config.prune.criterion,
-               "dev_before": before, "dev_after": after,
-               "sparsity_per_layer": prune.layer_summary(rows),
-               "sparsity_total": sum(r["zeros"] for r in rows) / max(sum(r["size"] for r in rows), 1)}
+    results["sparsity_per_layer"] = prune.layer_summary(rows)
+    results["sparsity_total"] = sum(r["zeros"] for r in rows) / max(sum(r["size"] for r in rows), 1)
     small = None
-    if config.prune.shrink:
-        small, structure = prune.shrink(model)
+    if method == "earlybert":
+        small, model = model, original  # the fine-tuned ticket IS the shrunk model; report vs dense
+    if config.prune.get("shrink") or method in ("flops", "layerdrop", "earlybert"):
+        if small is None:
+            small, structure = prune.shrink(model, structure=structure)
         report = prune.shrink_report(model, small, seq_len=config.data.max_length,
-                                     measure=bool(config.prune.measure_latency))
+                                     measure=bool(config.prune.get("measure_latency", False)))
         print(report.format())
         results["shrink"] = {"structure": structure, "params_before": report.params_before,
                              "params_after": report.params_after, "flops_before": report.flops_before,
                              "flops_after": report.flops_after, "speedup": report.speedup,
                              "dev_shrunk": eval_fn(small)}
+    if method == "earlybert":
+        model = None  # only the shrunk, fine-tuned ticket is saved
     print(format_results(results))
     if train_lib.is_main_process():
         prune.plot_summary(rows, os.path.join(workdir, "sparsity.png"))
@@ -96,8 +199,21 @@ def run(config, workdir):
     return results
 
 
+_UNIT_PARAMS = (r"layers\.\d+\.(attention\.(query|key|value)\.(kernel|bias)|attention\.output\.kernel|"
+                r"ffn\.(intermediate\.(kernel|bias)|output\.kernel))$")
+
+
+def _tree(params, named):
+    """A masks pytree like ``params`` from ``{name: mask}`` (True elsewhere)."""
+    import jax
+    import jax.numpy as jnp
+
+    from efficient_nlp import tree as tree_lib
+    return jax.tree_util.tree_map_with_path(lambda p, w: jnp.asarray(named.get(tree_lib.path_str(p), True)), params)
+
+
 def format_results(results):
-    lines = [f"Task {results['task']} ({results['criterion']} pruning, total sparsity "
+    lines = [f"Task {results['task']} ({results['method']}, {results['criterion']} pruning, total sparsity "
              f"{results['sparsity_total']:.3f})", f"{'metric':<12}{'before':>10}{'after':>10}"]
     for key, value in results["dev_after"].items():
         lines.append(f"{key:<12}{results['dev_before'][key]:>10.4f}{value:>10.4f}")

@@ -1,0 +1,401 @@
+"""Few-shot pruning (METHODS.md 2.2): layer-wise cross distillation and its baselines.
+
+    adapter = fewshot.cnn_adapter(model, fewshot.cnn_rules("unstructured"))   # or bert_adapter
+    student, info = fewshot.prune_layerwise(teacher, adapter, shots, loss="cd", mu=0.6,
+                                            sparsity=0.9, sparsifier="topk", steps=300)
+
+`prune_layerwise`: the student starts as a copy of the teacher; for each prunable layer in
+order, the teacher's and the (partly pruned) student's inputs of that layer are captured on the
+few-shot set, that layer's student weights (kernel and bias) are optimised with Adam under the
+chosen loss (`cross_distillation.layer_loss`: ``cd``, ``scd``, ``layerwise`` = "w/o CD", ...),
+and after every step the kernel is sparsified (`cross_distillation.sparsify`: annealed top-k
+projection or proximal step) with the target ramped linearly over the first ``ramp`` of the
+steps; a final projection makes the layer's sparsity exactly the target.  Optionally
+(`finetune`) the whole student is then trained end to end on the few-shot data with the
+pruned weights held at zero.
+
+Baselines: `l1_prune` (data-free L1-norm pruning), `l1_prune` + `finetune` with cross-entropy
+(back-propagation), `l1_prune` + `finetune` with `fitnet_loss` (FitNet-style hints on every
+pruned layer's input plus the logits).
+
+An adapter (`Adapter`) tells the algorithm which layers to prune (`LayerSpec`: parameter path,
+layer function, sparsity pattern, activation) and how to capture their inputs.  The full batch
+of few-shot data is used at every step (it is small by definition).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from efficient_nlp.prune import cross_distillation as cd
+from efficient_nlp.prune.patterns import Pattern, heads, neurons, rows, topk_mask, unstructured
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One prunable layer: params at ``name + ".kernel"`` / ``".bias"``; ``layer_fn(w, h)``;
+    ``pattern`` groups the kernel's removable units; ``activation`` follows the layer (SCD)."""
+
+    name: str
+    layer_fn: Callable
+    pattern: Pattern
+    activation: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """``features(model, data) -> {layer name: input}`` (jittable, unflattened), ``logits(model,
+    data)`` (jittable), ``flatten(x, data)`` -> rows for the layer loss (outside jit; e.g. BERT's
+    valid tokens), ``weights(data)`` -> broadcastable feature weights for hints (or None)."""
+
+    layers: tuple
+    features: Callable
+    logits: Callable
+    flatten: Callable = lambda x, data: x
+    weights: Callable = lambda data: None
+
+
+def _relu(x):
+    return jax.nn.relu(x)
+
+
+# ----------------------------------------------------------------------------- adapters
+def _cnn_features(model, data):
+    return model(data["images"], capture=True)[1]
+
+
+def _cnn_logits(model, data):
+    return model(data["images"])
+
+
+def cnn_rules(structure: str = "unstructured", prune_classifier: bool = False):
+    """``[(regex, Pattern)]`` for `SmallCNN`: unstructured (every conv and the hidden dense) or
+    structured (input channels of conv 1.. and input rows of the hidden dense)."""
+    if structure == "unstructured":
+        regex = r"^convs\.\d+$|^dense$" + (r"|^classifier$" if prune_classifier else "")
+        return [(regex, unstructured())]
+    if structure == "structured":
+        return [(r"^convs\.([1-9]\d*)$", neurons(axis=2)), (r"^dense$", rows())]
+    raise ValueError(f"structure must be 'unstructured' or 'structured', got {structure!r}")
+
+
+def cnn_adapter(model, rules) -> Adapter:
+    """Adapter for `efficient_nlp.models.cnn.SmallCNN` (data: ``{"images", "labels"}``)."""
+    specs = []
+    for name in model.layer_names():
+        pat = next((p for rx, p in rules if re.search(rx, name)), None)
+        if pat is None:
+            continue
+        if name.startswith("convs."):
+            specs.append(LayerSpec(name, cd.conv_layer, pat, _relu))
+        else:
+            specs.append(LayerSpec(name, cd.dense_layer, pat, _relu if name == "dense" else None))
+    return Adapter(tuple(specs), _cnn_features, _cnn_logits)
+
+
+_BERT_SOURCE = {"attention.query": "hidden_states", "attention.key": "hidden_states",
+                "attention.value": "hidden_states", "attention.output": "context",
+                "ffn.intermediate": "mha_out", "ffn.output": "ffn_intermediate"}
+_BERT_ORDER = tuple(_BERT_SOURCE)
+
+
+def _bert_features(model, data):
+    out = model(data["input_ids"], data["attention_mask"], data["token_type_ids"],
+                capture=("hidden_states", "context", "mha_out", "ffn_intermediate"))
+    feats = {}
+    for i in range(len(model.bert.encoder.layers)):
+        for sub, src in _BERT_SOURCE.items():
+            feats[f"bert.encoder.layers.{i}.{sub}"] = out.intermediates[src][i]
+    return feats
+
+
+def _bert_logits(model, data):
+    return model(data["input_ids"], data["attention_mask"], data["token_type_ids"]).logits
+
+
+def _bert_flatten(x, data):
+    return jnp.asarray(np.asarray(x)[np.asarray(data["attention_mask"]) > 0])
+
+
+def _bert_weights(data):
+    return jnp.asarray(data["attention_mask"], jnp.float32)[..., None]
+
+
+def bert_rules(structure: str = "unstructured", head_dim: int = 64):
+    """``[(regex, Pattern)]`` over ``<layer>.<sub>`` names of a BERT: unstructured (all six
+    dense layers of every encoder layer) or structured (heads = row blocks of
+    ``attention.output``, FFN neurons = rows of ``ffn.output``: what `prune.shrink` removes)."""
+    if structure == "unstructured":
+        return [(r"layers\.\d+\.(attention\.(query|key|value|output)|ffn\.(intermediate|output))$",
+                 unstructured())]
+    if structure == "structured":
+        return [(r"layers\.\d+\.attention\.output$", heads(head_dim)), (r"layers\.\d+\.ffn\.output$", rows())]
+    raise ValueError(f"structure must be 'unstructured' or 'structured', got {structure!r}")
+
+
+def bert_adapter(model, rules) -> Adapter:
+    """Adapter for a `BertForSequenceClassification` (data: tokenised arrays with labels)."""
+    specs = []
+    for i in range(len(model.bert.encoder.layers)):
+        for sub in _BERT_ORDER:
+            name = f"bert.encoder.layers.{i}.{sub}"
+            pat = next((p for rx, p in rules if re.search(rx, name)), None)
+            if pat is not None:
+                specs.append(LayerSpec(name, cd.dense_layer, pat, None))
+    return Adapter(tuple(specs), _bert_features, _bert_logits, _bert_flatten, _bert_weights)
+
+
+# ----------------------------------------------------------------------------- model access
+def get_layer(model, name: str) -> dict:
+    """``{"kernel", "bias"}`` arrays of the layer at ``name`` (a dotted module path)."""
+    mod = model
+    for part in name.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    out = {"kernel": mod.kernel.get_value()}
+    if getattr(mod, "bias", None) is not None:
+        out["bias"] = mod.bias.get_value()
+    return out
+
+
+def set_layer(model, name: str, w: dict) -> None:
+    mod = model
+    for part in name.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    for key, value in w.items():
+        var = getattr(mod, key)
+        if hasattr(var, "set_value"):
+            var.set_value(value)
+        else:  # pragma: no cover - older flax
+            var.value = value
+
+
+def copy_model(model):
+    """An independent copy of ``model`` (``nnx.clone``; ``merge(*split(m))`` would share the
+    Variables, so setting a student weight would change the teacher)."""
+    return nnx.clone(model)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(fn, graphdef, state, data):
+    return fn(nnx.merge(graphdef, state), data)
+
+
+def run_model(fn, model, data):
+    """``fn(model, data)`` jitted (``fn`` must be hashable, e.g. a module-level function)."""
+    graphdef, state = nnx.split(model)
+    return _apply(fn, graphdef, state, {k: jnp.asarray(v) for k, v in data.items()})
+
+
+def _batched(fn, model, data, batch_size=256):
+    n = len(next(iter(data.values())))
+    outs = [run_model(fn, model, {k: v[i:i + batch_size] for k, v in data.items()})
+            for i in range(0, n, batch_size)]
+    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
+
+
+def accuracy(adapter: Adapter, model, data, batch_size: int = 256) -> float:
+    logits = _batched(adapter.logits, model, _inputs_only(data), batch_size)
+    return float(np.mean(np.argmax(logits, -1) == np.asarray(data["labels"])))
+
+
+def _inputs_only(data):
+    return {k: v for k, v in data.items() if k != "labels"}
+
+
+# ----------------------------------------------------------------------------- one layer
+@functools.lru_cache(maxsize=256)
+def _layer_runner(spec: LayerSpec, loss: str, activation, steps: int, learning_rate: float, ramp_steps: int,
+                  sparsifier: str):
+    """The jitted optimisation of one layer (cached: seeds, sparsities and loss weights reuse it)."""
+    tx = optax.adam(learning_rate)
+    kname = spec.name + ".kernel"
+
+    def run(w_s, w_t, h_s, h_t, hp):
+        loss_fn = cd.layer_loss(loss, mu=hp["mu"], alpha=hp["alpha"], beta=hp["beta"], activation=activation)
+
+        def body(carry, t):
+            w, st = carry
+            value, g = jax.value_and_grad(loss_fn)(w, w_t, h_s, h_t, spec.layer_fn)
+            u, st = tx.update(g, st, w)
+            w = optax.apply_updates(w, u)
+            s_t = cd.linear_ramp(t + 1, ramp_steps, hp["sparsity"])
+            w = dict(w, kernel=cd.sparsify(w["kernel"], s_t, method=sparsifier, pattern=spec.pattern,
+                                           name=kname, lam_extra=hp["lam_extra"]))
+            return (w, st), value
+
+        (w, _), losses = jax.lax.scan(body, (w_s, tx.init(w_s)), jnp.arange(steps))
+        w = dict(w, kernel=cd.sparsify(w["kernel"], hp["sparsity"], method="topk", pattern=spec.pattern,
+                                       name=kname))
+        return w, losses
+
+    return jax.jit(run)
+
+
+def optimize_layer(w_s, w_t, h_s, h_t, spec: LayerSpec, *, loss: str = "cd", mu: float = 0.6, alpha: float = 0.9,
+                   beta: float = 0.3, sparsity: float = 0.9, steps: int = 300, learning_rate: float = 1e-3,
+                   ramp: float = 1 / 3, sparsifier: str = "topk", lam_extra: float = 0.0):
+    """Optimises one layer's student weights ``w_s`` (Adam, full batch, ``steps`` steps) under
+    the loss named ``loss`` (`cross_distillation.layer_loss`; SCD / layer-wise use
+    ``spec.activation``), sparsifying the kernel after every step with the target ramped
+    linearly over ``ramp * steps``; returns ``(w, losses)`` with the kernel at exactly
+    ``sparsity`` (final top-k projection)."""
+    if sparsifier not in cd.SPARSIFIERS:
+        raise ValueError(f"unknown sparsifier {sparsifier!r}; choose one of {cd.SPARSIFIERS}")
+    cd.layer_loss(loss)  # validates the name
+    run = _layer_runner(spec, loss, spec.activation, int(steps), float(learning_rate), int(round(ramp * steps)),
+                        sparsifier)
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in
+          dict(mu=mu, alpha=alpha, beta=beta, sparsity=sparsity, lam_extra=lam_extra).items()}
+    return run(w_s, w_t, h_s, h_t, hp)
+
+
+# ----------------------------------------------------------------------------- the algorithm
+def prune_layerwise(teacher, adapter: Adapter, data, *, loss: str = "cd", mu: float = 0.6, alpha: float = 0.9,
+                    beta: float = 0.3, sparsity: float = 0.9, sparsifier: str = "topk", steps: int = 300,
+                    learning_rate: float = 1e-3, ramp: float = 1 / 3, lam_extra: float = 0.0):
+    """Layer-wise few-shot pruning of a copy of ``teacher`` (see the module docstring).
+
+    Returns ``(student, info)``; ``info["layers"]`` has per layer the name, the achieved unit
+    sparsity and the first / last loss values."""
+    student = copy_model(teacher)
+    inputs = _inputs_only(data)
+    feats_t = run_model(adapter.features, teacher, inputs)
+    info = {"layers": []}
+    for spec in adapter.layers:
+        h_t = adapter.flatten(feats_t[spec.name], inputs)
+        h_s = adapter.flatten(run_model(adapter.features, student, inputs)[spec.name], inputs)
+        w, losses = optimize_layer(get_layer(student, spec.name), get_layer(teacher, spec.name), h_s, h_t,
+                                   spec, loss=loss, mu=mu, alpha=alpha, beta=beta, sparsity=sparsity,
+                                   steps=steps, learning_rate=learning_rate, ramp=ramp, sparsifier=sparsifier,
+                                   lam_extra=lam_extra)
+        set_layer(student, spec.name, w)
+        info["layers"].append({"name": spec.name, "sparsity": cd.unit_sparsity(w["kernel"], spec.pattern,
+                                                                                spec.name + ".kernel"),
+                               "loss_first": float(losses[0]), "loss_last": float(losses[-1])})
+    return student, info
+
+
+def l1_prune(teacher, adapter: Adapter, *, sparsity: float):
+    """Data-free L1-norm pruning: every prunable kernel of a copy of ``teacher`` loses the
+    ``round(sparsity * units)`` units (elements / channels / heads) of smallest L1 norm
+    (Li et al. 2017; unstructured: magnitude pruning)."""
+    student = copy_model(teacher)
+    for spec in adapter.layers:
+        w = get_layer(student, spec.name)
+        name = spec.name + ".kernel"
+        l1 = spec.pattern.reduce(name, jnp.abs(w["kernel"]).astype(jnp.float32))
+        k = int(round(sparsity * l1.size))
+        keep = spec.pattern.expand(name, topk_mask(l1.reshape(-1), k).reshape(l1.shape), w["kernel"].shape)
+        set_layer(student, spec.name, dict(w, kernel=jnp.where(keep, w["kernel"], jnp.zeros((), w["kernel"].dtype))))
+    return student
+
+
+# ----------------------------------------------------------------------------- end to end
+def pruned_masks(model, adapter: Adapter):
+    """``{param path: bool keep-mask}`` of every prunable kernel (True where non-zero)."""
+    return {spec.name + ".kernel": get_layer(model, spec.name)["kernel"] != 0 for spec in adapter.layers}
+
+
+@functools.lru_cache(maxsize=64)
+def ce_loss(adapter: Adapter):
+    """Cross-entropy on the few-shot labels (back-propagation fine-tuning)."""
+    def loss(model, teacher_out, data):
+        logits = adapter.logits(model, data)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, data["labels"]).mean()
+    return loss
+
+
+@functools.lru_cache(maxsize=64)
+def fitnet_loss(adapter: Adapter, logit_weight: float = 1.0):
+    """FitNet-style hints: MSE between student and teacher inputs of every prunable layer
+    (valid positions only) plus ``logit_weight`` times the MSE of the logits."""
+    def loss(model, teacher_out, data):
+        feats = adapter.features(model, data)
+        wts = adapter.weights(data)
+        total = 0.0
+        for spec in adapter.layers:
+            d = jnp.square(feats[spec.name] - teacher_out["features"][spec.name])
+            total = total + (jnp.mean(d) if wts is None else
+                             jnp.sum(d * wts) / (jnp.sum(wts) * d.shape[-1]))
+        total = total / max(len(adapter.layers), 1)
+        return total + logit_weight * jnp.mean(jnp.square(adapter.logits(model, data) - teacher_out["logits"]))
+    return loss
+
+
+def _teacher_out(adapter, model, data):
+    return {"features": adapter.features(model, data), "logits": adapter.logits(model, data)}
+
+
+@functools.lru_cache(maxsize=64)
+def _teacher_out_fn(adapter: Adapter):
+    return functools.partial(_teacher_out, adapter)
+
+
+@functools.lru_cache(maxsize=64)
+def _finetune_runner(graphdef, loss_fn, steps: int, learning_rate: float):
+    tx = optax.adam(learning_rate)
+
+    def run(params, rest, masks, t_out, data):
+        def body(carry, _):
+            p, st = carry
+            loss, g = jax.value_and_grad(lambda q: loss_fn(nnx.merge(graphdef, q, rest), t_out, data))(p)
+            g = jax.tree.map(lambda gi, m: jnp.where(m, gi, jnp.zeros((), gi.dtype)), g, masks)
+            u, st = tx.update(g, st, p)
+            p = jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), optax.apply_updates(p, u), masks)
+            return (p, st), loss
+
+        (p, _), losses = jax.lax.scan(body, (params, tx.init(params)), None, length=steps)
+        return p, losses
+
+    return jax.jit(run)
+
+
+def finetune(student, teacher, adapter: Adapter, data, loss_fn: Callable, *, steps: int = 200,
+             learning_rate: float = 1e-4):
+    """End-to-end training of ``student`` (in place) on the few-shot ``data`` (full batch, Adam)
+    with ``loss_fn(model, teacher_out, data)`` (`ce_loss`, `fitnet_loss`); pruned kernel entries
+    stay exactly zero.  Returns ``student``."""
+    if steps <= 0:
+        return student
+    from efficient_nlp import tree as tree_lib
+
+    data = {k: jnp.asarray(v) for k, v in data.items()}
+    t_out = run_model(_teacher_out_fn(adapter), teacher, _inputs_only(data))
+    masks = pruned_masks(student, adapter)
+    graphdef, params, rest = nnx.split(student, nnx.Param, ...)
+    mask_tree = jax.tree_util.tree_map_with_path(
+        lambda p, w: masks.get(tree_lib.path_str(p), jnp.ones((), bool)), params)
+    run = _finetune_runner(graphdef, loss_fn, int(steps), float(learning_rate))
+    params, _ = run(params, rest, mask_tree, t_out, data)
+    nnx.update(student, params)
+    return student
+
+
+# ----------------------------------------------------------------------------- diagnostics
+def estimation_errors(teacher, student, adapter: Adapter, data) -> dict:
+    """Per prunable layer: ``||w_T h_T - w_S h_S||^2 / ||w_T h_T||^2`` on ``data`` (each model
+    fed its own inputs, i.e. errors accumulated through the earlier layers)."""
+    inputs = _inputs_only(data)
+    ft = run_model(adapter.features, teacher, inputs)
+    fs = run_model(adapter.features, student, inputs)
+    out = {}
+    for spec in adapter.layers:
+        y_t = spec.layer_fn(get_layer(teacher, spec.name), adapter.flatten(ft[spec.name], inputs))
+        y_s = spec.layer_fn(get_layer(student, spec.name), adapter.flatten(fs[spec.name], inputs))
+        out[spec.name] = float(jnp.sum(jnp.square(y_t - y_s)) / jnp.maximum(jnp.sum(jnp.square(y_t)), 1e-30))
+    return out
+
+
+def sparsity_per_layer(model, adapter: Adapter) -> dict:
+    """``{layer name: fraction of zero units}`` under each layer's pattern."""
+    return {spec.name: cd.unit_sparsity(get_layer(model, spec.name)["kernel"], spec.pattern,
+                                        spec.name + ".kernel") for spec in adapter.layers}
+
