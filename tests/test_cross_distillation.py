@@ -189,10 +189,13 @@ def _cnn_teacher():
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "measured: on the 4-conv digits CNN at 90% unstructured, 1 image per class, seeds 0/1, 300 Adam "
-    "steps per layer, w/o CD reaches 0.707/0.731 test accuracy, CD (mu=0.6) 0.140/0.198, SCD "
-    "(0.9, 0.3) 0.216/0.244: here the accumulated error dominates and only L_r compensates it; "
-    "the published direction is not reproduced on this small net"))
+    "measured (after the per-layer optimisation was made to converge: 1000 Adam steps at 1e-2, cosine "
+    "decay after the ramp): on the 4-conv digits CNN at 90% unstructured, 1 image per class, seeds 0/1, "
+    "w/o CD reaches 0.913/0.860 test accuracy, CD (mu=0.6) 0.582/0.556, SCD (0.9, 0.3) 0.762/0.731 "
+    "(10 per class, seed 0: w/o CD 0.964, CD 0.698).  CD's loss is minimised by the teacher layer "
+    "itself whatever h_S is, so it never compensates the upstream pruning error; at 90% per layer on "
+    "this small net that error (and the attenuation it compounds) dominates the few-shot "
+    "overfitting CD guards against: the published direction is not reproduced here"))
 def test_cd_beats_layerwise_at_high_sparsity_with_one_shot_cnn():
     teacher, split = _cnn_teacher()
     adapter = fewshot.cnn_adapter(teacher, fewshot.cnn_rules("unstructured"))
@@ -202,7 +205,7 @@ def test_cd_beats_layerwise_at_high_sparsity_with_one_shot_cnn():
         idx = data_lib.sample_k_per_class(split["train"]["labels"], 1, seed=seed)
         shots = {k: v[idx] for k, v in split["train"].items()}
         for method, loss in (("wo_cd", "layerwise"), ("cd", "cd")):
-            student, _ = fewshot.prune_layerwise(teacher, adapter, shots, loss=loss, mu=0.6, sparsity=0.9, steps=300)
+            student, _ = fewshot.prune_layerwise(teacher, adapter, shots, loss=loss, mu=0.6, sparsity=0.9)
             accs[method].append(fewshot.accuracy(adapter, student, test))
     assert np.mean(accs["cd"]) > np.mean(accs["wo_cd"]), accs
 
@@ -231,3 +234,71 @@ def test_cd_beats_layerwise_at_high_sparsity_with_one_shot_bert(make_tiny_model_
             student, _ = fewshot.prune_layerwise(teacher, adapter, shots, loss=loss, mu=0.9, sparsity=0.9, steps=200)
             accs[method].append(fewshot.accuracy(adapter, student, task.dev))
     assert np.mean(accs["cd"]) > np.mean(accs["wo_cd"]), accs
+
+
+# ----------------------------------------------------------------------------- convergence of one layer
+def _augmented(h):
+    return np.concatenate([np.asarray(h, np.float64), np.ones((len(h), 1))], 1)
+
+
+def _cd_closed_form_on_mask(w_t, h_s, h_t, mu, mask):
+    """Minimiser of ``mu L_c + (1 - mu) L_i`` for a dense layer whose kernel is restricted to
+    ``mask`` (bias free): weighted least squares, one output column at a time."""
+    kt, bt = np.asarray(w_t["kernel"], np.float64), np.asarray(w_t["bias"], np.float64)
+    x_t, x_s = np.asarray(h_t, np.float64), np.asarray(h_s, np.float64)
+    kernel, bias = np.zeros_like(kt), np.zeros_like(bt)
+    for j in range(kt.shape[1]):
+        sup = np.flatnonzero(mask[:, j])
+        x = np.concatenate([np.sqrt(mu) * _augmented(x_t[:, sup]), np.sqrt(1 - mu) * _augmented(x_s[:, sup])])
+        y = np.concatenate([np.sqrt(mu) * (x_t @ kt[:, j] + bt[j]), np.sqrt(1 - mu) * (x_s @ kt[:, j] + bt[j])])
+        sol = np.linalg.lstsq(x, y, rcond=None)[0]
+        kernel[sup, j], bias[j] = sol[:-1], sol[-1]
+    return {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+
+def _trained_like_layer(seed=0, n=256, d_in=64, d_out=16, correlated=True):
+    """A dense layer at a trained net's scale (LeCun-normal kernel) with ReLU inputs; the
+    student's input is the teacher's, perturbed and attenuated (upstream pruning)."""
+    rng = np.random.default_rng(seed)
+    w_t = {"kernel": jnp.asarray(rng.normal(size=(d_in, d_out)) / np.sqrt(d_in), jnp.float32),
+           "bias": jnp.asarray(0.1 * rng.normal(size=d_out), jnp.float32)}
+    mix = rng.normal(size=(8, d_in))  # correlated features, as in a real net: a refit can re-route
+    h_t = np.maximum(rng.normal(size=(n, 8)) @ mix + 0.5 if correlated else rng.normal(size=(n, d_in)), 0)
+    h_s = np.maximum(0.7 * h_t + 0.3 * rng.normal(size=(n, d_in)), 0)
+    return w_t, jnp.asarray(h_s, jnp.float32), jnp.asarray(h_t, jnp.float32)
+
+
+def test_dense_optimum_matches_least_squares_without_sparsity():
+    """mu in {0, 1}: the CD optimum is the teacher layer itself (for any full-rank input), whatever the
+    start; plain layer-wise regression ("w/o CD", no activation) is the least-squares map from the
+    student's input to the teacher's output."""
+    w_t, h_s, h_t = _trained_like_layer(1, n=128, d_in=16, d_out=8, correlated=False)  # well conditioned
+    spec = fewshot.LayerSpec("x", cd.dense_layer, prune.unstructured(), None)
+    w0 = {"kernel": jnp.zeros_like(w_t["kernel"]), "bias": jnp.zeros_like(w_t["bias"])}
+    for mu in (0.0, 1.0):
+        w, _ = fewshot.optimize_layer(w0, w_t, h_s, h_t, spec, loss="cd", mu=mu, sparsity=0.0)
+        for k in w:
+            np.testing.assert_allclose(np.asarray(w[k]), np.asarray(w_t[k]), atol=2e-3)
+    w, _ = fewshot.optimize_layer(w_t, w_t, h_s, h_t, spec, loss="layerwise", sparsity=0.0)
+    sol = np.linalg.lstsq(_augmented(h_s), _np_dense(w_t, h_t), rcond=None)[0]
+    np.testing.assert_allclose(np.asarray(w["kernel"]), sol[:-1], atol=2e-3)
+    np.testing.assert_allclose(np.asarray(w["bias"]), sol[-1], atol=2e-3)
+
+
+def test_default_layer_optimisation_reaches_the_optimum_on_its_mask():
+    """With the default steps / learning rate, the sparse layer found from the teacher's weights
+    is (nearly) the exact minimiser of the CD loss on its final mask.  The former defaults (300
+    Adam steps at 1e-3) stopped at 2-9x the optimal loss on the digits CNN's layers, leaving each
+    layer close to its magnitude-pruned (attenuated) start: CD then fell to ~0.2 accuracy."""
+    w_t, h_s, h_t = _trained_like_layer(2)
+    spec = fewshot.LayerSpec("x", cd.dense_layer, prune.unstructured(), None)
+    w, _ = fewshot.optimize_layer(w_t, w_t, h_s, h_t, spec, loss="cd", mu=0.6, sparsity=0.9)
+    mask = np.asarray(w["kernel"]) != 0
+    assert mask.mean() == pytest.approx(0.1, abs=1 / mask.size)
+    best = _cd_closed_form_on_mask(w_t, h_s, h_t, 0.6, mask)
+    got = float(cd.cross_distillation_loss(w, w_t, h_s, h_t, 0.6, cd.dense_layer))
+    opt = float(cd.cross_distillation_loss(best, w_t, h_s, h_t, 0.6, cd.dense_layer))
+    start = float(cd.cross_distillation_loss(dict(w_t, kernel=jnp.where(mask, w_t["kernel"], 0.0)), w_t, h_s, h_t,
+                                             0.6, cd.dense_layer))
+    assert opt < 0.5 * start  # the refit matters here
+    assert got <= 1.02 * opt, (got, opt, start)
