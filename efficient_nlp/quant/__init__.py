@@ -7,6 +7,9 @@ transform, packed integer export, integer inference, cost accounting.
     print(report); print(quant.cost_report(model, spec, batch))
     quant.save_packed(quant.export_packed(qmodel), out_dir)   # real bit-packed integer artefact
     imodel, _ = quant.to_integer_model(qmodel)           # int8 dot_general inference
+
+Post-training quantization by reconstruction (METHODS.md 1.4): `ptq` (calibration_set,
+partition, rem, layer_errors) and `mrem` (mrem_s); see those modules.
 """
 from efficient_nlp.quant.cost import CostReport, cost_report, cost_table
 from efficient_nlp.quant.export import (
@@ -50,6 +53,9 @@ from efficient_nlp.quant.quantizers import (
 )
 from efficient_nlp.quant.spec import Quantizer, QuantSpec, make_spec, spec_from_config
 from efficient_nlp.quant.transform import QuantReport, calibrate, find_sites, quantize_model, quantizer_modules
+from efficient_nlp.quant import mrem, ptq  # noqa: E402  (submodules: PTQ by reconstruction)
+from efficient_nlp.quant.mrem import mrem_s
+from efficient_nlp.quant.ptq import calibration_set, layer_errors, partition, rem
 
 __all__ = [
     "uniform", "uniform_params", "quantize_codes", "dequantize", "qrange", "clip_quant", "lsq", "lsq_init",
@@ -60,5 +66,5 @@ __all__ = [
     "PackedArtifactError", "export_packed", "save_packed", "load_packed", "packed_size_mb", "restore",
     "weight_codes", "dequantize_weight", "unpacked_weights", "quantized_weights", "artifact_nbytes",
     "to_integer_model", "IntegerReport", "IntLinear", "DequantLinear", "IntEmbed", "activation_codes",
-    "int8_matmul",
+    "int8_matmul", "ptq", "mrem", "calibration_set", "partition", "rem", "mrem_s", "layer_errors",
 ]

@@ -10,6 +10,7 @@ RECIPES = {
     "distill": "efficient_nlp.recipes.distill",
     "prune": "efficient_nlp.recipes.prune",
     "qat": "efficient_nlp.recipes.qat",
+    "ptq": "efficient_nlp.recipes.ptq",
     "nas": "efficient_nlp.recipes.nas",
     "cross_distill": "efficient_nlp.recipes.cross_distill",
 }

@@ -1,0 +1,45 @@
+"""Post-training quantization of the fine-tuned MiniLM-L6 at W-E-A 2-2-8 (TWN weights and word
+embeddings, 8-bit activations with learned LSQ step sizes) by reconstruction (METHODS.md 1.4).
+
+    python train.py --config configs/ptq_2_2_8.py --workdir runs/ptq_2_2_8 \
+        --config.teacher_dir=runs/quickstart/model --config.ptq.method=rem,mrem_s
+
+``config.ptq.method``: ``rem`` (per-matmul), ``mrem_s`` (module-wise, sequential) or both,
+comma-separated (each starts from the same calibrated quantized copy; a plot compares them).
+Defaults follow METHODS.md 1.4 (4 modules, lr 1e-4 with linear decay, 4,096 calibration
+samples: the built-in task's whole training split of 2,016) EXCEPT the step counts, sized for
+2 CPU cores: MREM-S 200 steps per module instead of 2,000 (--config.ptq.mrem.steps=2000 for
+the published setting) and REM 100 steps per matmul.  With ``teacher_dir`` empty the teacher is
+first fine-tuned (~10 min on 2 CPU cores).  Other bit settings: configs/ptq_{4_4_8,2_2_4}.py.
+"""
+import ml_collections
+
+from configs import distill_two_stage as distill_base
+from efficient_nlp.train import default_distributed_config, default_train_config
+
+
+def get_config(w_bits=2, e_bits=2, a_bits=8, weight_method="", activation_method="lsq", method="mrem_s"):
+    config = ml_collections.ConfigDict()
+    config.recipe = "ptq"
+    config.model_dir = ""      # pretrained model the teacher is fine-tuned from ("" = MiniLM).
+    config.teacher_dir = ""    # fine-tuned teacher (HF dir); "" = fine-tune into workdir/teacher.
+    config.data = distill_base.get_config().data
+    config.teacher_train = distill_base.get_config().teacher_train
+
+    config.quant = ml_collections.ConfigDict(dict(
+        w_bits=w_bits, e_bits=e_bits, a_bits=a_bits,
+        weight_method=weight_method,            # "" = by bits: 1 bwn, 2 twn, else uniform
+        activation_method=activation_method,    # lsq (learned steps, trained by PTQ) | uniform | pact
+        rules=[]))                              # [[regex, None or {field: value}], ...]
+    config.ptq = ml_collections.ConfigDict(dict(
+        method=method,             # rem | mrem_s | "rem,mrem_s"
+        calibration_size=4096,     # K rows of the training split (all of it if smaller)
+        seed=0,                    # calibration sample and batch order
+        batch_size=32,             # MREM-S batch (sequences); also the activation calibration batch
+        rem=dict(steps=100, learning_rate=1e-4, token_batch_size=2048, max_tokens=0),
+        mrem=dict(num_modules=4, steps=200, learning_rate=1e-4),
+    ))
+    config.train = default_train_config()   # only eval_batch_size is used
+    config.train.update(dict(eval_batch_size=128, progress_bar=False))
+    config.distributed = default_distributed_config()
+    return config

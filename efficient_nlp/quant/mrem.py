@@ -1,0 +1,176 @@
+"""Module-wise reconstruction error minimisation, sequential (MREM-S, METHODS.md 1.4).
+
+    parts = ptq.partition(num_layers, 4)                   # [(0, 2), (2, 4), (4, 5), (5, 6)]
+    qmodel, report = mrem.mrem_s(qmodel, teacher, calib, num_modules=4, steps=2000)
+
+The model is cut into N modules of consecutive Transformer layers (`ptq.partition`); the
+embeddings join module 0, the pooler and classifier the last module.  Module n minimises
+
+    l_n = sum_{l in module n} || f_hat_l - f_l ||^2  (+ ||E_hat - E||^2 if n = 0)
+                                                      (+ ||z_hat - z||^2 if n = N-1)
+
+where ``f_l`` are FFN outputs (layer outputs, capture ``ffn_out``), ``E`` the embedding output
+and ``z`` the logits; hats are the quantized module fed by the *already quantized*
+predecessors (the quantized stream), plain symbols the full-precision module fed by the
+full-precision predecessors (the full-precision stream).  Squared errors are means over real
+tokens and features per example (per example and label for the logits), averaged over the
+batch.  Only module n's latent weights and learned quantizer parameters train
+(`ptq.trainable_names`); Adam, ``lr`` decaying linearly to 0 over ``steps``
+(defaults 1e-4, 2,000), batches drawn from the calibration set only.  Modules run one after
+another: after module n is trained, both streams are pushed through it once over the whole
+calibration set and cached on the host ([K, T, H] each) as module n+1's inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from efficient_nlp.quant.ptq import (Pair, masked_mse, mean_over, name_filter, optimize, partition, run_probe,
+                                     trainable_names)
+
+_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """Module ``index`` of a partition: layers ``start .. stop-1`` (``first`` holds the
+    embeddings, ``last`` the pooler and classifier)."""
+    index: int
+    start: int
+    stop: int
+    first: bool
+    last: bool
+
+    def prefixes(self) -> tuple[str, ...]:
+        """Path prefixes of the model's submodules that belong to this module."""
+        out = tuple(f"bert.encoder.layers.{i}." for i in range(self.start, self.stop))
+        if self.first:
+            out += ("bert.embeddings.",)
+        if self.last:
+            out += ("bert.pooler.", "classifier.")
+        return out
+
+
+def modules(num_layers: int, num_modules: int = 4) -> list[Module]:
+    """The `Module` s of ``ptq.partition(num_layers, num_modules)``."""
+    parts = partition(num_layers, num_modules)
+    return [Module(i, a, b, i == 0, i == len(parts) - 1) for i, (a, b) in enumerate(parts)]
+
+
+def module_forward(model, mod: Module, batch, h=None) -> dict:
+    """Runs module ``mod`` of ``model``: from the token ids (first module) or the hidden state
+    ``h`` [B,T,H].  Returns ``{"out", "ffn_out"}`` plus ``"embedding"`` (first module) and
+    ``"logits"`` (last module of a model with a classifier)."""
+    bert, mask = model.bert, batch["attention_mask"]
+    out = {}
+    if mod.first:
+        h = out["embedding"] = bert.embeddings(batch["input_ids"], batch["token_type_ids"])
+    h, inter = bert.encoder(h, mask, start=mod.start, stop=mod.stop, capture=("ffn_out",))
+    out["out"], out["ffn_out"] = h, inter["ffn_out"]
+    if mod.last and bert.pooler is not None and hasattr(model, "classifier"):
+        out["logits"] = model.classifier(bert.pooler(h))
+    return out
+
+
+def _per_example_loss(pair, mod: Module, batch):
+    """[B] module loss l_n (see module docstring) of one batch."""
+    mask = batch["attention_mask"]
+    q = module_forward(pair.q, mod, batch, batch.get("q_in"))
+    f = jax.lax.stop_gradient(module_forward(pair.fp, mod, batch, batch.get("fp_in")))
+    loss = sum(masked_mse(a, b, mask) for a, b in zip(q["ffn_out"], f["ffn_out"]))
+    if "embedding" in q:
+        loss = loss + masked_mse(q["embedding"], f["embedding"], mask)
+    if "logits" in q:
+        loss = loss + jnp.mean(jnp.square(q["logits"] - f["logits"]), axis=-1)
+    return loss
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleLoss:
+    """``loss_fn(pair, batch, rngs) -> (l_n, {})`` for `optimize` (hashable: jit-cache friendly)."""
+    mod: Module
+
+    def __call__(self, pair, batch, rngs=None):
+        return jnp.mean(_per_example_loss(pair, self.mod, batch)), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerExample:
+    mod: Module
+
+    def __call__(self, pair, batch):
+        return _per_example_loss(pair, self.mod, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Boundary:
+    """The module's output hidden state on both streams: ``{"q_in": ..., "fp_in": ...}``
+    (the next module's inputs)."""
+    mod: Module
+
+    def __call__(self, pair, batch):
+        return {f"{s}_in": module_forward(getattr(pair, s), self.mod, batch, batch.get(f"{s}_in"))["out"]
+                for s in ("q", "fp")}
+
+
+def module_loss(qmodel, teacher, mod: Module, arrays, batch_size: int = 64) -> float:
+    """l_n of module ``mod`` averaged over every row of ``arrays`` (ids plus ``q_in`` /
+    ``fp_in`` for modules after the first)."""
+    return mean_over(Pair(qmodel, teacher), _PerExample(mod), arrays, batch_size)
+
+
+def train_module(qmodel, teacher, mod: Module, arrays, *, steps: int, learning_rate: float = 1e-4,
+                 batch_size: int = 32, seed: int = 0):
+    """Trains module ``mod`` of ``qmodel`` (its latent weights and quantizer parameters only;
+    everything else, and ``qmodel`` itself, untouched) on l_n over batches of ``arrays``.
+    Returns ``(new qmodel, per-step losses, number of trained leaves)``."""
+    names = trainable_names(qmodel, mod.prefixes(), root="q")
+    if not names:
+        raise ValueError(f"module {mod.index} (layers {mod.start}..{mod.stop - 1}) has nothing quantized to train")
+    trained, losses = optimize(Pair(qmodel, teacher), ModuleLoss(mod), arrays, trainable=name_filter(names),
+                               steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed)
+    return trained.q, losses, len(names)
+
+
+def mrem_s(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int = 4, steps: int = 2000,
+           learning_rate: float = 1e-4, batch_size: int = 32, eval_batch_size: int = 64, seed: int = 0,
+           log: Callable[[str], Any] | None = print):
+    """MREM-S (see module docstring) of a `quantize_model` copy ``qmodel`` of ``teacher``.
+
+    Returns ``(new qmodel, report)``, report one dict per module: ``index, layers, trainable``
+    (number of trained leaves), ``loss_before`` / ``loss_after`` (l_n over the whole
+    calibration set, same inputs), ``first_loss`` / ``last_loss`` (training batches),
+    ``seconds``.  ``qmodel`` itself is not modified.
+    """
+    mods = modules(len(qmodel.bert.encoder.layers), num_modules)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    arrays = {k: np.asarray(calib[k]) for k in _KEYS}
+    if len(arrays["input_ids"]) == 0:
+        raise ValueError("the calibration set is empty")
+    report = []
+    for mod in mods:
+        t0 = time.perf_counter()
+        before = module_loss(qmodel, teacher, mod, arrays, eval_batch_size)
+        qmodel, losses, count = train_module(qmodel, teacher, mod, arrays, steps=steps, learning_rate=learning_rate,
+                                             batch_size=batch_size, seed=seed + mod.index)
+        after = module_loss(qmodel, teacher, mod, arrays, eval_batch_size)
+        if not mod.last:  # the next module's inputs: both streams through this module, cached
+            arrays = {**{k: arrays[k] for k in _KEYS},
+                      **run_probe(Pair(qmodel, teacher), _Boundary(mod), arrays, eval_batch_size)}
+        row = dict(index=mod.index, layers=[mod.start, mod.stop], trainable=count, loss_before=before,
+                   loss_after=after, first_loss=losses[0] if losses else None,
+                   last_loss=losses[-1] if losses else None, seconds=time.perf_counter() - t0)
+        report.append(row)
+        if log:
+            log(f"MREM-S module {mod.index} (layers {mod.start}..{mod.stop - 1}): loss {before:.4g} -> "
+                f"{after:.4g} in {row['seconds']:.1f}s")
+    return qmodel, report
+
+
+__all__ = ["Module", "modules", "module_forward", "ModuleLoss", "module_loss", "train_module", "mrem_s"]

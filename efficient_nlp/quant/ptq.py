@@ -1,0 +1,379 @@
+"""Post-training quantization by reconstruction (METHODS.md 1.4): calibration set, partition, REM.
+
+    calib, rows = ptq.calibration_set(task.train, k=4096, seed=0)    # the only training rows read
+    qmodel, report = quant.quantize_model(teacher, spec); quant.calibrate(qmodel, first_batch)
+    qmodel, per_matmul = ptq.rem(qmodel, teacher, calib, steps=200)   # greedy, matmul by matmul
+    ptq.layer_errors(qmodel, teacher, dev, 128)                      # FFN-output MSE per layer
+
+REM (reconstruction error minimisation): for every quantized ``Linear`` in forward order
+(per layer: query, key, value, attention.output, ffn.intermediate, ffn.output; the pooler last)
+minimise ``|| Q(a) Q(w) - a w ||^2`` (mean over real tokens and output features) over that
+Linear's latent weight and its quantizer state (LSQ / PACT step sizes of the weight and of
+its input), with Adam and a linearly decaying learning rate.  ``a`` is the Linear's input
+computed by the partly quantized model (every earlier matmul already reconstructed), read
+from the calibration set only; ``w`` is the full-precision weight.  Biases, LayerNorm and
+the quantized word embedding (no matmul) are left as they are; the attention's
+activation-activation matmuls are not reconstructed (their quantizers keep the calibration).
+
+MREM-S (module-wise reconstruction) is in `efficient_nlp.quant.mrem`; this file holds what both
+share: the calibration sample, the partition into modules, the per-layer error and the inner
+optimisation loop (`optimize`: Adam with linear decay, a small jitted loop on the
+`efficient_nlp.train` mesh helpers; see its docstring for why not ``fit``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from efficient_nlp.quant import modules as M
+
+
+# ----------------------------------------------------------------------------- calibration
+def calibration_set(train_arrays: Mapping[str, np.ndarray], k: int = 4096, seed: int = 0):
+    """``(calib, indices)``: ``k`` rows of ``train_arrays`` drawn without replacement with
+    ``np.random.default_rng(seed)`` (every row, in a seeded order, when the split has fewer).
+
+    ``indices`` (sorted, int64) are the only training rows PTQ reads; recipes record them and
+    drop the rest of the split, so that "the training data beyond the calibration set is never
+    touched" can be checked.  An empty split or ``k < 1`` raises ``ValueError``.
+    """
+    arrays = {name: np.asarray(v) for name, v in train_arrays.items()}
+    sizes = {len(v) for v in arrays.values()}
+    if not arrays or sizes == {0}:
+        raise ValueError("the calibration set is empty: the training split has no rows")
+    if len(sizes) != 1:
+        raise ValueError(f"training arrays differ in length: { {n: len(v) for n, v in arrays.items()} }")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"calibration size k must be a positive int, got {k!r}")
+    n = sizes.pop()
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(int(k), n)]).astype(np.int64)
+    return {name: v[rows] for name, v in arrays.items()}, rows
+
+
+# ----------------------------------------------------------------------------- partition
+def partition(num_layers: int, num_modules: int = 4) -> list[tuple[int, int]]:
+    """Consecutive layer ranges ``[(start, stop), ...]`` covering ``0 .. num_layers-1`` once.
+
+    Uneven ``L / N``: the first ``L mod N`` modules get one layer more (6 layers, 4 modules ->
+    2, 2, 1, 1).  By convention the embeddings join module 0 and the pooler / classifier the
+    last module (`efficient_nlp.quant.mrem`).
+    """
+    if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    if not isinstance(num_modules, (int, np.integer)) or num_modules < 1:
+        raise ValueError(f"num_modules must be a positive int, got {num_modules!r}")
+    if num_modules > num_layers:
+        raise ValueError(f"cannot partition {num_layers} layers into {num_modules} modules "
+                         f"(each module needs at least one layer); use num_modules <= {num_layers}")
+    base, extra = divmod(int(num_layers), int(num_modules))
+    out, start = [], 0
+    for i in range(int(num_modules)):
+        stop = start + base + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+def dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def get_module(model, name: str):
+    """The submodule at dotted path ``name`` (``bert.encoder.layers.0.attention.query``)."""
+    mod = model
+    for part in name.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    return mod
+
+
+def trainable_names(model, prefixes: tuple[str, ...] = ("",), root: str = "") -> set[str]:
+    """Dotted paths (under ``root``) of what reconstruction trains inside modules whose path
+    starts with one of ``prefixes``: the latent weight of every quantized Linear / Embed
+    (``kernel`` / ``embedding`` with a weight quantizer) and every learned quantizer
+    parameter (LSQ step / offset, PACT lo / hi).  Biases, LayerNorm and float sites: none."""
+    out = set()
+    for path, mod in nnx.iter_modules(model):
+        name = dotted(path)
+        if not any(f"{name}.".startswith(p) for p in prefixes):
+            continue
+        leaves = []
+        if isinstance(mod, M.QuantLinear) and mod.weight_quant is not None:
+            leaves = ["kernel"]
+        elif isinstance(mod, M.QuantEmbed):
+            leaves = ["embedding"]
+        elif isinstance(mod, M.QuantizerModule):
+            leaves = [a for a in ("step", "offset", "lo", "hi") if isinstance(getattr(mod, a, None), nnx.Param)]
+        out.update(".".join(p for p in (root, name, leaf) if p) for leaf in leaves)
+    return out
+
+
+def name_filter(names: set[str]):
+    """An NNX filter selecting the ``nnx.Param`` leaves at the dotted paths ``names``."""
+    names = frozenset(names)
+
+    def select(path, value):
+        return isinstance(value, nnx.Param) and dotted(path) in names
+
+    return select
+
+
+def masked_mse(x, y, mask):
+    """Per-example mean squared error over real tokens and features: [B,T,H] -> [B]."""
+    m = jnp.asarray(mask, jnp.float32)[..., None]
+    sq = jnp.square(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32)) * m
+    return jnp.sum(sq, axis=(1, 2)) / jnp.maximum(jnp.sum(m, axis=(1, 2)) * x.shape[-1], 1.0)
+
+
+def usable_batch_size(batch_size: int, rows: int) -> int:
+    """``batch_size`` clipped to the data and rounded down to a multiple of the device count."""
+    devices = jax.device_count()
+    b = min(int(batch_size), int(rows)) // devices * devices
+    if b < 1:
+        raise ValueError(f"{rows} calibration rows cannot fill a batch on {devices} devices")
+    return b
+
+
+_ADAM = optax.scale_by_adam()  # one object: the jitted step below is cached across calls
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _adam_step(graphdef, loss_fn, params, rest, opt_state, batch, lr):
+    def compute(p):
+        return loss_fn(nnx.merge(graphdef, p, rest), batch, None)[0]
+
+    loss, grads = jax.value_and_grad(compute)(params)
+    updates, opt_state = _ADAM.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+    return params, opt_state, loss
+
+
+def optimize(model, loss_fn: Callable, arrays: Mapping[str, np.ndarray], *, trainable, steps: int,
+             learning_rate: float, batch_size: int, seed: int = 0):
+    """Adam with a linear decay from ``learning_rate`` to 0 over ``steps`` updates of the
+    ``trainable`` leaves of ``model`` (everything else frozen), on batches of ``arrays`` drawn
+    with `efficient_nlp.data.train_batches` (seeded), data-parallel over all devices (state
+    replicated, batch sharded: the `efficient_nlp.train` mesh helpers).  ``loss_fn(model,
+    batch, rngs) -> (loss, aux)`` as for ``fit`` (``rngs`` is None: no dropout).
+
+    A small jitted loop rather than ``train.fit``: a PTQ objective lives for a few hundred
+    steps, REM runs one per matmul, and ``fit`` would checkpoint and recompile each (the step
+    here is cached on (graphdef, loss_fn), so matmuls of one shape compile once).
+    Returns ``(trained copy of model, per-step losses)``; ``model`` is not modified.
+    """
+    from efficient_nlp import data as data_lib
+    from efficient_nlp.train import distributed
+
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+    if steps == 0:
+        return nnx.merge(graphdef, params, rest), []
+    if not jax.tree.leaves(params):
+        raise ValueError("nothing to train: the trainable filter selects no parameter")
+    mesh = distributed.make_mesh()
+    params, rest = distributed.replicate((params, rest), mesh)  # new buffers, never the model's
+    opt_state = distributed.replicate(_ADAM.init(params), mesh)  # same shardings as the step's outputs
+    b = usable_batch_size(batch_size, len(next(iter(arrays.values()))))
+    batches = data_lib.train_batches(arrays, b, seed=seed)
+    lr = np.asarray(learning_rate, np.float32) * (1.0 - np.arange(steps, dtype=np.float32) / steps)
+    losses = []
+    for t in range(steps):
+        batch = distributed.shard_batch(next(batches), mesh)
+        params, opt_state, loss = _adam_step(graphdef, loss_fn, params, rest, opt_state, batch, lr[t])
+        losses.append(loss)
+    losses = [float(x) for x in jax.device_get(losses)]
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(f"reconstruction diverged (non-finite loss at step "
+                                 f"{int(np.argmin(np.isfinite(losses))) + 1}); lower the learning rate")
+    return nnx.merge(graphdef, params, rest), losses
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _probe_step(graphdef, probe, state, batch):
+    return probe(nnx.merge(graphdef, state), batch)
+
+
+def run_probe(model, probe: Callable, arrays: Mapping[str, np.ndarray], batch_size: int = 64):
+    """``probe(model, batch)`` (a hashable callable returning an array or a dict of arrays
+    with a leading batch axis) over every row of ``arrays`` once, jitted and data-parallel
+    like `efficient_nlp.train.predict`; returns numpy arrays with one row per example.  The
+    compiled step depends on the model's structure only, so calling again after training
+    (new parameter values) does not recompile."""
+    from efficient_nlp import data as data_lib
+    from efficient_nlp.train import distributed
+
+    mesh = distributed.make_mesh()
+    graphdef, state = nnx.split(model)
+    state = distributed.replicate(state, mesh)
+    b = usable_batch_size(batch_size, 10**9)
+    outs, weights = [], []
+    for host_batch in data_lib.eval_batches(arrays, b):
+        batch = distributed.shard_batch(host_batch, mesh)
+        outs.append(distributed.to_host(_probe_step(graphdef, probe, state, batch)))
+        weights.append(np.asarray(host_batch["weight"]))
+    keep = np.concatenate(weights) > 0
+    return jax.tree.map(lambda *xs: np.concatenate(xs)[keep], *outs)
+
+
+def mean_over(model, probe, arrays, batch_size=64) -> float:
+    """Mean over rows of ``probe(model, batch) -> [B]`` (see `run_probe`)."""
+    return float(np.mean(run_probe(model, probe, arrays, batch_size)))
+
+
+# ----------------------------------------------------------------------------- layer errors
+class Pair(nnx.Module):
+    """The quantized model ``q`` next to the full-precision one ``fp`` (one pytree for jit)."""
+
+    def __init__(self, q, fp):
+        self.q = q
+        self.fp = fp
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerErrors:
+    def __call__(self, pair, batch):
+        ids, mask, tt = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+        q = pair.q.bert(ids, mask, tt, capture=("ffn_out",)).intermediates["ffn_out"]
+        f = pair.fp.bert(ids, mask, tt, capture=("ffn_out",)).intermediates["ffn_out"]
+        return jnp.stack([masked_mse(a, b, mask) for a, b in zip(q, f)], axis=1)
+
+
+def layer_errors(qmodel, teacher, arrays, batch_size: int = 128) -> list[float]:
+    """Per layer: MSE of the quantized model's FFN output vs the full-precision one's, both fed
+    end to end from the same inputs (mean over examples of the per-example masked MSE)."""
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    per = run_probe(Pair(qmodel, teacher), _LayerErrors(), {k: arrays[k] for k in keys}, batch_size)
+    return [float(v) for v in per.mean(axis=0)]
+
+
+# ----------------------------------------------------------------------------- REM
+LAYER_LINEARS = (  # (linear, capture giving its input; "input" = the layer's input)
+    ("attention.query", "input"), ("attention.key", "input"), ("attention.value", "input"),
+    ("attention.output", "context"), ("ffn.intermediate", "mha_out"), ("ffn.output", "ffn_intermediate"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+    """Runs one piece of a BERT model on a batch: ``layer == -1`` the embeddings (returns
+    their output), else layer ``layer`` on ``batch["h"]`` (returns its output ``out`` and the
+    inputs of its Linears: ``context``, ``mha_out``, ``ffn_intermediate``)."""
+    layer: int
+
+    def __call__(self, model, batch):
+        bert = model.bert
+        if self.layer < 0:
+            return bert.embeddings(batch["input_ids"], batch["token_type_ids"])
+        h, inter = bert.encoder(batch["h"], batch["attention_mask"], start=self.layer, stop=self.layer + 1,
+                                capture=("context", "mha_out", "ffn_intermediate"))
+        return {"out": h, **{k: v[0] for k, v in inter.items()}}
+
+
+class _RemTarget(nnx.Module):
+    """A copy of one quantized Linear (``q``, its site name blanked so that every matmul of one
+    shape and quantizer has the same graph: one compile) and its frozen float weight ``w``."""
+
+    def __init__(self, q: M.QuantLinear, w):
+        wq = None if q.weight_quant is None else q.weight_quant.quantizer
+        aq = None if q.input_quant is None else q.input_quant.quantizer
+        self.q = M.QuantLinear(nnx.clone(q), "", wq, aq)
+        nnx.update(self.q, nnx.clone(nnx.state(q)))
+        if self.q.input_quant is not None:
+            self.q.input_quant.calibrated = q.input_quant.calibrated
+        self.w = nnx.Variable(jnp.asarray(w))
+
+
+def _rem_err(target, a):
+    fp = jnp.dot(a, target.w[...])
+    if target.q.bias is not None:
+        fp = fp + target.q.bias[...]
+    return jnp.mean(jnp.square(target.q(a) - fp), axis=-1)
+
+
+def rem_loss(target, batch, rngs=None):
+    """``mean || Q(a) Q(w) + b - (a w + b) ||^2`` over the batch's token rows."""
+    return jnp.mean(_rem_err(target, batch["a"])), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class _RemRowError:
+    def __call__(self, target, batch):
+        return _rem_err(target, batch["a"])
+
+
+def _tokens(x, mask, max_tokens, rng):
+    rows = np.asarray(x)[np.asarray(mask) > 0]
+    if max_tokens and len(rows) > max_tokens:
+        rows = rows[np.sort(rng.choice(len(rows), int(max_tokens), replace=False))]
+    return rows
+
+
+def rem(qmodel, teacher, calib: Mapping[str, np.ndarray], *, steps: int = 200, learning_rate: float = 1e-4,
+        token_batch_size: int = 2048, max_tokens: int = 0, eval_batch_size: int = 64, seed: int = 0,
+        log: Callable[[str], Any] | None = print):
+    """REM (see module docstring) on a `quantize_model` copy of ``teacher``; returns a
+    reconstructed copy of ``qmodel`` (not modified) and a report ``[{site, layer, tokens, before, after,
+    seconds}]`` (MSE of the matmul output on the calibration tokens before / after).
+
+    ``steps`` Adam updates per matmul on batches of ``token_batch_size`` real-token rows;
+    ``max_tokens`` > 0 caps the token rows per matmul (seeded subset).
+    """
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    arrays = {k: np.asarray(calib[k]) for k in keys}
+    if len(arrays["input_ids"]) == 0:
+        raise ValueError("the calibration set is empty")
+    qmodel = nnx.clone(qmodel)
+    mask = arrays["attention_mask"]
+    rng = np.random.default_rng(seed)
+
+    def run(probe, h=None):
+        feed = dict(arrays) if h is None else {**arrays, "h": h}
+        return run_probe(qmodel, probe, feed, eval_batch_size)
+
+    def fit_linear(site, a, layer):
+        q = get_module(qmodel, site)
+        if not isinstance(q, M.QuantLinear):
+            return None
+        target = _RemTarget(q, get_module(teacher, site).kernel[...])
+        rows = {"a": a}
+        t0 = time.perf_counter()
+        before = mean_over(target, _RemRowError(), rows, 4096)
+        names = trainable_names(q, root="q")
+        trained, _ = optimize(target, rem_loss, rows, trainable=name_filter(names), steps=steps,
+                              learning_rate=learning_rate, batch_size=token_batch_size, seed=seed)
+        nnx.update(q, nnx.state(trained.q))
+        after = mean_over(trained, _RemRowError(), rows, 4096)
+        row = dict(site=site, layer=layer, tokens=int(len(a)), before=before, after=after,
+                   seconds=time.perf_counter() - t0)
+        if log:
+            log(f"REM {site}: mse {before:.3g} -> {after:.3g} ({row['seconds']:.1f}s)")
+        return row
+
+    report = []
+    h = run(_Probe(-1))
+    for i in range(len(qmodel.bert.encoder.layers)):
+        for name, source in LAYER_LINEARS:
+            # the layer is re-run before each of its later Linears: the ones before changed
+            a = h if source == "input" else run(_Probe(i), h)[source]
+            row = fit_linear(f"bert.encoder.layers.{i}.{name}", _tokens(a, mask, max_tokens, rng), i)
+            if row is not None:
+                report.append(row)
+        h = run(_Probe(i), h)["out"]
+    if qmodel.bert.pooler is not None:
+        row = fit_linear("bert.pooler.dense", h[:, 0], len(qmodel.bert.encoder.layers))
+        if row is not None:
+            report.append(row)
+    return qmodel, report
+
+
+__all__ = ["calibration_set", "partition", "rem", "rem_loss", "layer_errors", "masked_mse", "optimize",
+           "trainable_names", "name_filter", "Pair", "LAYER_LINEARS"]
