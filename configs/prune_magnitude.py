@@ -3,7 +3,9 @@ fine-tuning on the built-in task; the target sparsity is the config argument (0.
 
     python train.py --config configs/prune_magnitude.py:0.9 --workdir runs/prune_mag90
 
-Cubic ramp from step 0 to 60% of training, masks recomputed every 10 steps; global ranking with
+Cubic ramp from the end of the LR warmup (10% of training) to 60%, masks recomputed every 10
+steps (no pruning during warmup: movement scores collected through the still-random classifier
+head would decide irreversibly which pretrained weights are zeroed); global ranking with
 per-tensor normalisation over all attention / FFN kernels.
 """
 import ml_collections
@@ -19,7 +21,8 @@ def get_config(sparsity="0.9"):
     steps = config.train.num_steps
     config.prune = ml_collections.ConfigDict(dict(
         criterion="magnitude",
-        schedule=dict(kind="gradual_cubic", begin_step=0, end_step=int(0.6 * steps), frequency=10),
+        schedule=dict(kind="gradual_cubic", begin_step=int(config.train.warmup_ratio * steps),
+                      end_step=int(0.6 * steps), frequency=10),
         rules=[dict(regex=r"layers\.\d+\.(attention\.(query|key|value|output)|ffn\.(intermediate|output))\.kernel$",
                     pattern="unstructured", sparsity=float(sparsity), distribution="global")],
         shrink=False,

@@ -304,3 +304,79 @@ def test_l1_and_group_soft_threshold_closed_forms():
     factor = np.maximum(0, 1 - 0.3 / np.sqrt(sq))
     got = np.asarray(att["output"]["kernel"]) + np.asarray(out["layers"]["0"]["attention"]["output"]["kernel"])
     np.testing.assert_allclose(got, np.asarray(att["output"]["kernel"]) * np.repeat(factor, 2)[:, None], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- movement regressions
+def test_movement_at_step_zero_prunes_nothing_and_all_zero_scores_stay_finite():
+    # Movement statistics are all zero at init: a schedule that updates at 0 (progress 0) must keep
+    # everything, and a later ranking of all-zero / tied scores must remove exactly the target count
+    # (no NaN from the per-tensor normalisation, no whole tensor removed).
+    p = {"a": {"kernel": rand(8, 8)}, "b": {"kernel": rand(8, 4)}, "head": {"kernel": rand(4, 3)}}
+    rules = [prune.rule(r"^(a|b)\.kernel$", "unstructured", 0.9, "global")]
+    tx = sgd_pruner(rules, prune.gradual_cubic(0, 10, 5), criterion="movement")
+    state = tx.init(p)
+    assert all(bool(np.all(m)) for m in jax.tree.leaves(state.masks))
+    from efficient_nlp.prune import masks as masks_lib
+    plan = masks_lib.make_plan(p, rules)
+    zeros = {n: jnp.zeros(plan.shapes[n]) for n in plan.names}
+    for progress in (0.0, 0.5, 1.0):
+        out = masks_lib.compute_masks(plan, zeros, progress)
+        removed = sum(int((~np.asarray(m)).sum()) for m in out.values())
+        assert removed == int(np.round(np.float32(0.9) * np.float32(progress) * 96)), progress
+
+
+def test_movement_statistics_accumulate_under_jit_on_selected_leaves_only():
+    p = {"w": rand(4, 4), "head": rand(4, 2)}
+    tx = sgd_pruner([prune.rule("^w$", "unstructured", 0.5)], prune.gradual_cubic(0, 4, 2), criterion="movement")
+    state = tx.init(p)
+    g = {"w": rand(4, 4), "head": rand(4, 2)}
+    step = jax.jit(tx.update)
+    _, s1 = step(g, state, p)
+    np.testing.assert_allclose(s1.stats["w"], -np.asarray(g["w"]) * np.asarray(p["w"]), rtol=1e-6)
+    assert s1.stats["head"].shape == () and s1.masks["head"].shape == ()  # the head is never masked
+    # Sign: a weight the update pushes away from zero (-g * w > 0) survives the ranking.
+    assert np.all(np.isfinite(np.asarray(s1.stats["w"])))
+
+
+def _toy_task(seed=0, n=1024, d=16, c=6):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = np.argmax(x @ rng.normal(size=(d, c)), -1)
+    return jnp.asarray(x), jnp.asarray(y), c
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "movement"])
+def test_gradual_pruning_to_90_percent_still_learns_a_toy_task(criterion):
+    # Would catch: movement masking everything / the head, NaN scores, a frozen accumulator or a
+    # sign error that removes the weights the task needs (the loss would stay at ln(C)).
+    x, y, c = _toy_task()
+    d, h = x.shape[1], 64
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"l0": {"kernel": jax.random.normal(k[0], (d, h)) / np.sqrt(d), "bias": jnp.zeros(h)},
+         "l1": {"kernel": jax.random.normal(k[1], (h, h)) / np.sqrt(h), "bias": jnp.zeros(h)},
+         "cls": {"kernel": jax.random.normal(k[2], (h, c)) * 0.01, "bias": jnp.zeros(c)}}
+
+    def loss_fn(p, xb, yb):
+        z = jax.nn.relu(xb @ p["l0"]["kernel"] + p["l0"]["bias"])
+        z = z + jax.nn.relu(z @ p["l1"]["kernel"] + p["l1"]["bias"])
+        return optax.softmax_cross_entropy_with_integer_labels(z @ p["cls"]["kernel"] + p["cls"]["bias"], yb).mean()
+
+    steps = 200
+    tx = prune.pruning(optax.adam(3e-3), [prune.rule(r"^l\d\.kernel$", "unstructured", 0.9, "global")],
+                       criterion=criterion, schedule=prune.gradual_cubic(0, int(0.6 * steps), 10))
+    state = tx.init(p)
+
+    @jax.jit
+    def step(p, state, i):
+        idx = jax.random.randint(jax.random.fold_in(jax.random.key(1), i), (64,), 0, x.shape[0])
+        g = jax.grad(loss_fn)(p, x[idx], y[idx])
+        u, state = tx.update(g, state, p)
+        return optax.apply_updates(p, u), state
+
+    for i in range(steps):
+        p, state = step(p, state, i)
+    kernels = [np.asarray(state.masks[n]["kernel"]) for n in ("l0", "l1")]
+    assert 1 - sum(m.sum() for m in kernels) / sum(m.size for m in kernels) == pytest.approx(0.9, abs=1e-3)
+    assert all(m.any(axis=0).sum() > 0 for m in kernels)  # no tensor removed entirely
+    final = float(loss_fn(p, x, y))
+    assert final < 0.6 * np.log(c)
