@@ -86,18 +86,23 @@ def test_recipe_rejects_bad_match_before_training(tiny_teacher_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "Not reached yet (issue 3 open): on 2026-11-21 the two-stage distilled 3-layer student got "
-    "0.768 dev accuracy vs 0.801 for the same student trained on labels for the same 400 steps "
-    "(teacher 0.811)."))
-def test_distilled_student_beats_undistilled_student(tmp_path):
-    """The real two-stage recipe: MiniLM-L6 teacher (fine-tuned first) -> 3-layer student.
+    "Not reached yet (issue 3 open). Teacher (configs/quickstart.py) 0.811 dev accuracy; the same "
+    "3-layer student (teacher layers 0, 2, 4) trained on labels for 400 steps at 1e-4: 0.801. "
+    "Distilled for the same 400 steps: two-stage (this config) 0.768; Hinton KD on logits "
+    "(KL at T=2 times T^2 + 0.5 hard labels, 400 steps) 0.787; one stage with hidden-state MSE "
+    "+ that KD loss 0.792 (2026-11-21, fixed seeds; the baseline number is from the first run)."))
+def test_distilled_student_beats_undistilled_student(finetuned_minilm_dir, tmp_path):
+    """The real two-stage recipe: fine-tuned MiniLM-L6 teacher (the session's shared
+    ``finetuned_minilm_dir``) -> 3-layer student.
 
     Fixed seeds; the distilled student must beat the same student trained on the task
-    loss alone for the same number of steps (about 25 minutes on 2 CPU cores).
+    loss alone for the same number of steps (about 15-25 minutes on 2 CPU cores, plus the
+    teacher's fine-tuning when the session has not done it yet).
     """
     from configs import distill_two_stage
     from efficient_nlp.recipes import run_recipe
     config = distill_two_stage.get_config()
+    config.teacher_dir = finetuned_minilm_dir
     config.baseline.enabled = True
     config.train.progress_bar = False
     results = run_recipe(config, str(tmp_path))
