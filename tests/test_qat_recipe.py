@@ -68,7 +68,12 @@ def test_bad_quantization_config_fails_before_training(tiny_teacher_dir, tmp_pat
 @pytest.mark.slow
 def test_qat_2_2_8_recovers_most_of_full_precision_accuracy(finetuned_minilm_dir, tmp_path):
     """configs/qat_2_2_8.py on the real fine-tuned MiniLM: the TWN model keeps >= 90% of the
-    teacher's dev accuracy, at ~1/14 of its size (TernaryBERT's direction)."""
+    teacher's dev accuracy, at ~1/14 of its size (TernaryBERT's direction).
+
+    Measured 2026-11-21 (2 CPU cores, ~50 min under load): teacher 0.811; quantized before
+    training 0.582, after the intermediate stage 0.768, after the prediction stage 0.798
+    (loyalty 0.903); 6.44 MB packed vs 86.66 MB; BOPs 0.378 G vs 1.397 G per example (T = 64).
+    """
     from configs import qat_2_2_8
     from efficient_nlp.recipes import run_recipe
     config = qat_2_2_8.get_config()
