@@ -152,8 +152,10 @@ def test_integer_path_equals_fake_quant(float_model, lsq_2_2_8, bits):
     b = batch(8)
     qmodel = lsq_2_2_8 if bits is None else quantized(float_model, *bits)
     imodel, report = quant.to_integer_model(qmodel)
-    # Every Linear but the (float) classifier runs an int8 matmul; the word embedding is int8.
-    assert len(report.integer_sites) == L * 6 + 1
+    # Every Linear but the (float) classifier and both attention matmuls of every layer run
+    # int8 matmuls; the word embedding is int8.
+    assert len(report.integer_sites) == L * 7 + 1
+    assert isinstance(imodel.bert.encoder.layers[L - 1].attention.matmul_quant, quant.IntAttention)
     assert isinstance(imodel.bert.embeddings.word_embeddings, quant.IntEmbed)
     layer = imodel.bert.encoder.layers[0]
     assert layer.ffn.intermediate.w_codes[...].dtype == np.int8

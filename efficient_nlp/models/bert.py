@@ -193,8 +193,8 @@ class BertAttention(nnx.Module):
         self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
         self.attn_dropout = Dropout(config.attention_probs_dropout_prob)
         self.dropout = Dropout(config.hidden_dropout_prob)
-        # Hook for quantizing the inputs of q.k^T and probs.v (`efficient_nlp.quant`): an object
-        # with scores_inputs(q, k) -> (q, k) and context_inputs(probs, v) -> (probs, v).
+        # Hook for quantized q.k^T and probs.v (`efficient_nlp.quant`): an object whose
+        # scores(q, k) returns q @ k^T and context(probs, v) returns probs @ v.
         self.matmul_quant = None
 
     def __call__(self, x, bias=None, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
@@ -209,15 +209,15 @@ class BertAttention(nnx.Module):
         # an einsum over [B,T,N,D] operands (benchmarks/train_step_vs_torch.py).
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         mq = self.matmul_quant
-        qq, kq = (q, k) if mq is None else mq.scores_inputs(q, k)
-        scores = jnp.matmul(qq, kq.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))
+        qk = jnp.matmul(q, k.transpose(0, 1, 3, 2)) if mq is None else mq.scores(q, k)
+        scores = qk * (1.0 / math.sqrt(d))
         logits = scores.astype(jnp.float32)
         if bias is not None:
             logits = logits + bias
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         dropped = self.attn_dropout(probs, deterministic=deterministic, rngs=rngs)
-        pq, vq = (dropped, v) if mq is None else mq.context_inputs(dropped, v)
-        context = jnp.matmul(pq, vq).transpose(0, 2, 1, 3).reshape(b, t, -1)
+        context = jnp.matmul(dropped, v) if mq is None else mq.context(dropped, v)
+        context = context.transpose(0, 2, 1, 3).reshape(b, t, -1)
         out = self.dropout(self.output(context), deterministic=deterministic, rngs=rngs)
         out = self.layer_norm(out + x)
         captured = {}

@@ -29,6 +29,7 @@ from efficient_nlp.quant.integer import (
     DequantLinear,
     IntegerReport,
     IntEmbed,
+    IntAttention,
     IntLinear,
     activation_codes,
     int8_matmul,
@@ -65,6 +66,6 @@ __all__ = [
     "AttentionQuant", "CostReport", "cost_report", "cost_table",
     "PackedArtifactError", "export_packed", "save_packed", "load_packed", "packed_size_mb", "restore",
     "weight_codes", "dequantize_weight", "unpacked_weights", "quantized_weights", "artifact_nbytes",
-    "to_integer_model", "IntegerReport", "IntLinear", "DequantLinear", "IntEmbed", "activation_codes",
+    "to_integer_model", "IntegerReport", "IntAttention", "IntLinear", "DequantLinear", "IntEmbed", "activation_codes",
     "int8_matmul", "ptq", "mrem", "calibration_set", "partition", "rem", "mrem_s", "layer_errors",
 ]

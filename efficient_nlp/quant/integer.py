@@ -25,8 +25,9 @@ float products; here the sum is exact), so logits agree to ~1e-5 relative and pr
 except on rounding ties.  `QuantLinear` sites with float inputs (weight-only) keep their int8
 codes and dequantize them per call (`DequantLinear`); `QuantEmbed` tables become int8 codes whose
 gathered rows are dequantized (`IntEmbed`), exactly the fake-quant values.  BERT attention's
-activation-activation matmuls keep their fake-quant hook (float matmuls of on-grid values; they
-are ~5% of MiniLM's MACs at 128 tokens).  Unsigned (asymmetric) weight grids stay fake-quantized.
+activation-activation matmuls (``q.k^T``, ``probs.v``) run the same int8 products batched over
+(batch, head) (`IntAttention`) when all four operands are quantized.  Unsigned (asymmetric)
+weight grids stay fake-quantized.
 """
 from __future__ import annotations
 
@@ -118,6 +119,50 @@ class IntLinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
+
+
+def _int_product(x, xq: M.QuantizerModule, w, wq: M.QuantizerModule, dims):
+    """``Q(x) . Q(w)`` over ``dims`` (a ``dot_general`` dimension spec contracting x's last axis)
+    as an int8 x int8 -> int32 product rescaled like `IntLinear` (``w`` on a signed grid;
+    ``colsum`` of w's codes over the contracted axis gives the zero-point terms)."""
+    c, s_x, offset, shift = activation_codes(xq, x)
+    d, s_w, _, _ = activation_codes(wq, w)
+    acc = jax.lax.dot_general(c, d, dims, preferred_element_type=jnp.int32)
+    if shift or offset is not None:
+        (_, (w_axis,)), (_, w_batch) = dims
+        colsum = jnp.sum(d.astype(jnp.int32), axis=w_axis, keepdims=True)
+        # Put colsum's free axis last, after the batch axes, to broadcast over acc [batch..., T, out].
+        colsum = jnp.moveaxis(colsum, w_axis, -2) if w_axis != w.ndim - 2 else colsum
+        if shift:
+            acc = acc + shift * colsum
+    y = acc.astype(jnp.float32) * s_x
+    if offset is not None:
+        y = y + offset * colsum.astype(jnp.float32)
+    return y * s_w
+
+
+class IntAttention(nnx.Module):
+    """BERT attention's ``q.k^T`` and ``probs.v`` as int8 x int8 -> int32 batched matmuls (the
+    ``matmul_quant`` hook), with the same quantizers as the fake-quant `AttentionQuant`."""
+
+    def __init__(self, aq: M.AttentionQuant):
+        self.site = aq.site
+        self.q, self.k, self.v, self.probs = aq.q, aq.k, aq.v, aq.probs
+
+    def scores(self, q, k):
+        """q [B,N,T,D], k [B,N,S,D] -> [B,N,T,S]."""
+        return _int_product(q, self.q, k, self.k, (((3,), (3,)), ((0, 1), (0, 1))))
+
+    def context(self, probs, v):
+        """probs [B,N,T,S], v [B,N,S,D] -> [B,N,T,D]."""
+        return _int_product(probs, self.probs, v, self.v, (((3,), (2,)), ((0, 1), (0, 1))))
+
+
+def _int_attention_ok(aq: M.AttentionQuant) -> bool:
+    """Both operands of both matmuls quantized, the right-hand ones on signed grids."""
+    mods = (aq.q, aq.k, aq.v, aq.probs)
+    return (all(m is not None and m.quantizer.bits <= 8 for m in mods)
+            and aq.k.quantizer.signed and aq.v.quantizer.signed)
 
 
 class DequantLinear(nnx.Module):
@@ -231,8 +276,16 @@ def to_integer_model(qmodel):
         else:
             _replace(model, path, IntLinear(mod))
             rows.append((mod.site, "int8 matmul", f"W{wq.quantizer.name} A{aq.quantizer.name}"))
+    for _, mod in nnx.iter_modules(model):
+        aq = getattr(mod, "matmul_quant", None)
+        if isinstance(aq, M.AttentionQuant):
+            if _int_attention_ok(aq):
+                mod.matmul_quant = nnx.data(IntAttention(aq))
+                rows.append((aq.site, "int8 matmul", "q.k^T and probs.v"))
+            else:
+                rows.append((aq.site, "fake quant", "an attention operand is float or unsigned on the right"))
     return model, IntegerReport(rows)
 
 
-__all__ = ["IntCodes", "IntLinear", "DequantLinear", "IntEmbed", "IntegerReport", "activation_codes",
+__all__ = ["IntCodes", "IntLinear", "IntAttention", "DequantLinear", "IntEmbed", "IntegerReport", "activation_codes",
            "int8_matmul", "to_integer_model"]

@@ -163,21 +163,21 @@ class QuantEmbed(nnx.Module):
 
 
 class AttentionQuant(nnx.Module):
-    """Quantizers for BERT attention's ``q.k^T`` and ``probs.v`` inputs (the ``matmul_quant`` hook)."""
+    """BERT attention's ``q.k^T`` and ``probs.v`` with quantized inputs (the ``matmul_quant`` hook)."""
 
     def __init__(self, site: str, q: Quantizer | None, k: Quantizer | None, v: Quantizer | None,
                  probs: Quantizer | None):
         self.site = site
         self.q, self.k, self.v, self.probs = (None if x is None else QuantizerModule(x) for x in (q, k, v, probs))
 
-    def scores_inputs(self, q, k):
-        """q, k [B,N,T,D] -> quantized q, k."""
+    def scores(self, q, k):
+        """q, k [B,N,T,D] -> Q(q) @ Q(k)^T [B,N,T,S]."""
         b, n, t, d = q.shape
         _record(self.site + ".scores", "attention", b * n * t * k.shape[2] * d, _bits(self.k), _bits(self.q))
-        return _maybe(self.q, q), _maybe(self.k, k)
+        return jnp.matmul(_maybe(self.q, q), _maybe(self.k, k).transpose(0, 1, 3, 2))
 
-    def context_inputs(self, probs, v):
-        """probs [B,N,T,S], v [B,N,S,D] -> quantized probs, v."""
+    def context(self, probs, v):
+        """probs [B,N,T,S], v [B,N,S,D] -> Q(probs) @ Q(v) [B,N,T,D]."""
         b, n, t, s = probs.shape
         _record(self.site + ".context", "attention", b * n * t * s * v.shape[-1], _bits(self.v), _bits(self.probs))
-        return _maybe(self.probs, probs), _maybe(self.v, v)
+        return jnp.matmul(_maybe(self.probs, probs), _maybe(self.v, v))
