@@ -47,6 +47,7 @@ from efficient_nlp import tree
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.packing import pack, unpack
+from efficient_nlp.quant.transform import _dotted
 
 FORMAT = "efficient_nlp.quant.packed"
 VERSION = 1
@@ -125,10 +126,6 @@ def dequantize_weight(quantizer, codes, scale, zero_point=None, offset=None):
 
 
 # ----------------------------------------------------------------------------- model walking
-def _dotted(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def quantized_weights(model) -> list[tuple[str, Any, str]]:
     """``[(module path, QuantLinear or QuantEmbed, weight attribute)]`` with a weight quantizer."""
     out = []

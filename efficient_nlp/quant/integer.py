@@ -40,6 +40,7 @@ from flax import nnx
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.export import dequantize_weight, weight_codes
+from efficient_nlp.quant.transform import _replace
 
 
 class IntCodes(nnx.Variable):
@@ -236,16 +237,6 @@ class IntegerReport:
         lines = [f"integer model: {len(self.integer_sites)} of {len(self.rows)} quantized sites run int8 matmuls"]
         lines += [f"{site:<{width}}  {kind:<18}  {why}" for site, kind, why in self.rows]
         return "\n".join(lines)
-
-
-def _replace(model, path, new):
-    parent = model
-    for p in path[:-1]:
-        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = new
-    else:
-        setattr(parent, path[-1], new)
 
 
 def to_integer_model(qmodel):
