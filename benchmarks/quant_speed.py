@@ -16,9 +16,7 @@ Timings alternate between the two sides in blocks (warm-up first), median ms per
 """
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -30,29 +28,9 @@ from flax import nnx  # noqa: E402
 from efficient_nlp import models, quant, train, tree  # noqa: E402
 from efficient_nlp.recipes.finetune import task_loss  # noqa: E402
 
-
-def time_alternating(fns, n_warmup, n_steps, n_rounds):
-    """Median ms per call of each callable, in alternating blocks."""
-    for fn in fns:
-        for _ in range(n_warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(n_rounds):
-        for fn, record in zip(fns, times):
-            for _ in range(n_steps):
-                start = time.perf_counter()
-                fn()
-                record.append(time.perf_counter() - start)
-    return [1000 * statistics.median(t) for t in times]
+from _common import random_batch, time_alternating  # noqa: E402
 
 
-def random_batch(vocab_size, batch, seq, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, vocab_size, size=(batch, seq), dtype=np.int32)
-    mask = np.ones((batch, seq), np.int32)
-    mask[: batch // 2, seq // 2:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-            "labels": rng.integers(0, 2, batch).astype(np.int32)}
 
 
 def load(model_dir):

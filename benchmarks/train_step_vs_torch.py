@@ -12,35 +12,8 @@ follows immediately); prints the median milliseconds per step of each and the ra
     python benchmarks/train_step_vs_torch.py --batch 32 --seq 128 --steps 4 --rounds 3
 """
 import argparse
-import statistics
-import time
 
-import numpy as np
-
-
-def time_alternating(steps, n_warmup, n_steps, n_rounds):
-    """Median ms per call of each callable in ``steps``, in alternating blocks."""
-    for step in steps:
-        for _ in range(n_warmup):
-            step()
-    times = [[] for _ in steps]
-    for _ in range(n_rounds):
-        for step, record in zip(steps, times):
-            step()  # settle after the other framework's block
-            for _ in range(n_steps):
-                start = time.perf_counter()
-                step()
-                record.append(time.perf_counter() - start)
-    return [1000 * statistics.median(t) for t in times]
-
-
-def random_batch(vocab_size, batch, seq, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, vocab_size, size=(batch, seq), dtype=np.int32)
-    mask = np.ones((batch, seq), np.int32)
-    mask[: batch // 2, seq // 2:] = 0  # half the rows padded to half length
-    return {"input_ids": ids, "attention_mask": mask,
-            "token_type_ids": np.zeros_like(ids), "labels": rng.integers(0, 2, batch).astype(np.int32)}
+from _common import random_batch, time_alternating
 
 
 def ours(model_dir, batch):
@@ -91,7 +64,7 @@ def main():
     ours_step = ours(model_dir, batch)
     torch_step, threads = torch_side(model_dir, batch)
     ours_ms, torch_ms = time_alternating([ours_step, torch_step], args.warmup, args.steps,
-                                         args.rounds)
+                                         args.rounds, settle=True)
     import jax
     print(f"MiniLM fine-tuning step, batch {args.batch} x seq {args.seq}, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads {threads}")
