@@ -43,6 +43,7 @@ def get_config():
 
     config.student = ml_collections.ConfigDict(dict(
         layers=(0, 2, 4),
+        init="teacher",   # copy the layers from the fine-tuned teacher, or "pretrained" (model_dir)
         overrides=dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)))
     config.distill = ml_collections.ConfigDict(dict(
         method="kd",

@@ -71,6 +71,33 @@ def test_theseus_recipe_runs(tiny_teacher_dir, tmp_path):
     assert "loyalty" in results["baseline"]
 
 
+def test_student_init_pretrained_copies_the_pretrained_layers(tiny_teacher_dir, tmp_path):
+    """``student.init="pretrained"``: the student's layers come from ``model_dir`` (not the teacher);
+    an unknown init fails at config time."""
+    import numpy as np
+    from flax import nnx
+    from efficient_nlp.recipes import distill as recipe
+    pretrained = str(tmp_path / "pretrained")   # same shapes as the teacher, other weights
+    models.save_hf_checkpoint(models.BertModel(models.BertConfig.from_pretrained(tiny_teacher_dir),
+                                               rngs=nnx.Rngs(1)), pretrained)
+    config = tiny_config(tiny_teacher_dir)
+    config.model_dir = pretrained
+    teacher = models.from_pretrained(tiny_teacher_dir, num_labels=9)
+    source = models.from_pretrained(pretrained, num_labels=9)
+    name = "bert.encoder.layers.{}.attention.query.kernel"
+    for init, expected in (("teacher", teacher), ("pretrained", source)):
+        config.student.init = init
+        recipe.check_config(config)
+        student = distill.student_from_teacher(recipe._student_source(config, teacher, 9), (0, 2))
+        np.testing.assert_array_equal(models.named_params(student)[name.format(1)].get_value(),
+                                      models.named_params(expected)[name.format(2)].get_value())
+    assert not np.array_equal(models.named_params(teacher)[name.format(2)].get_value(),
+                              models.named_params(source)[name.format(2)].get_value())
+    config.student.init = "random"
+    with pytest.raises(ValueError, match="config.student.init='random'"):
+        recipe.check_config(config)
+
+
 def test_recipe_rejects_bad_match_before_training(tiny_teacher_dir, tmp_path):
     from efficient_nlp.recipes import run_recipe
     config = tiny_config(tiny_teacher_dir)

@@ -6,8 +6,12 @@
    ``workdir/model``); empty means "fine-tune ``config.model_dir`` on ``config.data`` first"
    with ``config.teacher_train`` into ``workdir/teacher`` (reused when already there; about
    10 minutes on 2 CPU cores for the embedded MiniLM on the built-in task).
-2. Student: the teacher's embeddings, encoder layers ``config.student.layers``, pooler and
-   classifier (`efficient_nlp.distill.student_from_teacher`).
+2. Student: embeddings, encoder layers ``config.student.layers``, pooler and classifier copied
+   (`efficient_nlp.distill.student_from_teacher`) from the fine-tuned teacher
+   (``config.student.init == "teacher"``) or from the pretrained model the teacher was
+   fine-tuned from (``"pretrained"``: ``config.model_dir`` or the embedded MiniLM, with a freshly
+   initialised classifier; the PKD / DistilBERT task-specific setting).  The baseline of 4.
+   starts from the same student.
 3. ``config.distill.method == "kd"``: stages run one after another, each a `fit` of a
    `Distiller` with its own matches, steps and learning rate in ``workdir/stage_<name>``
    (two-stage: intermediate matches, then the prediction layer; one-stage: all at once).
@@ -44,6 +48,7 @@ def check_config(config):
     if any(not isinstance(i, int) or not 0 <= i < teacher_cfg.num_hidden_layers for i in layers):
         raise ValueError(f"config.student.layers={layers}: teacher layers are 0.."
                          f"{teacher_cfg.num_hidden_layers - 1}")
+    _student_init(config)
     student_cfg = teacher_cfg.replace(num_hidden_layers=len(layers))
     method = config.distill.method
     if method == "theseus":
@@ -53,6 +58,24 @@ def check_config(config):
     if method != "kd":
         raise ValueError(f"config.distill.method={method!r}; use 'kd' or 'theseus'")
     return check_stages(config.distill.stages, student_cfg, teacher_cfg, "config.distill.stages")
+
+
+STUDENT_INITS = ("teacher", "pretrained")
+
+
+def _student_init(config):
+    init = config.student.get("init", "teacher")
+    if init not in STUDENT_INITS:
+        raise ValueError(f"config.student.init={init!r}; valid: {STUDENT_INITS}")
+    return init
+
+
+def _student_source(config, teacher, num_labels):
+    """The model whose layers the student copies (see the module docstring, 2.)."""
+    if _student_init(config) == "teacher":
+        return teacher
+    return models.from_pretrained(config.model_dir or models.default_model_dir(), num_labels=num_labels,
+                                  seed=config.train.seed)
 
 
 def check_stages(stages, student_cfg, teacher_cfg, where):
@@ -136,7 +159,8 @@ def run(config, workdir):
     task = _load_data(config, teacher_dir)
     spec = task.spec
     teacher = models.from_pretrained(teacher_dir, num_labels=spec.num_labels)
-    student0 = distill.student_from_teacher(teacher, tuple(config.student.layers), seed=config.train.seed,
+    student0 = distill.student_from_teacher(_student_source(config, teacher, spec.num_labels),
+                                            tuple(config.student.layers), seed=config.train.seed,
                                             **config.student.overrides.to_dict())
     bs = config.train.eval_batch_size
 
