@@ -54,6 +54,7 @@ from efficient_nlp.distill.losses import (
 from efficient_nlp.distill.matches import (
     FEATURES,
     LOSSES,
+    REGISTERED_LOSSES,
     Match,
     captures,
     check_matches,
@@ -61,12 +62,13 @@ from efficient_nlp.distill.matches import (
     layer_matches,
     make_schedule,
     pkd_matches,
+    register_loss,
     uniform_hidden_map,
 )
 from efficient_nlp.distill.theseus import TheseusModel, make_theseus_loss, theseus_blocks
 
 __all__ = [
-    "FEATURES", "LOSSES", "STUDENT_FILTER", "DistillStep", "Distiller", "Match", "TheseusModel",
+    "FEATURES", "LOSSES", "REGISTERED_LOSSES", "register_loss", "STUDENT_FILTER", "DistillStep", "Distiller", "Match", "TheseusModel",
     "attention_kl", "attention_mse", "cache_teacher_logits", "captures", "check_matches",
     "check_schedule", "cosine_embedding_loss", "feature_of", "fidelity_metrics",
     "forward_seconds", "hard_label_loss", "hidden_mse", "hinton_loss", "kl_divergence",

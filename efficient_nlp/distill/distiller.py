@@ -33,6 +33,7 @@ from flax import nnx
 from efficient_nlp.distill import losses as L
 from efficient_nlp.distill.matches import (
     PROJECTABLE_LOSSES,
+    REGISTERED_LOSSES,
     _width,
     captures,
     make_schedule,
@@ -131,6 +132,8 @@ def match_loss(m, student_value, teacher_value, mask, *, temperature=1.0, projec
         return L.value_relation_kl(student_value, teacher_value, mask)
     if m.loss == "relation_kl":
         return L.relation_kl(student_value, teacher_value, mask, num_relation_heads=m.relation_heads)
+    if m.loss in REGISTERED_LOSSES:
+        return REGISTERED_LOSSES[m.loss](student_value, teacher_value, mask)
     raise ValueError(f"unknown loss {m.loss!r}")
 
 

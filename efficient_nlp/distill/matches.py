@@ -14,10 +14,13 @@ Layer indices: ``hidden`` counts hidden states, 0 = embedding output ... L = las
 per-layer features (``attn_scores``, ``attn_probs``, ``values``, ``queries``, ``keys``,
 ``mha_out``, ``ffn_intermediate``, ``ffn_out``) count layers 0 ... L-1; negative indices count
 from the end; ``embedding`` and ``logits`` take no layer (None).
+
+`register_loss` adds a user's loss under a new ``loss`` name (see docs/extending.md).
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
@@ -56,6 +59,38 @@ LOSSES = {
     "relation_kl": VECTOR_FEATURES,
 }
 PROJECTABLE_LOSSES = ("hidden_mse", "cosine", "pkd")
+#: Losses added with `register_loss`: name -> ``fn(student, teacher, mask) -> scalar``.
+REGISTERED_LOSSES: dict[str, Callable] = {}
+
+
+def register_loss(name: str, fn: Callable, features) -> None:
+    """Makes ``name`` a match ``loss`` (``Match(feature=..., loss=name, weight=...)``) for ``features``.
+
+    ``fn(student, teacher, mask) -> scalar`` is pure and jit-able: the student's and the
+    teacher's feature tensors (see `FEATURES`; the teacher's under ``stop_gradient``) and the
+    batch's attention mask ``[B, T]`` (1 = token, 0 = padding), which token losses use to skip
+    padding.  ``features``: the names in `FEATURES` the loss accepts; `check_matches` refuses
+    any other, and widths must agree (no projection for registered losses).  The distiller
+    adds ``weight(step) * fn(...)`` to the loss (METHODS.md 3).  Registration lasts for the
+    process (a notebook cell works).  A taken name, an unknown feature or a ``fn`` that cannot
+    take three positional arguments raises ``ValueError``.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"loss name must be an identifier string, got {name!r}")
+    if name in LOSSES:
+        raise ValueError(f"distillation loss {name!r} already exists; pick another name (taken: {sorted(LOSSES)})")
+    features = (features,) if isinstance(features, str) else tuple(features)
+    unknown = [f for f in features if f not in FEATURES]
+    if not features or unknown:
+        raise ValueError(f"register_loss({name!r}): features {list(features)} must be a non-empty list of "
+                         f"{sorted(FEATURES)}")
+    try:
+        inspect.signature(fn).bind("student", "teacher", "mask")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"register_loss({name!r}): fn must be callable as fn(student, teacher, mask) -> "
+                         f"scalar ({e})") from None
+    LOSSES[name] = features
+    REGISTERED_LOSSES[name] = fn
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -42,10 +42,10 @@ from efficient_nlp.nas.sharing import (
     sharing_level,
     sharing_level_grad,
 )
-from efficient_nlp.nas.spaces import ApsBert, ApsResNet, SearchSpace, bert_child, build_space
+from efficient_nlp.nas.spaces import SPACES, ApsBert, ApsResNet, SearchSpace, bert_child, build_space, register_space
 
 __all__ = [
-    "SHARING_KINDS", "ApsBert", "ApsConv", "ApsDense", "ApsLayer", "ApsResNet", "Controller",
+    "SHARING_KINDS", "SPACES", "register_space", "ApsBert", "ApsConv", "ApsDense", "ApsLayer", "ApsResNet", "Controller",
     "FlopsModel", "SearchSpace", "Searcher", "Transform", "WidthBatchNorm", "anneal_step",
     "aps_layers", "beam_search", "bert_child", "bert_flops_model", "build_space", "choose",
     "default_search_config", "independent_transforms", "init_transforms", "log_prob",

@@ -14,11 +14,13 @@
 A `SearchSpace` gives: ``decisions`` (names), ``candidates`` (widths per decision, ascending),
 ``flops`` (`FlopsModel`), ``supernet(sharing, seed)``, ``supernet_logits(model, batch, arch,
 train, rngs)``, ``child(arch, supernet, seed)``, ``child_logits(model, batch, train, rngs)`` and
-the ``data`` splits (``train`` / ``val`` for the search, ``test`` for the final report).
+the ``data`` splits (``search_train`` / ``val`` for the search, ``train`` for retraining, ``test``
+for the final report).  `register_space` adds a user's space under a new ``config.space.kind``.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -334,11 +336,30 @@ def bert_space(cfg, seed: int = 0) -> SearchSpace:
                        child, child_logits, data, extra={"tokenizer": td.tokenizer, "spec": td.spec})
 
 
+#: Search spaces by ``config.space.kind``: name -> ``fn(space_config, seed) -> SearchSpace``.
+SPACES: dict[str, Callable] = {"cnn": cnn_space, "bert": bert_space}
+
+
+def register_space(name: str, fn: Callable) -> None:
+    """Makes ``name`` a ``config.space.kind``: ``fn(space_config, seed) -> SearchSpace`` builds it
+    from ``config.space`` (an ml_collections ConfigDict; every key but ``kind`` is the space's)
+    and the run's seed.  Registration lasts for the process (a notebook cell works).  A taken
+    name or a ``fn`` that cannot take two positional arguments raises ``ValueError``."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"search space name must be an identifier string, got {name!r}")
+    if name in SPACES:
+        raise ValueError(f"search space {name!r} already exists; pick another name (taken: {sorted(SPACES)})")
+    try:
+        inspect.signature(fn).bind("space_config", "seed")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"register_space({name!r}): fn must be callable as fn(space_config, seed) -> "
+                         f"SearchSpace ({e})") from None
+    SPACES[name] = fn
+
+
 def build_space(config) -> SearchSpace:
-    """``config.space.kind`` in {"cnn", "bert"}."""
+    """The space ``config.space.kind`` names in `SPACES` ("cnn", "bert" or a registered one)."""
     kind = config.space.kind
-    if kind == "cnn":
-        return cnn_space(config.space, seed=int(config.seed))
-    if kind == "bert":
-        return bert_space(config.space, seed=int(config.seed))
-    raise ValueError(f"unknown config.space.kind {kind!r}; choose 'cnn' or 'bert'")
+    if kind not in SPACES:
+        raise ValueError(f"unknown config.space.kind {kind!r}; choose one of {sorted(SPACES)}")
+    return SPACES[kind](config.space, int(config.seed))

@@ -106,5 +106,6 @@ from efficient_nlp.prune.cross_distillation import (
     sparsify,
 )
 from efficient_nlp.prune import fewshot
+from efficient_nlp.prune._registry import register_score
 
 __all__ = [name for name in dir() if not name.startswith("_")]

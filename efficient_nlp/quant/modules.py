@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_nlp.quant import quantizers as Q
-from efficient_nlp.quant.spec import Quantizer
+from efficient_nlp.quant.spec import QUANTIZERS, Quantizer
 
 _RECORDS: list | None = None
 
@@ -112,7 +112,7 @@ class QuantizerModule(nnx.Module):
             return Q.lsq_plus(x, step, self.offset[...], b)
         if m == "pact":
             return Q.clip_quant(x, self.lo[...], self.hi[...], b, signed=signed)
-        raise AssertionError(m)  # Quantizer validates the method
+        return QUANTIZERS[m](x, b, signed, self.axis)  # registered; Quantizer validated the name
 
 
 def _maybe(mod, x):

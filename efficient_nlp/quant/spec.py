@@ -18,17 +18,54 @@ site in float), a dict of `Quantizer` fields to override (``{"bits": 8}``) or a 
 After the user's rules the default skips apply: the classifier, position and token-type
 embeddings (LayerNorm and biases are never quantized).  Sites with a ``None`` role quantizer
 (e.g. activations at 32 bits) are left in float.
+
+Users add stateless quantizers with `register_quantizer` (docs/extending.md); their names are
+then valid ``method`` values everywhere a built-in one is (fake quantization only: the packed
+export and the integer model know the built-in codes only).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import inspect
+from typing import Any, Callable, Mapping
 
 from efficient_nlp.tree import rules as rules_lib
 
 METHODS = ("uniform", "lsq", "pact", "twn", "bwn")
 ROLES = ("weight", "embedding", "activation", "activation_unsigned")
 GRANULARITIES = ("tensor", "channel")
+
+#: Quantizers added with `register_quantizer`: name -> ``fn(x, bits, signed, axis) -> x_hat``.
+QUANTIZERS: dict[str, Callable] = {}
+
+
+def register_quantizer(name: str, fn: Callable) -> None:
+    """Makes ``name`` a quantizer ``method`` for fake quantization (weights, embeddings, activations).
+
+    ``fn(x, bits, signed, axis) -> x_hat`` must be pure and jit-able: ``x`` the float tensor,
+    ``bits`` 1..8, ``signed`` the grid (False: asymmetric, for attention probabilities and
+    post-GELU inputs), ``axis`` the axis reduced for per-channel scales (None: per tensor).  Its
+    gradient is the caller's choice; most quantizers want a straight-through one
+    (``x + stop_gradient(x_hat - x)``, METHODS.md 1.1).  Registration lasts for the process (a
+    notebook cell works; no entry points).  A name already taken (built-in or registered) or a
+    ``fn`` that cannot take the four positional arguments raises ``ValueError``.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"quantizer name must be an identifier string, got {name!r}")
+    if name in METHODS or name in QUANTIZERS:
+        raise ValueError(f"quantizer method {name!r} already exists; pick another name "
+                         f"(taken: {sorted(METHODS + tuple(QUANTIZERS))})")
+    try:
+        inspect.signature(fn).bind("x", "bits", "signed", "axis")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"register_quantizer({name!r}): fn must be callable as "
+                         f"fn(x, bits, signed, axis) -> x_hat ({e})") from None
+    QUANTIZERS[name] = fn
+
+
+def _methods() -> tuple[str, ...]:
+    return METHODS + tuple(QUANTIZERS)
+
 
 #: Sites left in float unless a user rule says otherwise (METHODS.md 1.2).
 DEFAULT_SKIP = (
@@ -43,7 +80,7 @@ class Quantizer:
 
     method: ``uniform`` (range from the tensor each call: abs-max symmetric / min-max
       asymmetric), ``lsq`` (learned step; LSQ+ offset when unsigned), ``pact`` (learned clip
-      range), ``twn`` (ternary), ``bwn`` (binary).
+      range), ``twn`` (ternary), ``bwn`` (binary), or a name added with `register_quantizer`.
     bits: 1..8 (``twn`` implies 2, ``bwn`` 1).
     signed: symmetric grid around 0 (False: asymmetric ``[0, 2^b-1]`` grid over ``[min, max]``).
     granularity: ``tensor`` (one scale) or ``channel`` (one per output column of a kernel, one
@@ -56,15 +93,16 @@ class Quantizer:
     granularity: str = "tensor"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown quantizer method {self.method!r}; valid: {METHODS}")
+        if self.method not in _methods():
+            raise ValueError(f"unknown quantizer method {self.method!r}; valid: {_methods()} "
+                             "(add one with efficient_nlp.quant.spec.register_quantizer)")
         if self.method == "twn" and self.bits != 2:
             raise ValueError(f"twn is ternary (2 bits), got bits={self.bits}")
         if self.method == "bwn" and self.bits != 1:
             raise ValueError(f"bwn is binary (1 bit), got bits={self.bits}")
         if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
             raise ValueError(f"bits must be an int in 1..8, got {self.bits!r}")
-        if self.bits == 1 and self.method != "bwn":
+        if self.bits == 1 and self.method in METHODS and self.method != "bwn":
             raise ValueError(f"1-bit {self.method!r} is degenerate; use method='bwn' for 1 bit")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
