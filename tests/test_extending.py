@@ -23,8 +23,6 @@ from efficient_nlp.quant import spec as spec_lib
 
 GUIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "extending.md")
 NAMES = dict(quantizer="pow2_scale", score="obd_fisher", loss="hidden_smooth_l1", space="mlp")
-EXPORT_PATCH = ("quant.export / quant.integer raise AssertionError, not a clear error, for a registered "
-                "method (change described in the docs helper's report); remove this marker once they do")
 
 
 def python_blocks(path):
@@ -149,7 +147,6 @@ def test_register_quantizer_refuses_taken_names_and_bad_signatures(guide):
         quant.Quantizer("no_such_method", 4)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=EXPORT_PATCH)
 def test_packed_export_refuses_a_registered_quantizer_clearly(guide):
     qmodel, _ = quant.quantize_model(tiny_bert(), quant.make_spec(4, 4, 32, weight_method="pow2_scale"))
     with pytest.raises(ValueError, match="pow2_scale"):

@@ -98,8 +98,16 @@ def test_bad_inputs_fail_clearly(make_tiny_model_dir, tmp_path):
     with pytest.raises(tree.RuleError, match="qurey"):
         recipe.run(config, str(tmp_path))
     config = tiny_config(tiny_dir(make_tiny_model_dir))
-    config.ptq.method = "mrem_p"
-    with pytest.raises(ValueError, match="mrem_p is not implemented"):
+    config.ptq.method = "rem,mrem_q"
+    with pytest.raises(ValueError, match=r"use one or more of \('rem', 'mrem_s', 'mrem_p'\)"):
+        recipe.run(config, str(tmp_path))
+    config = tiny_config(tiny_dir(make_tiny_model_dir), method="mrem_p")
+    config.ptq.mrem_p.placement = [0, 1]
+    with pytest.raises(ValueError, match=r"needs device index 1 but only 1 device\(s\) exist"):
+        recipe.run(config, str(tmp_path))
+    config = tiny_config(tiny_dir(make_tiny_model_dir))
+    config.ptq.qat_results = str(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="qat_results=.* is not a file"):
         recipe.run(config, str(tmp_path))
     config = tiny_config(tiny_dir(make_tiny_model_dir))
     config.ptq.mrem.num_modules = 3
@@ -170,7 +178,7 @@ def tiny_dir(make_tiny_model_dir):
                                max_position_embeddings=64, num_labels=9)
 
 
-def tiny_config(teacher_dir, method="rem,mrem_s"):
+def tiny_config(teacher_dir, method="rem,mrem_s,mrem_p"):
     from configs import ptq_2_2_8
     config = ptq_2_2_8.get_config(method=method)
     config.teacher_dir = teacher_dir
@@ -180,39 +188,56 @@ def tiny_config(teacher_dir, method="rem,mrem_s"):
     config.ptq.update(dict(calibration_size=16, batch_size=8))
     config.ptq.rem.update(dict(steps=3, token_batch_size=32))
     config.ptq.mrem.update(dict(num_modules=2, steps=3))
+    config.ptq.mrem_p.queue_size = 2
     return config
 
 
-@pytest.mark.slow  # ~100 s wall on the shared 2-core machine (mostly XLA compiles)
-def test_recipe_writes_results_layer_errors_plot_and_packed_models(make_tiny_model_dir, tmp_path):
+@pytest.mark.slow  # ~150 s wall on the shared 2-core machine (mostly XLA compiles)
+def test_recipe_writes_results_layer_errors_plot_and_packed_models(make_tiny_model_dir, tmp_path, capsys):
     from efficient_nlp.recipes import ptq as recipe
-    results = recipe.run(tiny_config(tiny_dir(make_tiny_model_dir)), str(tmp_path))
-    assert results["bits"] == "2-2-8" and results["methods"] == ["rem", "mrem_s"]
+    qat = {"bits": "2-2-8", "student": {"accuracy": 0.5, "loyalty": 0.6, "teacher_kl": 0.1}}
+    (tmp_path / "qat.json").write_text(json.dumps(qat))
+    config = tiny_config(tiny_dir(make_tiny_model_dir))
+    config.ptq.qat_results = str(tmp_path / "qat.json")
+    workdir = tmp_path / "run"
+    results = recipe.run(config, str(workdir))
+    methods = ["rem", "mrem_s", "mrem_p"]
+    assert results["bits"] == "2-2-8" and results["methods"] == methods
+    assert results["qat"]["metrics"] == qat["student"]
+    table = capsys.readouterr().out
+    assert "QAT 2-2-8 (qat recipe)" in table and all(f"\n{m} " in table for m in methods)
+    for m in methods:
+        mem = results["peak_memory"][m]
+        assert mem["rss_peak_mb"] >= mem["rss_start_mb"] > 0 and mem["device_peak_mb"] is None   # CPU
+    p = results["reports"]["mrem_p"]
+    assert p["shared_devices"] and p["devices"] == [0, 0] and [r["layers"] for r in p["modules"]] == [[0, 1], [1, 2]]
     assert results["calibration"] == {"size": 16, "train_size": 48, "seed": 0}
-    rows = json.load(open(tmp_path / "calibration_indices.json"))
+    rows = json.load(open(workdir / "calibration_indices.json"))
     assert len(set(rows)) == 16 and max(rows) < 48
     assert results["full_precision"]["loyalty"] == 1.0
-    assert set(results["after"]) == {"rem", "mrem_s"} and all(results["wall_seconds"][m] > 0 for m in ("rem", "mrem_s"))
-    errors = json.load(open(tmp_path / "layer_errors.json"))
-    assert set(errors) == {"quantized_init", "rem", "mrem_s"} and all(len(v) == 2 for v in errors.values())
-    assert (tmp_path / "layer_errors.png").stat().st_size > 1000
+    assert set(results["after"]) == set(methods) and all(results["wall_seconds"][m] > 0 for m in methods)
+    errors = json.load(open(workdir / "layer_errors.json"))
+    assert set(errors) == {"quantized_init", *methods} and all(len(v) == 2 for v in errors.values())
+    assert (workdir / "layer_errors.png").stat().st_size > 1000
     assert [r["layers"] for r in results["reports"]["mrem_s"]] == [[0, 1], [1, 2]]
-    for m in ("rem", "mrem_s"):
-        assert (tmp_path / m / "quantized" / "model.safetensors").exists()
-    assert json.load(open(tmp_path / "results.json")) == results
+    for m in methods:
+        assert (workdir / m / "quantized" / "model.safetensors").exists()
+    assert json.load(open(workdir / "results.json")) == results
 
 
 @pytest.mark.slow
-def test_mrem_s_beats_rem_at_2_2_8_on_the_builtin_task(finetuned_minilm_dir, tmp_path):
-    """configs/ptq_2_2_8.py on the fine-tuned MiniLM (512 calibration rows, short runs)."""
+def test_mrem_s_beats_rem_and_mrem_p_is_close_at_2_2_8_on_the_builtin_task(finetuned_minilm_dir, tmp_path):
+    """configs/ptq_2_2_8.py on the fine-tuned MiniLM (512 calibration rows, short runs); MREM-P
+    with the modules sharing this process's device(s) (same algorithm, queues and forcing)."""
     from configs import ptq_2_2_8
     from efficient_nlp.recipes import ptq as recipe
-    config = ptq_2_2_8.get_config(method="rem,mrem_s")
+    config = ptq_2_2_8.get_config(method="rem,mrem_s,mrem_p")
     config.teacher_dir = finetuned_minilm_dir
     config.ptq.calibration_size = 512
     config.ptq.rem.steps = 50
     config.ptq.mrem.steps = 100
     results = recipe.run(config, str(tmp_path))
-    rem_acc, mrem_acc = results["after"]["rem"]["accuracy"], results["after"]["mrem_s"]["accuracy"]
-    assert mrem_acc > rem_acc + 0.02, results["after"]
+    acc = {m: r["accuracy"] for m, r in results["after"].items()}
+    assert acc["mrem_s"] > acc["rem"] + 0.02, results["after"]
+    assert acc["mrem_p"] > acc["rem"] + 0.02 and abs(acc["mrem_p"] - acc["mrem_s"]) <= 0.03, results["after"]
     assert results["layer_errors"]["mrem_s"][-1] < results["layer_errors"]["rem"][-1]

@@ -7,6 +7,7 @@ transform, packed integer export, integer inference, cost accounting.
     print(report); print(quant.cost_report(model, spec, batch))
     quant.save_packed(quant.export_packed(qmodel), out_dir)   # real bit-packed integer artefact
     imodel, _ = quant.to_integer_model(qmodel)           # int8 dot_general inference
+    binary, _ = quant.split_model(qmodel)                # TWN -> two BWN halves, same function (BinaryBERT)
 
 Post-training quantization by reconstruction (METHODS.md 1.4): `ptq` (calibration_set,
 partition, rem, layer_errors) and `mrem` (mrem_s); see those modules.
@@ -31,6 +32,8 @@ from efficient_nlp.quant.integer import (
     IntEmbed,
     IntAttention,
     IntLinear,
+    IntSplitEmbed,
+    IntSplitLinear,
     activation_codes,
     int8_matmul,
     to_integer_model,
@@ -53,9 +56,23 @@ from efficient_nlp.quant.quantizers import (
     uniform_params,
 )
 from efficient_nlp.quant.spec import Quantizer, QuantSpec, make_spec, spec_from_config
+from efficient_nlp.quant import adaptive, sharpness  # noqa: E402  (submodules: adaptive splitting, sharpness)
+from efficient_nlp.quant.adaptive import choose_split, group_sites, knapsack, sensitivity, split_costs
+from efficient_nlp.quant.sharpness import part_sharpness, plot_sharpness, top_eigenvalue
+from efficient_nlp.quant.splitting import (
+    SplitEmbed,
+    SplitLinear,
+    SplitReport,
+    split_model,
+    split_modules,
+    splittable_sites,
+    ternary_weight_split,
+    tws_scalars,
+)
 from efficient_nlp.quant.transform import QuantReport, calibrate, find_sites, quantize_model, quantizer_modules
 from efficient_nlp.quant import mrem, ptq  # noqa: E402  (submodules: PTQ by reconstruction)
 from efficient_nlp.quant.mrem import mrem_s
+from efficient_nlp.quant.mrem_parallel import mrem_p
 from efficient_nlp.quant.ptq import calibration_set, layer_errors, partition, rem
 
 __all__ = [
@@ -66,6 +83,9 @@ __all__ = [
     "AttentionQuant", "CostReport", "cost_report", "cost_table",
     "PackedArtifactError", "export_packed", "save_packed", "load_packed", "packed_size_mb", "restore",
     "weight_codes", "dequantize_weight", "unpacked_weights", "quantized_weights", "artifact_nbytes",
-    "to_integer_model", "IntegerReport", "IntAttention", "IntLinear", "DequantLinear", "IntEmbed", "activation_codes",
-    "int8_matmul", "ptq", "mrem", "calibration_set", "partition", "rem", "mrem_s", "layer_errors",
+    "to_integer_model", "IntegerReport", "IntAttention", "IntLinear", "IntSplitLinear", "IntSplitEmbed", "DequantLinear", "IntEmbed", "activation_codes",
+    "int8_matmul", "ptq", "mrem", "calibration_set", "partition", "rem", "mrem_s", "mrem_p", "layer_errors",
+    "ternary_weight_split", "tws_scalars", "split_model", "splittable_sites", "split_modules", "SplitLinear",
+    "SplitEmbed", "SplitReport", "adaptive", "sharpness", "group_sites", "sensitivity", "split_costs", "knapsack",
+    "choose_split", "part_sharpness", "top_eigenvalue", "plot_sharpness",
 ]

@@ -8,12 +8,14 @@
 * BOPs (METHODS.md 1.2): a matmul whose two operands are both quantized to m and n <= 8 bits
   counts ``FLOPs * m * n / 64``; a matmul with a float operand counts its full FLOPs.  This is
   the convention of the BinaryBERT / TernaryBERT tables (full-precision BERT-base: 22.5 G).
+* Ternary weight splitting (``split=``, METHODS.md 1.5): a split matrix is two binary matrices:
+  2 x 1 bit per weight plus two sets of scales, and the BOPs of both binary matmuls.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from flax import nnx
 
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant.spec import QuantSpec, make_spec
+from efficient_nlp.quant.splitting import SPLIT_MODULES, split_model
 from efficient_nlp.quant.transform import quantize_model, quantizer_modules
 
 
@@ -58,14 +61,26 @@ def _default_forward(inputs):
     return run
 
 
-def cost_report(model, spec: QuantSpec | None, inputs: dict[str, Any] | Callable) -> CostReport:
+def _scale_groups(shape, axis) -> int:
+    """Scales of a weight of ``shape`` whose quantizer reduces ``axis`` (None: one)."""
+    return 1 if axis is None else math.prod(s for i, s in enumerate(shape) if i != axis)
+
+
+def cost_report(model, spec: QuantSpec | None, inputs: dict[str, Any] | Callable, *,
+                split: bool | Sequence[str] = False) -> CostReport:
     """Cost of ``model`` (a float model) quantized by ``spec`` (None = full precision).
 
     ``inputs``: one example batch for BERT models (``input_ids`` [B,T] ...; costs are divided by
-    B), or a callable ``fn(model) -> output`` (then B = 1).
+    B), or a callable ``fn(model) -> output`` (then B = 1).  ``split`` (ternary weight splitting,
+    METHODS.md 1.5; needs TWN weights in ``spec``): True splits every TWN matrix, a list of sites
+    only those (`efficient_nlp.quant.split_model`): a split matrix stores two 1-bit weights and
+    two sets of scales and its matmul counts the BOPs of both binary halves; TWN matrices not
+    split count as BWN (1 bit).  ``params`` then counts both halves.
     """
     spec = spec or make_spec(32, 32, 32)
     wrapped, _ = quantize_model(model, spec, keep_float_sites=True)
+    if split is not False:
+        wrapped, _ = split_model(wrapped, None if split is True else split)
     for _, q in quantizer_modules(wrapped):
         q.calibrated = True  # abstract trace only: values do not matter
     run = inputs if callable(inputs) else _default_forward(inputs)
@@ -86,9 +101,21 @@ def cost_report(model, spec: QuantSpec | None, inputs: dict[str, Any] | Callable
         wq = getattr(mod, "weight_quant", None)
         if isinstance(mod, (M.QuantLinear, M.QuantEmbed)) and wq is not None:
             shape = (mod.kernel if isinstance(mod, M.QuantLinear) else mod.embedding)[...].shape
-            groups = 1 if wq.axis is None else math.prod(s for i, s in enumerate(shape) if i != wq.axis)
-            bits += math.prod(shape) * (wq.quantizer.bits - 32) + 32 * groups
-    return CostReport(spec.bits, params, bits / 8 / 2**20, 32 * params / 8 / 2**20, flops, bops, rows)
+            bits += math.prod(shape) * (wq.quantizer.bits - 32) + 32 * _scale_groups(shape, wq.axis)
+        elif isinstance(mod, SPLIT_MODULES):
+            for i, (attr, half_q, _) in enumerate(mod.halves()):
+                shape = getattr(mod, attr)[...].shape
+                params += i * math.prod(shape)  # the second half is extra
+                bits += math.prod(shape) * (half_q.quantizer.bits - 32) + 32 * _scale_groups(shape, half_q.axis)
+    return CostReport(_wea(spec, split is not False), params, bits / 8 / 2**20, 32 * params / 8 / 2**20, flops,
+                      bops, rows)
+
+
+def _wea(spec: QuantSpec, split: bool) -> str:
+    """The W-E-A name; split TWN roles count as 1 bit (two binary halves)."""
+    def b(q):
+        return "32" if q is None else "1" if split and q.method == "twn" else str(q.bits)
+    return f"{b(spec.weight)}-{b(spec.embedding)}-{b(spec.activation)}"
 
 
 def cost_table(model, specs: dict[str, QuantSpec | None], inputs) -> str:

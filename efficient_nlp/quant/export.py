@@ -8,7 +8,9 @@
 
 What is stored (every value float32 unless said otherwise):
 
-* every quantized weight (a `QuantLinear` kernel, a `QuantEmbed` table) at parameter path ``P`` as
+* every quantized weight (a `QuantLinear` kernel, a `QuantEmbed` table, and each binary half
+  ``kernel1`` / ``kernel2`` (``embedding1`` / ``embedding2``) of a ternary-split `SplitLinear` /
+  `SplitEmbed`, METHODS.md 1.5: two 1-bit code tensors and two scales) at parameter path ``P`` as
   ``P.codes`` (``uint8``: the int8 codes of `efficient_nlp.quant.quantizers` packed by
   `efficient_nlp.quant.packing` at 1 bit (BWN), 2 bits (TWN and 2-bit), 4 bits (3- and 4-bit) or
   8 bits (5..8-bit), C order), ``P.scale`` (0-d per tensor, keepdims ``[1, out]`` / ``[V, 1]`` per
@@ -47,6 +49,7 @@ from efficient_nlp import tree
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.packing import pack, unpack
+from efficient_nlp.quant.spec import METHODS
 from efficient_nlp.quant.transform import _dotted
 
 FORMAT = "efficient_nlp.quant.packed"
@@ -106,8 +109,11 @@ def weight_codes(wq: M.QuantizerModule, w) -> dict[str, Any]:
             u = jnp.clip(jnp.round((y - offset) / scale), 0, qp)
             codes = (u - 2 ** (b - 1)).astype(jnp.int8)
             zp = -offset / scale - 2 ** (b - 1)
-    else:  # pragma: no cover - Quantizer validates the method
-        raise AssertionError(m)
+    else:  # a quantizer added with register_quantizer
+        raise ValueError(
+            f"{q.name}: the registered quantizer {m!r} has no integer codes (fake quantization only); "
+            f"the packed export and the integer model know the built-in methods {METHODS}: quantize "
+            "these weights with one of them, or keep the fake-quantized model")
     f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
     return {"codes": codes, "scale": f32(scale), "zero_point": f32(zp), "offset": f32(offset)}
 
@@ -135,6 +141,24 @@ def quantized_weights(model) -> list[tuple[str, Any, str]]:
     return out
 
 
+def _packed_weights(model) -> list[tuple[str, Any, str, M.QuantizerModule, str]]:
+    """``[(parameter path, module, weight attribute, weight quantizer, site)]`` of every weight
+    stored as codes: the `quantized_weights` and both binary halves of every split matrix
+    (`efficient_nlp.quant.splitting`: ``kernel1`` / ``kernel2``, sites ``<site>.w1`` / ``.w2``)."""
+    from efficient_nlp.quant.splitting import SPLIT_MODULES
+
+    out = []
+    for path, mod in nnx.iter_modules(model):
+        mpath = _dotted(path)
+        if isinstance(mod, (M.QuantLinear, M.QuantEmbed)) and mod.weight_quant is not None:
+            attr = "kernel" if isinstance(mod, M.QuantLinear) else "embedding"
+            out.append((f"{mpath}.{attr}" if mpath else attr, mod, attr, mod.weight_quant, mod.site))
+        elif isinstance(mod, SPLIT_MODULES):
+            for attr, wq, site in mod.halves():
+                out.append((f"{mpath}.{attr}" if mpath else attr, mod, attr, wq, site))
+    return out
+
+
 def _quantizer_entry(q, axis) -> dict:
     return {"method": q.method, "bits": q.bits, "signed": q.signed, "granularity": q.granularity,
             "axis": axis}
@@ -159,11 +183,8 @@ def export_packed(qmodel) -> dict:
 
     tensors: dict[str, np.ndarray] = {}
     weights = {}
-    for mpath, mod, attr in quantized_weights(qmodel):
-        wq = mod.weight_quant
-        var = getattr(mod, attr)
-        w = var[...]
-        key = f"{mpath}.{attr}" if mpath else attr
+    for key, mod, attr, wq, site in _packed_weights(qmodel):
+        w = getattr(mod, attr)[...]
         c = weight_codes(wq, w)
         codes = np.asarray(c["codes"])
         pb = pack_bits(wq.quantizer.bits)
@@ -174,7 +195,7 @@ def export_packed(qmodel) -> dict:
             if c[extra] is not None:
                 names[extra] = f"{key}.{extra}"
                 tensors[names[extra]] = np.asarray(c[extra], np.float32)
-        weights[key] = {"site": mod.site, **_quantizer_entry(wq.quantizer, wq.axis), "pack_bits": pb,
+        weights[key] = {"site": site, **_quantizer_entry(wq.quantizer, wq.axis), "pack_bits": pb,
                         "shape": list(codes.shape), "dtype": str(np.dtype(w.dtype)), "tensors": names}
     other = []
     for name, leaf in tree.named_leaves(nnx.state(qmodel)):
@@ -320,7 +341,8 @@ class _Q:
 
 def restore(artifact: dict, template, *, frozen: bool = True):
     """A copy of ``template`` (a fake-quantized model of the same architecture and spec, e.g.
-    ``quantize_model(<float model>, spec)[0]``) holding the artefact's values.
+    ``quantize_model(<float model>, spec)[0]``; for a ternary-split model, `split_model` of such a
+    model with the same sites) holding the artefact's values.
 
     Quantized weights come back as their dequantized values (the latent weights are gone by
     design) and other variables as stored (cast to the template's dtypes).  ``frozen=True``
@@ -332,14 +354,14 @@ def restore(artifact: dict, template, *, frozen: bool = True):
     _check_artifact(artifact)
     manifest, t = artifact["manifest"], artifact["tensors"]
     model = nnx.clone(template)
-    mods = {f"{p}.{a}" if p else a: mod for p, mod, a in quantized_weights(model)}
+    mods = {key: wq for key, _, _, wq, _ in _packed_weights(model)}
     want = manifest["weights"]
     if set(mods) != set(want):
         raise PackedArtifactError(
             f"the template's quantized weights differ from the artefact's: only in the template "
             f"{sorted(set(mods) - set(want))[:5]}, only in the artefact {sorted(set(want) - set(mods))[:5]}")
-    for key, mod in mods.items():
-        got = _quantizer_entry(mod.weight_quant.quantizer, mod.weight_quant.axis)
+    for key, wq in mods.items():
+        got = _quantizer_entry(wq.quantizer, wq.axis)
         stored = {k: want[key][k] for k in got}
         if got != stored:
             raise PackedArtifactError(f"weight {key!r}: the template quantizes it with {got}, the artefact "
@@ -364,8 +386,8 @@ def restore(artifact: dict, template, *, frozen: bool = True):
         return jnp.asarray(values[tree.path_str(path)], dtype=jnp.asarray(leaf).dtype)
 
     nnx.update(model, jax.tree_util.tree_map_with_path(put, state))
-    for mod in mods.values():
-        mod.weight_quant.frozen = frozen
+    for wq in mods.values():
+        wq.frozen = frozen
     return model
 
 

@@ -40,7 +40,8 @@ from flax import nnx
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.export import dequantize_weight, weight_codes
-from efficient_nlp.quant.transform import _replace
+from efficient_nlp.quant.spec import METHODS
+from efficient_nlp.quant.transform import _replace, quantizer_modules
 
 
 class IntCodes(nnx.Variable):
@@ -196,9 +197,11 @@ class DequantLinear(nnx.Module):
 class IntEmbed(nnx.Module):
     """An int8 code table; the gathered rows are dequantized (the fake-quant values exactly)."""
 
-    def __init__(self, qembed: M.QuantEmbed):
-        wq = qembed.weight_quant
-        c = weight_codes(wq, qembed.embedding[...])
+    def __init__(self, qembed: M.QuantEmbed, half: str = ""):
+        """``half``: ``"1"`` / ``"2"`` converts that half of a `SplitEmbed` (``embedding<half>``,
+        ``weight_quant<half>``)."""
+        wq = getattr(qembed, "weight_quant" + half)
+        c = weight_codes(wq, getattr(qembed, "embedding" + half)[...])
         self.quantizer = wq.quantizer
         self.rowwise = c["scale"].ndim > 0  # per-row scales [V, 1] are gathered with the codes
         self.codes = IntCodes(c["codes"])
@@ -220,6 +223,52 @@ class IntEmbed(nnx.Module):
         out = dequantize_weight(self.quantizer, jnp.take(self.codes[...], ids, axis=0), rows(self.scale),
                                 rows(self.zero_point), rows(self.offset))
         return out if self.dtype is None else out.astype(self.dtype)
+
+
+class IntSplitLinear(nnx.Module):
+    """A ternary-weight-split Linear (`efficient_nlp.quant.splitting.SplitLinear`, BinaryBERT) as
+    ONE int8 matmul against its two binary halves side by side: ``acc = c @ [d1 | d2]`` (int32,
+    the full-width binary layer), ``y = s_x * (s_1 * acc[:, :N] + s_2 * acc[:, N:]) + bias``, with
+    the zero-point terms of `IntLinear` per half."""
+
+    def __init__(self, split):
+        codes = [weight_codes(getattr(split, "weight_quant" + h), getattr(split, "kernel" + h)[...])
+                 for h in ("1", "2")]
+        d = jnp.concatenate([c["codes"] for c in codes], axis=1)
+        self.w_codes = IntCodes(d)
+        self.w_colsum = IntCodes(jnp.sum(d.astype(jnp.int32), axis=0))
+        self.w_scales = IntCodes(jnp.stack([jnp.broadcast_to(_scale_vector(c["scale"]), (split.out_features,))
+                                            for c in codes]))
+        self.bias = split.bias
+        self.input_quant = split.input_quant
+        self.site = split.site
+        self.out_features = split.out_features
+
+    def __call__(self, x):
+        codes, s_x, offset, shift = activation_codes(self.input_quant, x)
+        acc = int8_matmul(codes, self.w_codes[...])
+        if shift:
+            acc = acc + shift * self.w_colsum[...]
+        y = acc.astype(jnp.float32) * s_x
+        if offset is not None:
+            y = y + offset * self.w_colsum[...].astype(jnp.float32)
+        n, scales = self.out_features, self.w_scales[...]
+        y = y[..., :n] * scales[0] + y[..., n:] * scales[1]
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class IntSplitEmbed(nnx.Module):
+    """A ternary-weight-split embedding (`SplitEmbed`): two int8 (binary) code tables; the gathered
+    rows of both are dequantized and summed (the fake-quant values exactly)."""
+
+    def __init__(self, split):
+        self.half1, self.half2 = IntEmbed(split, "1"), IntEmbed(split, "2")
+        self.site = split.site
+
+    def __call__(self, ids):
+        return self.half1(ids) + self.half2(ids)
 
 
 @dataclasses.dataclass
@@ -244,8 +293,24 @@ def to_integer_model(qmodel):
     layers run int8 matmuls and whose quantized embeddings hold int8 codes (see module doc).
     ``qmodel`` is not changed; a model restored by `efficient_nlp.quant.restore` works too
     (re-quantizing the restored values gives the same codes)."""
+    registered = sorted({f"{path} ({qm.quantizer.method})" for path, qm in quantizer_modules(qmodel)
+                         if qm.quantizer.method not in METHODS})
+    if registered:
+        raise ValueError(f"to_integer_model: registered quantizers have no integer codes (fake quantization "
+                         f"only): {registered[:4]}; the integer model knows the built-in methods {METHODS}")
+    from efficient_nlp.quant.splitting import SplitEmbed, SplitLinear
+
     model = nnx.clone(qmodel)
     rows = []
+    for path, mod in [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, (SplitLinear, SplitEmbed))]:
+        if isinstance(mod, SplitEmbed):
+            _replace(model, path, IntSplitEmbed(mod))
+            rows.append((mod.site, "int8 table", "split: two binary tables, rows dequantized on gather"))
+        elif mod.input_quant is None or mod.input_quant.quantizer.bits > 8:
+            rows.append((mod.site, "fake quant", "split with a float input"))
+        else:
+            _replace(model, path, IntSplitLinear(mod))
+            rows.append((mod.site, "int8 matmul", f"split: two binary halves, A{mod.input_quant.quantizer.name}"))
     found = [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, (M.QuantLinear, M.QuantEmbed))]
     for path, mod in found:
         wq = mod.weight_quant
@@ -278,5 +343,5 @@ def to_integer_model(qmodel):
     return model, IntegerReport(rows)
 
 
-__all__ = ["IntCodes", "IntLinear", "IntAttention", "DequantLinear", "IntEmbed", "IntegerReport", "activation_codes",
+__all__ = ["IntCodes", "IntLinear", "IntSplitLinear", "IntSplitEmbed", "IntAttention", "DequantLinear", "IntEmbed", "IntegerReport", "activation_codes",
            "int8_matmul", "to_integer_model"]

@@ -77,8 +77,11 @@ def module_forward(model, mod: Module, batch, h=None) -> dict:
     return out
 
 
-def _per_example_loss(pair, mod: Module, batch):
-    """[B] module loss l_n (see module docstring) of one batch."""
+def compare(pair, mod: Module, batch):
+    """``(l_n [B], quantized output, full-precision output)`` of module ``mod`` on one batch:
+    the per-example module loss (see module docstring) and both streams' output hidden states
+    (the next module's inputs).  The quantized module reads ``batch["q_in"]``, the
+    full-precision one ``batch["fp_in"]`` (token ids for the first module)."""
     mask = batch["attention_mask"]
     q = module_forward(pair.q, mod, batch, batch.get("q_in"))
     f = jax.lax.stop_gradient(module_forward(pair.fp, mod, batch, batch.get("fp_in")))
@@ -87,16 +90,20 @@ def _per_example_loss(pair, mod: Module, batch):
         loss = loss + masked_mse(q["embedding"], f["embedding"], mask)
     if "logits" in q:
         loss = loss + jnp.mean(jnp.square(q["logits"] - f["logits"]), axis=-1)
-    return loss
+    return loss, q["out"], f["out"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModuleLoss:
-    """``loss_fn(pair, batch, rngs) -> (l_n, {})`` for `optimize` (hashable: jit-cache friendly)."""
+    """``loss_fn(pair, batch, rngs) -> (l_n, aux)`` for `optimize` (hashable: jit-cache
+    friendly); ``aux`` is ``{}``, or with ``outputs=True`` both streams' module outputs
+    ``{"q_out", "fp_out"}`` (MREM-P pushes them to the next module's queue)."""
     mod: Module
+    outputs: bool = False
 
     def __call__(self, pair, batch, rngs=None):
-        return jnp.mean(_per_example_loss(pair, self.mod, batch)), {}
+        loss, q_out, fp_out = compare(pair, self.mod, batch)
+        return jnp.mean(loss), ({"q_out": jax.lax.stop_gradient(q_out), "fp_out": fp_out} if self.outputs else {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +111,7 @@ class _PerExample:
     mod: Module
 
     def __call__(self, pair, batch):
-        return _per_example_loss(pair, self.mod, batch)
+        return compare(pair, self.mod, batch)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +129,24 @@ def module_loss(qmodel, teacher, mod: Module, arrays, batch_size: int = 64) -> f
     """l_n of module ``mod`` averaged over every row of ``arrays`` (ids plus ``q_in`` /
     ``fp_in`` for modules after the first)."""
     return mean_over(Pair(qmodel, teacher), _PerExample(mod), arrays, batch_size)
+
+
+def next_inputs(qmodel, teacher, mod: Module, arrays, batch_size: int = 64) -> dict:
+    """``arrays`` for the module after ``mod``: the token arrays plus ``q_in`` / ``fp_in``, both
+    streams pushed through module ``mod`` of ``qmodel`` / ``teacher`` over every row (host)."""
+    return {**{k: arrays[k] for k in _KEYS},
+            **run_probe(Pair(qmodel, teacher), _Boundary(mod), arrays, batch_size)}
+
+
+def module_losses(qmodel, teacher, mods, arrays, batch_size: int = 64) -> list[float]:
+    """l_n of every module of ``mods`` over every row of ``arrays``, each module fed end to end
+    by its predecessors in ``qmodel`` (quantized stream) and ``teacher`` (full-precision)."""
+    out = []
+    for mod in mods:
+        out.append(module_loss(qmodel, teacher, mod, arrays, batch_size))
+        if not mod.last:
+            arrays = next_inputs(qmodel, teacher, mod, arrays, batch_size)
+    return out
 
 
 def train_module(qmodel, teacher, mod: Module, arrays, *, steps: int, learning_rate: float = 1e-4,
@@ -145,7 +170,7 @@ def mrem_s(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
     Returns ``(new qmodel, report)``, report one dict per module: ``index, layers, trainable``
     (number of trained leaves), ``loss_before`` / ``loss_after`` (l_n over the whole
     calibration set, same inputs), ``first_loss`` / ``last_loss`` (training batches),
-    ``seconds``.  ``qmodel`` itself is not modified.
+    ``train_seconds`` (the optimisation alone), ``seconds`` (with the evaluations).  ``qmodel`` itself is not modified.
     """
     mods = modules(len(qmodel.bert.encoder.layers), num_modules)
     if steps < 0:
@@ -157,15 +182,17 @@ def mrem_s(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
     for mod in mods:
         t0 = time.perf_counter()
         before = module_loss(qmodel, teacher, mod, arrays, eval_batch_size)
+        t1 = time.perf_counter()
         qmodel, losses, count = train_module(qmodel, teacher, mod, arrays, steps=steps, learning_rate=learning_rate,
                                              batch_size=batch_size, seed=seed + mod.index)
+        train_seconds = time.perf_counter() - t1
         after = module_loss(qmodel, teacher, mod, arrays, eval_batch_size)
         if not mod.last:  # the next module's inputs: both streams through this module, cached
-            arrays = {**{k: arrays[k] for k in _KEYS},
-                      **run_probe(Pair(qmodel, teacher), _Boundary(mod), arrays, eval_batch_size)}
+            arrays = next_inputs(qmodel, teacher, mod, arrays, eval_batch_size)
         row = dict(index=mod.index, layers=[mod.start, mod.stop], trainable=count, loss_before=before,
                    loss_after=after, first_loss=losses[0] if losses else None,
-                   last_loss=losses[-1] if losses else None, seconds=time.perf_counter() - t0)
+                   last_loss=losses[-1] if losses else None, train_seconds=train_seconds,
+                   seconds=time.perf_counter() - t0)
         report.append(row)
         if log:
             log(f"MREM-S module {mod.index} (layers {mod.start}..{mod.stop - 1}): loss {before:.4g} -> "
@@ -173,4 +200,5 @@ def mrem_s(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
     return qmodel, report
 
 
-__all__ = ["Module", "modules", "module_forward", "ModuleLoss", "module_loss", "train_module", "mrem_s"]
+__all__ = ["Module", "modules", "module_forward", "compare", "ModuleLoss", "module_loss", "module_losses",
+           "next_inputs", "train_module", "mrem_s"]

@@ -147,13 +147,14 @@ _ADAM = optax.scale_by_adam()  # one object: the jitted step below is cached acr
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _adam_step(graphdef, loss_fn, params, rest, opt_state, batch, lr):
+    """One Adam update of ``params`` on ``loss_fn``; returns ``(params, opt_state, loss, aux)``."""
     def compute(p):
-        return loss_fn(nnx.merge(graphdef, p, rest), batch, None)[0]
+        return loss_fn(nnx.merge(graphdef, p, rest), batch, None)
 
-    loss, grads = jax.value_and_grad(compute)(params)
+    (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(params)
     updates, opt_state = _ADAM.update(grads, opt_state, params)
     params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-    return params, opt_state, loss
+    return params, opt_state, loss, aux
 
 
 def optimize(model, loss_fn: Callable, arrays: Mapping[str, np.ndarray], *, trainable, steps: int,
@@ -189,7 +190,7 @@ def optimize(model, loss_fn: Callable, arrays: Mapping[str, np.ndarray], *, trai
     losses = []
     for t in range(steps):
         batch = distributed.shard_batch(next(batches), mesh)
-        params, opt_state, loss = _adam_step(graphdef, loss_fn, params, rest, opt_state, batch, lr[t])
+        params, opt_state, loss, _ = _adam_step(graphdef, loss_fn, params, rest, opt_state, batch, lr[t])
         losses.append(loss)
     losses = [float(x) for x in jax.device_get(losses)]
     if not np.all(np.isfinite(losses)):

@@ -13,6 +13,8 @@ RECIPES = {
     "ptq": "efficient_nlp.recipes.ptq",
     "nas": "efficient_nlp.recipes.nas",
     "cross_distill": "efficient_nlp.recipes.cross_distill",
+    "binarybert": "efficient_nlp.recipes.binarybert",
+    "binarybert_adaptive": "efficient_nlp.recipes.adaptive_split",
 }
 
 
