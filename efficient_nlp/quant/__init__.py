@@ -55,7 +55,7 @@ from efficient_nlp.quant.quantizers import (
     uniform,
     uniform_params,
 )
-from efficient_nlp.quant.spec import Quantizer, QuantSpec, make_spec, spec_from_config
+from efficient_nlp.quant.spec import QUANTIZERS, Quantizer, QuantSpec, make_spec, register_quantizer, spec_from_config
 from efficient_nlp.quant import adaptive, sharpness  # noqa: E402  (submodules: adaptive splitting, sharpness)
 from efficient_nlp.quant.adaptive import choose_split, group_sites, knapsack, sensitivity, split_costs
 from efficient_nlp.quant.sharpness import part_sharpness, plot_sharpness, top_eigenvalue
@@ -78,7 +78,7 @@ from efficient_nlp.quant.ptq import calibration_set, layer_errors, partition, re
 __all__ = [
     "uniform", "uniform_params", "quantize_codes", "dequantize", "qrange", "clip_quant", "lsq", "lsq_init",
     "lsq_plus", "twn", "bwn", "ternary_codes", "binary_codes", "pack", "unpack", "packed_nbytes",
-    "Quantizer", "QuantSpec", "make_spec", "spec_from_config", "QuantReport", "quantize_model",
+    "QUANTIZERS", "register_quantizer", "Quantizer", "QuantSpec", "make_spec", "spec_from_config", "QuantReport", "quantize_model",
     "calibrate", "find_sites", "quantizer_modules", "QuantizerModule", "QuantLinear", "QuantEmbed",
     "AttentionQuant", "CostReport", "cost_report", "cost_table",
     "PackedArtifactError", "export_packed", "save_packed", "load_packed", "packed_size_mb", "restore",
