@@ -6,28 +6,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_nlp import models, quant
+from efficient_nlp import quant
+
+import _tiny  # tests/_tiny.py
 
 H, L, N, I, C, T, V = 16, 1, 2, 32, 3, 8, 64
 
 
 def tiny_bert(seed=0):
-    cfg = models.BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=N,
-                            intermediate_size=I, num_labels=C, max_position_embeddings=16,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = models.BertForSequenceClassification(cfg, rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), params))
-    return model
+    return _tiny.tiny_bert(seed, vocab=V, hidden=H, layers=L, heads=N, intermediate=I, labels=C)
 
 
 def batch(b=4):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, V, size=(b, T)).astype(np.int32)
-    mask = np.ones((b, T), np.int32)
-    mask[1, 5:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros((b, T), np.int32)}
+    return _tiny.token_batch(b, T, V)
 
 
 @nnx.jit

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_nlp import models, quant
+from efficient_nlp import quant
 from efficient_nlp.quant import sharpness
+
+import _tiny  # tests/_tiny.py
 
 H, N, I, C, T = 8, 2, 8, 3, 6
 
@@ -48,14 +50,8 @@ def test_iteration_cap_is_reported():
 
 
 def tiny_bert(seed=0):
-    cfg = models.BertConfig(vocab_size=30, hidden_size=H, num_hidden_layers=1, num_attention_heads=N,
-                            intermediate_size=I, num_labels=C, max_position_embeddings=8,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = models.BertForSequenceClassification(cfg, rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), params))
-    return model
+    return _tiny.tiny_bert(seed, vocab=30, hidden=H, layers=1, heads=N, intermediate=I, labels=C, positions=8,
+                           noise=0.3)
 
 
 def stacked_data(num_batches=2, b=4):
