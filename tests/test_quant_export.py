@@ -121,6 +121,9 @@ def test_restored_model_gives_the_exported_outputs(float_model, lsq_2_2_8):
     restored = quant.restore(artifact, template)
     expected = logits(qmodel, b)
     np.testing.assert_allclose(logits(restored, b), expected, rtol=1e-6, atol=1e-7)
+    # An uncalibrated template works too: the learned activation state comes from the artefact.
+    uncalibrated, _ = quant.quantize_model(tiny_bert(seed=7), quant.make_spec(2, 2, 8, activation_method="lsq"))
+    np.testing.assert_allclose(logits(quant.restore(artifact, uncalibrated), b), expected, rtol=1e-6, atol=1e-7)
 
     # Unfrozen: the quantizers re-quantize the dequantized weights to the same codes (TWN's
     # threshold moves to 0.7 * alpha * kept/n but keeps exactly the non-zeros).

@@ -50,7 +50,7 @@ from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.packing import pack, unpack
 from efficient_nlp.quant.spec import METHODS
-from efficient_nlp.quant.transform import _dotted
+from efficient_nlp.quant.transform import _dotted, quantizer_modules
 
 FORMAT = "efficient_nlp.quant.packed"
 VERSION = 1
@@ -350,6 +350,7 @@ def restore(artifact: dict, template, *, frozen: bool = True):
     bit for bit what the exported model did; ``frozen=False`` re-quantizes them on every call
     (same codes, scales within float rounding), e.g. to continue QAT.  A template whose
     quantized sites, quantizers or shapes differ from the artefact raises `PackedArtifactError`.
+    The template's learned activation quantizers need no calibration: their state is restored.
     """
     _check_artifact(artifact)
     manifest, t = artifact["manifest"], artifact["tensors"]
@@ -388,6 +389,8 @@ def restore(artifact: dict, template, *, frozen: bool = True):
     nnx.update(model, jax.tree_util.tree_map_with_path(put, state))
     for wq in mods.values():
         wq.frozen = frozen
+    for _, qm in quantizer_modules(model):  # learned activation state (LSQ step, PACT clip) came from the artefact
+        qm.calibrated = True
     return model
 
 
