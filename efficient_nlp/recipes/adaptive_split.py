@@ -34,7 +34,6 @@ import os
 import numpy as np
 from flax import nnx
 
-from efficient_nlp import data as data_lib
 from efficient_nlp import distill
 from efficient_nlp import models
 from efficient_nlp import quant
@@ -42,7 +41,7 @@ from efficient_nlp import train as train_lib
 from efficient_nlp.quant import adaptive
 from efficient_nlp.quant.export import MANIFEST_FILE
 from efficient_nlp.recipes import binarybert
-from efficient_nlp.recipes.distill import _load_data, resolve_teacher, run_kd_stages
+from efficient_nlp.recipes.distill import run_kd_stages, teacher_and_task
 from efficient_nlp.recipes.outputs import save_outputs
 from efficient_nlp.recipes.qat import quantized_student
 
@@ -132,20 +131,7 @@ def run(config, workdir):
     train_lib.init_distributed(config)
     methods, budgets, (_, tern_spec, _, checked) = check_config(config)
     a = config.adaptive
-    teacher_dir = resolve_teacher(config, workdir)
-    task = _load_data(config, teacher_dir)
-    teacher = models.from_pretrained(teacher_dir, num_labels=task.spec.num_labels)
-
-    def batches(start_step):
-        return data_lib.train_batches(task.train, config.train.batch_size, seed=config.train.seed,
-                                      start_step=start_step)
-
-    bs = config.train.eval_batch_size
-
-    def metric_fn(predictions, labels, weights):
-        return data_lib.compute_metrics(task.spec, predictions, labels, weights)
-
-    eval_fn = distill.make_fidelity_eval_fn(task.dev, bs, metric_fn, train_lib.predict(teacher, task.dev, bs))
+    teacher_dir, task, teacher, batches, eval_fn = teacher_and_task(config, workdir)
     tern, half, source = ternary_model(config, workdir, teacher, tern_spec, checked, batches, eval_fn)
     sample = {k: v[:1] for k, v in task.dev.items()}
     results = {"task": task.spec.name, "teacher_dir": teacher_dir, "ternary_source": source,
@@ -154,6 +140,7 @@ def run(config, workdir):
     sites = quant.splittable_sites(tern)
     groups = adaptive.group_sites(sites, a.by)
     selection = _subset(task.train, int(a.sensitivity_examples), int(a.seed))
+    bs = config.train.eval_batch_size
     score = make_score_fn(selection, bs, train_lib.predict(teacher, selection, bs))
     base_score, sens = adaptive.sensitivity(tern, groups, score, reference=a.reference)
     results["sensitivity"] = {"reference": a.reference, "reference_score": base_score,

@@ -33,14 +33,12 @@ import os
 
 import numpy as np
 
-from efficient_nlp import data as data_lib
-from efficient_nlp import distill
 from efficient_nlp import models
 from efficient_nlp import prune
 from efficient_nlp import quant
 from efficient_nlp import train as train_lib
 from efficient_nlp.distill.matches import ATTENTION_FEATURES
-from efficient_nlp.recipes.distill import _load_data, check_stages, resolve_teacher, run_kd_stages
+from efficient_nlp.recipes.distill import check_stages, run_kd_stages, teacher_and_task
 from efficient_nlp.recipes.outputs import save_outputs
 from efficient_nlp.recipes.qat import quantized_student
 
@@ -167,20 +165,7 @@ def run(config, workdir):
     train_lib.init_distributed(config)
     methods, tern_spec, bin_spec, checked = check_config(config)
     bb = config.binarybert
-    teacher_dir = resolve_teacher(config, workdir)
-    task = _load_data(config, teacher_dir)
-    teacher = models.from_pretrained(teacher_dir, num_labels=task.spec.num_labels)
-
-    def batches(start_step):
-        return data_lib.train_batches(task.train, config.train.batch_size, seed=config.train.seed,
-                                      start_step=start_step)
-
-    bs = config.train.eval_batch_size
-
-    def metric_fn(predictions, labels, weights):
-        return data_lib.compute_metrics(task.spec, predictions, labels, weights)
-
-    eval_fn = distill.make_fidelity_eval_fn(task.dev, bs, metric_fn, train_lib.predict(teacher, task.dev, bs))
+    teacher_dir, task, teacher, batches, eval_fn = teacher_and_task(config, workdir)
     sample = {k: v[:1] for k, v in task.dev.items()}
     rows = {"full_precision": _row(eval_fn(teacher), quant.cost_report(teacher, None, sample))}
     results = {"task": task.spec.name, "teacher_dir": teacher_dir, "bits": bin_spec.bits, "methods": list(methods),

@@ -122,6 +122,27 @@ def _load_data(config, tokenizer_dir):
         max_train_examples=d.max_train_examples or None)
 
 
+def teacher_and_task(config, workdir):
+    """The shared set-up of the recipes that compress a fine-tuned teacher (qat, binarybert,
+    binarybert_adaptive): ``(teacher_dir, task, teacher, batches, eval_fn)`` with ``batches(start)``
+    the seeded training batches and ``eval_fn(model)`` the dev metrics plus loyalty / KL to the
+    teacher."""
+    teacher_dir = resolve_teacher(config, workdir)
+    task = _load_data(config, teacher_dir)
+    teacher = models.from_pretrained(teacher_dir, num_labels=task.spec.num_labels)
+
+    def batches(start_step):
+        return data_lib.train_batches(task.train, config.train.batch_size, seed=config.train.seed,
+                                      start_step=start_step)
+
+    def metric_fn(predictions, labels, weights):
+        return data_lib.compute_metrics(task.spec, predictions, labels, weights)
+
+    bs = config.train.eval_batch_size
+    eval_fn = distill.make_fidelity_eval_fn(task.dev, bs, metric_fn, train_lib.predict(teacher, task.dev, bs))
+    return teacher_dir, task, teacher, batches, eval_fn
+
+
 def _stage_config(config, num_steps, learning_rate):
     c = ml_collections.ConfigDict(config.to_dict())
     c.train.num_steps = int(num_steps)
