@@ -33,6 +33,7 @@ def get_config(w_bits=2, e_bits=2, a_bits=8, weight_method="", activation_method
     config.quant = ml_collections.ConfigDict(dict(
         w_bits=w_bits, e_bits=e_bits, a_bits=a_bits,
         weight_method=weight_method,            # "" = by bits: 1 bwn, 2 twn, else uniform
+        weight_granularity="",                  # "" = channel for uniform / lsq, tensor for twn / bwn
         activation_method=activation_method,    # lsq (learned steps, trained by PTQ) | uniform | pact
         rules=[]))                              # [[regex, None or {field: value}], ...]
     config.ptq = ml_collections.ConfigDict(dict(

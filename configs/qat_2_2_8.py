@@ -35,6 +35,7 @@ def get_config(w_bits=2, e_bits=2, a_bits=8, weight_method="", activation_method
     config.quant = ml_collections.ConfigDict(dict(
         w_bits=w_bits, e_bits=e_bits, a_bits=a_bits,
         weight_method=weight_method,            # "" = by bits: 1 bwn, 2 twn, else uniform
+        weight_granularity="",                  # "" = channel for uniform / lsq, tensor for twn / bwn
         activation_method=activation_method,    # uniform (per-batch range) | lsq | pact
         rules=[]))                              # [[regex, None or {field: value}], ...]
     config.distill = ml_collections.ConfigDict(dict(stages=[

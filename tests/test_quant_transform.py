@@ -44,7 +44,10 @@ def test_default_spec_follows_the_literature():
         assert r[skipped] == "float"
     assert not any("layer_norm" in site for site in r)
     assert quant.make_spec(1, 1, 8).weight.method == "bwn"
-    assert quant.make_spec(4, 4, 8).weight == quant.Quantizer("uniform", 4)
+    assert quant.make_spec(4, 4, 8).weight == quant.Quantizer("uniform", 4, granularity="channel")
+    assert quant.make_spec(4, 4, 8, weight_method="lsq").weight.granularity == "channel"
+    assert quant.make_spec(4, 4, 8, weight_granularity="tensor").weight == quant.Quantizer("uniform", 4)
+    assert quant.spec_from_config(dict(w_bits=4, weight_granularity="")).weight.granularity == "channel"
     assert quant.make_spec(8, 8, 32).activation is None
 
 
@@ -159,13 +162,13 @@ def test_generic_nnx_model():
     model = Tiny(nnx.Rngs(0))
     qmodel, report = quant.quantize_model(model, quant.make_spec(4, 8, 8))
     r = report_dict(report)
-    assert r == {"embed": "uniform8/ch", "layers.0": "uniform4", "layers.0.input": "uniform8",
-                 "layers.1": "uniform4", "layers.1.input": "uniform8"}
+    assert r == {"embed": "uniform8/ch", "layers.0": "uniform4/ch", "layers.0.input": "uniform8",
+                 "layers.1": "uniform4/ch", "layers.1.input": "uniform8"}
     ids = jnp.arange(6).reshape(2, 3)
     emb_q = quant.uniform(model.embed.embedding[...], 8, axis=1)
     h = quant.uniform(jnp.take(emb_q, ids, axis=0), 8)
-    h = jax.nn.relu(h @ quant.uniform(model.layers[0].kernel[...], 4) + model.layers[0].bias[...])
-    h = quant.uniform(h, 8) @ quant.uniform(model.layers[1].kernel[...], 4) + model.layers[1].bias[...]
+    h = jax.nn.relu(h @ quant.uniform(model.layers[0].kernel[...], 4, axis=0) + model.layers[0].bias[...])
+    h = quant.uniform(h, 8) @ quant.uniform(model.layers[1].kernel[...], 4, axis=0) + model.layers[1].bias[...]
     np.testing.assert_allclose(qmodel(ids), h, atol=1e-6)
     cost = quant.cost_report(model, quant.make_spec(4, 8, 8), lambda m: m(ids[:1]))
     assert cost.flops == 2 * 3 * (8 * 8 + 8 * 4)
