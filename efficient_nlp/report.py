@@ -571,7 +571,9 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         "# Reproduction report: every method on the built-in task",
         "",
         f"Mode: **{s.name}**, {s.description}. Seed {s.seed}; sequence length {s.max_length}; "
-        f"teacher `{teacher_dir}`; {environment()}; total wall time {total_seconds / 60:.1f} min.",
+        f"teacher `{teacher_dir}`; {environment()}; total wall time {total_seconds / 60:.1f} min "
+        "(the sum of every row's run, measurements included; rows rerun with `--only` count their "
+        "latest run).",
         "",
         "Size: bytes of the saved artefact (bit-packed file for quantized rows, float32 safetensors "
         "otherwise). GFLOPs / GBOPs per example of one dev sequence (BOPs: an m-bit x n-bit multiply "
@@ -596,11 +598,15 @@ def _save_rows(path, rows):
         json.dump([dataclasses.asdict(r) for r in rows], f, indent=2)
 
 
-def _load_rows(path) -> dict[str, Row]:
+def _load_json(path):
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return {r["key"]: Row(**r) for r in json.load(f)}
+        return json.load(f)
+
+
+def _load_rows(path) -> dict[str, Row]:
+    return {r["key"]: Row(**r) for r in _load_json(path) or []}
 
 
 # ----------------------------------------------------------------------------- main
@@ -623,8 +629,9 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
     os.makedirs(workdir, exist_ok=True)
     markdown = markdown or os.path.join(workdir, "results.md")
     plot = plot or os.path.join(os.path.dirname(os.path.abspath(markdown)), "results_pareto.png")
-    rows_path = os.path.join(workdir, "rows.json")
+    rows_path, walls_path = os.path.join(workdir, "rows.json"), os.path.join(workdir, "walls.json")
     previous = _load_rows(rows_path)
+    walls = _load_json(walls_path)   # experiment key -> wall seconds of its latest run
     wanted = [e for e in experiments() if not only or any(e.key.startswith(k) for k in only)]
     if only and not wanted and "fp" not in only:
         raise ValueError(f"--only {','.join(only)} matches no row; row keys: fp, "
@@ -637,6 +644,7 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
         teacher_dir, seconds = run_teacher(settings, workdir, model_dir)
     ctx = Context(settings, teacher_dir, workdir)
     results = {"fp": full_precision_row(ctx, seconds, reused=seconds is None)}
+    walls["fp"] = time.perf_counter() - t_start
     print(f"[report] fp: {ctx.metric_name} {results['fp'].metric:.4f}", flush=True)
     for i, exp in enumerate(wanted, 1):
         print(f"[report] {i}/{len(wanted)} {exp.key} ...", flush=True)
@@ -646,15 +654,18 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
             value = f"{ctx.metric_name} {row.metric:.4f}" if row.metric is not None else row.note
             print(f"[report]   {row.method}: {row.status}, {value} ({time.perf_counter() - t0:.0f} s wall, "
                   f"{time.process_time() - c0:.0f} s CPU)", flush=True)
+        walls[exp.key] = time.perf_counter() - t0
         rows = _ordered({**previous, **results})
         _save_rows(rows_path, rows)
+        with open(walls_path, "w") as f:
+            json.dump(walls, f, indent=2)
     rows = _ordered({**previous, **results})
     _save_rows(rows_path, rows)
     os.makedirs(os.path.dirname(os.path.abspath(plot)), exist_ok=True)
     plot_pareto(rows, plot, f"built-in task, {settings.name} mode", ctx.metric_name)
     page = format_report(rows, settings, teacher_dir, ctx.metric_name,
                          os.path.relpath(plot, os.path.dirname(os.path.abspath(markdown))),
-                         time.perf_counter() - t_start)
+                         sum(walls.get(k, 0.0) for k in ["fp"] + [e.key for e in experiments()]))
     os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
     with open(markdown, "w") as f:
         f.write(page)

@@ -111,6 +111,10 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
     again = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, only=("good",))
     assert calls == ["build"] and [r.key for r in again] == [r.key for r in rows]
     assert again[1].metric == 0.25 and again[2].status == "failed"
+    walls = json.load(open(work / "walls.json"))      # the total counts each row's latest run once
+    assert set(walls) == {"fp", "good", "bad", "later"} and all(v >= 0 for v in walls.values())
+    total = sum(walls.values()) / 60
+    assert f"total wall time {total:.1f} min" in (work / "results.md").read_text()
     with pytest.raises(ValueError, match="matches no row"):
         report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, only=("nope",))
 
