@@ -18,7 +18,8 @@ CPU latency of the saved model (`efficient_nlp.prune.measure_latency`; quantized
 the int8 path `efficient_nlp.quant.to_integer_model`).  A row whose recipe or method is not in
 this checkout is reported as "not available" with the reason; a row that fails is reported with
 its error and the others continue.  Writes ``rows.json``, a Markdown table and an
-accuracy-vs-size Pareto plot (PNG).  ``--only`` reruns some rows and keeps the others' records.
+accuracy-vs-size Pareto plot (PNG).  ``--only`` reruns some rows and keeps the others' records;
+``--remeasure`` redoes only the measurements from the saved outputs (latency on a quiet machine).
 """
 from __future__ import annotations
 
@@ -459,11 +460,19 @@ def experiments() -> list[Experiment]:
     ]
 
 
-def run_experiment(exp: Experiment, ctx: Context) -> list[Row]:
-    """Runs one experiment; its rows are ``ok``, ``failed`` (with the error) or ``not available``."""
+def _row_keys(exp: Experiment) -> list[str]:
+    return [exp.key] if len(exp.methods) == 1 else [f"{exp.key}_{i}" for i in range(len(exp.methods))]
+
+
+def run_experiment(exp: Experiment, ctx: Context, *, remeasure: bool = False) -> list[Row]:
+    """Runs one experiment; its rows are ``ok``, ``failed`` (with the error) or ``not available``.
+
+    ``remeasure``: the recipe is not rerun; its saved ``results.json`` (and the recipe's wall
+    time in ``report_seconds.json``) are read back and only the measurements (size, cost, CPU
+    latency) are redone, e.g. on a quiet machine after a run that shared the CPU."""
     from efficient_nlp.recipes import run_recipe
     run_dir = os.path.join(ctx.workdir, exp.key)
-    keys = [exp.key if len(exp.methods) == 1 else f"{exp.key}_{i}" for i in range(len(exp.methods))]
+    keys = _row_keys(exp)
 
     def fill(rows):
         for row, key, title in zip(rows, keys, exp.methods):
@@ -475,11 +484,22 @@ def run_experiment(exp: Experiment, ctx: Context) -> list[Row]:
     reason = exp.available(ctx)
     if reason:
         return fill([Row("", "", status="not available", note=reason) for _ in exp.methods])
+    seconds_path = os.path.join(run_dir, "report_seconds.json")
     try:
         config = exp.build(ctx)
-        t0 = time.perf_counter()
-        results = run_recipe(config, run_dir)
-        seconds = time.perf_counter() - t0
+        if remeasure:
+            results, seconds = _load_json(os.path.join(run_dir, "results.json")), _load_json(seconds_path)
+            if not results or "seconds" not in seconds:
+                raise FileNotFoundError(f"--remeasure needs {run_dir}/results.json and report_seconds.json "
+                                        "from an earlier run of this row; run it without --remeasure first")
+            seconds = seconds["seconds"]
+        else:
+            t0 = time.perf_counter()
+            results = run_recipe(config, run_dir)
+            seconds = time.perf_counter() - t0
+            os.makedirs(run_dir, exist_ok=True)
+            with open(seconds_path, "w") as f:
+                json.dump({"seconds": seconds}, f)
         return fill(exp.collect(ctx, config, results, run_dir, seconds))
     except Exception as e:  # a failed row is reported; the others continue
         os.makedirs(run_dir, exist_ok=True)
@@ -622,9 +642,11 @@ def _ensure_configs_importable():
 
 
 def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", model_dir: str = "",
-                 only: tuple = (), markdown: str = "", plot: str = "") -> list[Row]:
+                 only: tuple = (), markdown: str = "", plot: str = "", remeasure: bool = False) -> list[Row]:
     """Runs the rows (all, or the keys / key prefixes in ``only``), writes ``rows.json``, the
-    Markdown page and the Pareto plot; returns every row (earlier records kept for the others)."""
+    Markdown page and the Pareto plot; returns every row (earlier records kept for the others).
+    ``remeasure``: redo only the measurements of the rows from their saved outputs
+    (`run_experiment`); the recorded run times stay."""
     _ensure_configs_importable()
     os.makedirs(workdir, exist_ok=True)
     markdown = markdown or os.path.join(workdir, "results.md")
@@ -644,17 +666,22 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
         teacher_dir, seconds = run_teacher(settings, workdir, model_dir)
     ctx = Context(settings, teacher_dir, workdir)
     results = {"fp": full_precision_row(ctx, seconds, reused=seconds is None)}
-    walls["fp"] = time.perf_counter() - t_start
+    if not remeasure or "fp" not in walls:
+        walls["fp"] = time.perf_counter() - t_start
     print(f"[report] fp: {ctx.metric_name} {results['fp'].metric:.4f}", flush=True)
     for i, exp in enumerate(wanted, 1):
+        if remeasure and any(k not in previous or previous[k].status != "ok" for k in _row_keys(exp)):
+            print(f"[report] {i}/{len(wanted)} {exp.key}: no earlier ok run to remeasure; kept as is", flush=True)
+            continue
         print(f"[report] {i}/{len(wanted)} {exp.key} ...", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        for row in run_experiment(exp, ctx):
+        for row in run_experiment(exp, ctx, remeasure=remeasure):
             results[row.key] = row
             value = f"{ctx.metric_name} {row.metric:.4f}" if row.metric is not None else row.note
             print(f"[report]   {row.method}: {row.status}, {value} ({time.perf_counter() - t0:.0f} s wall, "
                   f"{time.process_time() - c0:.0f} s CPU)", flush=True)
-        walls[exp.key] = time.perf_counter() - t0
+        if not remeasure:
+            walls[exp.key] = time.perf_counter() - t0
         rows = _ordered({**previous, **results})
         _save_rows(rows_path, rows)
         with open(walls_path, "w") as f:
@@ -676,7 +703,7 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
 def _ordered(by_key: dict[str, Row]) -> list[Row]:
     order = ["fp"]
     for e in experiments():
-        order += [e.key] if len(e.methods) == 1 else [f"{e.key}_{i}" for i in range(len(e.methods))]
+        order += _row_keys(e)
     return [by_key[k] for k in order if k in by_key]
 
 
@@ -690,13 +717,15 @@ def main(argv=None):
     p.add_argument("--model_dir", default="", help="pretrained model to fine-tune ('' = embedded MiniLM)")
     p.add_argument("--only", default="", help="comma-separated row keys (or prefixes, e.g. qat,ptq) to run; "
                    "the other rows keep their records in workdir/rows.json")
+    p.add_argument("--remeasure", action="store_true", help="do not rerun the recipes: re-read each row's "
+                   "saved outputs and redo size / cost / CPU latency (e.g. on a quiet machine)")
     p.add_argument("--markdown", default="", help="Markdown output (default workdir/results.md)")
     p.add_argument("--plot", default="", help="PNG output (default results_pareto.png next to the Markdown)")
     args = p.parse_args(argv)
     settings = Settings.fast() if args.fast else Settings.full()
     only = tuple(k.strip() for k in args.only.split(",") if k.strip())
     build_report(args.workdir, settings, teacher_dir=args.teacher, model_dir=args.model_dir, only=only,
-                 markdown=args.markdown, plot=args.plot)
+                 markdown=args.markdown, plot=args.plot, remeasure=args.remeasure)
 
 
 if __name__ == "__main__":

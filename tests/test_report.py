@@ -118,6 +118,20 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
     with pytest.raises(ValueError, match="matches no row"):
         report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, only=("nope",))
 
+    # --remeasure re-reads the saved results and keeps the recorded times; no recipe runs
+    def no_recipe(config, workdir):
+        raise AssertionError("--remeasure must not rerun a recipe")
+
+    with open(work / "good" / "results.json", "w") as f:
+        json.dump({"accuracy": 0.75}, f)
+    seconds = json.load(open(work / "good" / "report_seconds.json"))["seconds"]
+    monkeypatch.setattr(recipes, "run_recipe", no_recipe)
+    calls.clear()
+    again = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, remeasure=True)
+    assert again[1].metric == 0.75 and again[1].seconds == seconds and again[1].latency_ms > 0
+    assert [r.status for r in again] == [r.status for r in rows] and again[2].note == rows[2].note
+    assert json.load(open(work / "walls.json"))["good"] == walls["good"]
+
 
 def test_every_row_config_passes_its_recipe_checks(tiny_teacher, tmp_path):
     """Config-time validation of each real row's config on the tiny teacher (no training)."""
