@@ -584,7 +584,7 @@ def environment() -> str:
 
 
 def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, plot_name: str,
-                  total_seconds: float) -> str:
+                  total_seconds: float, remeasured: bool = False) -> str:
     """The Markdown page: what ran, how, on what; the table; the plot; how to reproduce."""
     s = settings
     lines = [
@@ -600,7 +600,9 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         "counts m*n/64 FLOPs, METHODS.md 1.2). CPU latency: median of "
         f"{s.latency_repeats} jitted forward passes of a {s.latency_batch} x {s.max_length} batch "
         "(quantized rows through the int8 integer model). Compression s: wall time of the recipe run "
-        "(PTQ rows: the reconstruction only, as timed by the recipe).",
+        "(PTQ rows: the reconstruction only, as timed by the recipe)."
+        + (" Size, cost and latency were measured again from the saved outputs (`--remeasure`), "
+           "after the runs." if remeasured else ""),
         "",
         format_table(rows, metric_name),
         "",
@@ -692,7 +694,7 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
     plot_pareto(rows, plot, f"built-in task, {settings.name} mode", ctx.metric_name)
     page = format_report(rows, settings, teacher_dir, ctx.metric_name,
                          os.path.relpath(plot, os.path.dirname(os.path.abspath(markdown))),
-                         sum(walls.get(k, 0.0) for k in ["fp"] + [e.key for e in experiments()]))
+                         sum(walls.get(k, 0.0) for k in ["fp"] + [e.key for e in experiments()]), remeasure)
     os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
     with open(markdown, "w") as f:
         f.write(page)

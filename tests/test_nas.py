@@ -255,3 +255,13 @@ def test_child_network_is_physically_narrow():
     assert child.head.kernel[...].shape == (64, 10)
     assert all(m.p is None and m.q is None for _, m in aps.aps_layers(child))  # fixed widths
     assert jax.eval_shape(lambda: child(jnp.ones((2, 8, 8, 1)))).shape == (2, 10)
+
+
+def test_choose_takes_the_largest_fitting_architecture_and_warns_when_none_fits(caplog):
+    from efficient_nlp.nas import search
+    top = [((0,), -0.1, 90.0), ((1,), -0.5, 40.0), ((2,), -0.2, 60.0), ((3,), -0.9, 60.0)]
+    assert search.choose(top, None) == top[0]                     # no budget: the most likely
+    assert search.choose(top, 70.0) == top[2]                     # closest from below; ties: most likely
+    with caplog.at_level("WARNING"):
+        assert search.choose(top, 30.0) == top[1]                 # none fits: the cheapest, announced
+    assert "fits the FLOPs budget" in caplog.text

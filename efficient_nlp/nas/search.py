@@ -357,7 +357,11 @@ def choose(candidates, budget):
     fits = [c for c in candidates if c[2] <= budget]
     if fits:
         return max(fits, key=lambda c: (c[2], c[1]))
-    return min(candidates, key=lambda c: c[2])
+    cheapest = min(candidates, key=lambda c: c[2])
+    log.warning("none of the %d top architectures fits the FLOPs budget %.4g; taking the cheapest (%.4g "
+                "FLOPs, %.2fx the budget): search longer or raise search.top_n / search.beam_width",
+                len(candidates), budget, cheapest[2], cheapest[2] / budget)
+    return cheapest
 
 
 def _truncate(workdir, start):

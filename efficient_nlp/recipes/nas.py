@@ -90,6 +90,7 @@ def run(config, workdir):
         "top": [{"arch": space.describe(a), "log_prob": lp, "flops": f} for a, lp, f in top],
         "chosen": space.describe(arch), "chosen_indices": list(arch), "chosen_flops": flops,
         "chosen_flops_ratio": flops / space.flops.max(),
+        "chosen_over_budget": searcher.budget is not None and flops > searcher.budget,
         "final_probabilities": {name: [last.get(f"prob/{name}/{a}") for a in
                                        range(len(space.candidates[d]))]
                                 for d, name in enumerate(space.decisions)},
@@ -122,7 +123,8 @@ def format_results(results):
     lines = [f"APS {results['sharing']} on {results['space']} (seed {results['seed']}): "
              f"chosen {results.get('chosen')}",
              f"FLOPs {results.get('chosen_flops', 0):.4g} = "
-             f"{results.get('chosen_flops_ratio', 0):.3f} of max; budget {results['budget']}"]
+             f"{results.get('chosen_flops_ratio', 0):.3f} of max; budget {results['budget']}"
+             + (" (OVER the budget: no top architecture fit it)" if results.get("chosen_over_budget") else "")]
     if results.get("test_accuracy") is not None:
         lines.append(f"retrained test accuracy {results['test_accuracy']:.4f}")
     return "\n".join(lines)
