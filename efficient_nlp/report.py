@@ -664,6 +664,11 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
 
     print(f"[report] full precision ({settings.name} mode)", flush=True)
     seconds = None
+    if not teacher_dir and remeasure:   # the teacher an earlier run fine-tuned; never retrain it
+        teacher_dir = os.path.join(workdir, "fp", "model")
+        if not os.path.isdir(teacher_dir):
+            raise FileNotFoundError(f"--remeasure without --teacher needs the teacher an earlier run wrote to "
+                                    f"{teacher_dir}; pass --teacher DIR or run the report first")
     if not teacher_dir:
         teacher_dir, seconds = run_teacher(settings, workdir, model_dir)
     ctx = Context(settings, teacher_dir, workdir)

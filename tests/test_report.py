@@ -131,6 +131,8 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
     assert again[1].metric == 0.75 and again[1].seconds == seconds and again[1].latency_ms > 0
     assert [r.status for r in again] == [r.status for r in rows] and again[2].note == rows[2].note
     assert json.load(open(work / "walls.json"))["good"] == walls["good"]
+    with pytest.raises(FileNotFoundError, match="--remeasure without --teacher"):
+        report.build_report(str(tmp_path / "empty"), tiny_settings(), remeasure=True)
 
 
 def test_every_row_config_passes_its_recipe_checks(tiny_teacher, tmp_path):
