@@ -464,13 +464,34 @@ def _row_keys(exp: Experiment) -> list[str]:
     return [exp.key] if len(exp.methods) == 1 else [f"{exp.key}_{i}" for i in range(len(exp.methods))]
 
 
+def _failed(exp: Experiment, run_dir: str, error: BaseException) -> str:
+    """Writes the traceback to ``run_dir/error.txt``; returns the one-line message for the table."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "error.txt"), "w") as f:
+        f.write("".join(traceback.format_exception(error)))
+    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
+def _run_recipe(exp: Experiment, ctx: Context):
+    """Builds the row's config and runs its recipe; records the wall time in ``report_seconds.json``."""
+    from efficient_nlp.recipes import run_recipe
+    run_dir = os.path.join(ctx.workdir, exp.key)
+    config = exp.build(ctx)
+    t0 = time.perf_counter()
+    results = run_recipe(config, run_dir)
+    seconds = time.perf_counter() - t0
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "report_seconds.json"), "w") as f:
+        json.dump({"seconds": seconds}, f)
+    return config, results, seconds
+
+
 def run_experiment(exp: Experiment, ctx: Context, *, remeasure: bool = False) -> list[Row]:
     """Runs one experiment; its rows are ``ok``, ``failed`` (with the error) or ``not available``.
 
     ``remeasure``: the recipe is not rerun; its saved ``results.json`` (and the recipe's wall
     time in ``report_seconds.json``) are read back and only the measurements (size, cost, CPU
     latency) are redone, e.g. on a quiet machine after a run that shared the CPU."""
-    from efficient_nlp.recipes import run_recipe
     run_dir = os.path.join(ctx.workdir, exp.key)
     keys = _row_keys(exp)
 
@@ -484,29 +505,73 @@ def run_experiment(exp: Experiment, ctx: Context, *, remeasure: bool = False) ->
     reason = exp.available(ctx)
     if reason:
         return fill([Row("", "", status="not available", note=reason) for _ in exp.methods])
-    seconds_path = os.path.join(run_dir, "report_seconds.json")
     try:
-        config = exp.build(ctx)
         if remeasure:
-            results, seconds = _load_json(os.path.join(run_dir, "results.json")), _load_json(seconds_path)
+            config = exp.build(ctx)
+            results = _load_json(os.path.join(run_dir, "results.json"))
+            seconds = _load_json(os.path.join(run_dir, "report_seconds.json"))
             if not results or "seconds" not in seconds:
                 raise FileNotFoundError(f"--remeasure needs {run_dir}/results.json and report_seconds.json "
                                         "from an earlier run of this row; run it without --remeasure first")
             seconds = seconds["seconds"]
         else:
-            t0 = time.perf_counter()
-            results = run_recipe(config, run_dir)
-            seconds = time.perf_counter() - t0
-            os.makedirs(run_dir, exist_ok=True)
-            with open(seconds_path, "w") as f:
-                json.dump({"seconds": seconds}, f)
+            config, results, seconds = _run_recipe(exp, ctx)
         return fill(exp.collect(ctx, config, results, run_dir, seconds))
     except Exception as e:  # a failed row is reported; the others continue
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "error.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        message = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        return fill([Row("", "", status="failed", note=message) for _ in exp.methods])
+        return fill([Row("", "", status="failed", note=_failed(exp, run_dir, e)) for _ in exp.methods])
+
+
+# ----------------------------------------------------------------------------- parallel rows
+# Relative recipe wall times of the --fast rows (session-4 measurements, seconds): the pool starts
+# the longest first so that two workers finish together.
+_TYPICAL_SECONDS = {"ptq": 600, "binarybert": 460, "fewshot_cd": 420, "prune": 320, "distill": 320,
+                    "fewshot_wo_cd": 300, "qat": 200}
+
+
+def _typical_seconds(key: str, walls: dict) -> float:
+    return walls.get(key) or max((v for k, v in _TYPICAL_SECONDS.items() if key.startswith(k)), default=0)
+
+
+def _recipe_worker(settings: Settings, teacher_dir: str, workdir: str, key: str) -> tuple[str, float, str]:
+    """Runs one row's recipe in a fresh process (``--jobs``), its output in ``workdir/<key>/report.log``;
+    returns ``(key, seconds, error message or "")``.  Measurements are left to the parent."""
+    run_dir = os.path.join(workdir, key)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "report.log"), "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        sys.stdout = sys.stderr = log
+        exp = next(e for e in experiments() if e.key == key)
+        t0 = time.perf_counter()
+        try:
+            _ensure_configs_importable()
+            _run_recipe(exp, Context(settings, teacher_dir, workdir))
+            return key, time.perf_counter() - t0, ""
+        except Exception as e:
+            traceback.print_exc()
+            return key, time.perf_counter() - t0, _failed(exp, run_dir, e)
+
+
+def run_recipes_in_parallel(exps: list[Experiment], ctx: Context, jobs: int, walls: dict) -> dict[str, tuple]:
+    """Runs the recipes of ``exps`` in ``jobs`` fresh processes at a time (longest first); returns
+    ``{key: (seconds, error message or "")}``.  Each process sees all the cores: rows spend
+    much of their time compiling single-threaded, so two at a time use 2 cores far better."""
+    import concurrent.futures
+    import multiprocessing
+
+    done = {}
+    order = sorted(exps, key=lambda e: -_typical_seconds(e.key, walls))
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                  max_tasks_per_child=1)
+    with pool:
+        futures = [pool.submit(_recipe_worker, ctx.settings, ctx.teacher_dir, ctx.workdir, e.key) for e in order]
+        for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            key, seconds, error = future.result()
+            log = os.path.join(ctx.workdir, key, "report.log")
+            print(f"[report] recipe {n}/{len(order)} {key}: {'FAILED ' + error if error else 'done'} "
+                  f"({seconds:.0f} s; log {log})", flush=True)
+            done[key] = (seconds, error)
+    return done
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -584,7 +649,7 @@ def environment() -> str:
 
 
 def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, plot_name: str,
-                  total_seconds: float, remeasured: bool = False) -> str:
+                  total_seconds: float, remeasured: bool = False, elapsed: dict | None = None) -> str:
     """The Markdown page: what ran, how, on what; the table; the plot; how to reproduce."""
     s = settings
     lines = [
@@ -593,14 +658,17 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         f"Mode: **{s.name}**, {s.description}. Seed {s.seed}; sequence length {s.max_length}; "
         f"teacher `{teacher_dir}`; {environment()}; total wall time {total_seconds / 60:.1f} min "
         "(the sum of every row's run, measurements included; rows rerun with `--only` count their "
-        "latest run).",
+        "latest run)"
+        + (f"; the last run of every row took {elapsed['seconds'] / 60:.1f} min elapsed with `--jobs "
+           f"{elapsed['jobs']}`" if elapsed else "") + ".",
         "",
         "Size: bytes of the saved artefact (bit-packed file for quantized rows, float32 safetensors "
         "otherwise). GFLOPs / GBOPs per example of one dev sequence (BOPs: an m-bit x n-bit multiply "
         "counts m*n/64 FLOPs, METHODS.md 1.2). CPU latency: median of "
         f"{s.latency_repeats} jitted forward passes of a {s.latency_batch} x {s.max_length} batch "
         "(quantized rows through the int8 integer model). Compression s: wall time of the recipe run "
-        "(PTQ rows: the reconstruction only, as timed by the recipe)."
+        "(PTQ rows: the reconstruction only, as timed by the recipe; with `--jobs` > 1 two recipes "
+        "shared the cores, while every measurement ran alone)."
         + (" Size, cost and latency were measured again from the saved outputs (`--remeasure`), "
            "after the runs." if remeasured else ""),
         "",
@@ -609,7 +677,8 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         f"![dev {metric_name} vs stored size]({plot_name})",
         "",
         "Reproduce: `python -m efficient_nlp.report --workdir runs/report"
-        + (" --fast" if s.name == "fast" else "") + f" --teacher {teacher_dir}`; every row's "
+        + (" --fast" if s.name == "fast" else "") + (f" --jobs {elapsed['jobs']}" if elapsed and elapsed["jobs"] > 1 else "")
+        + f" --teacher {teacher_dir}`; every row's "
         "`results.json` is under `runs/report/<row>/`.",
     ]
     return "\n".join(lines) + "\n"
@@ -644,9 +713,12 @@ def _ensure_configs_importable():
 
 
 def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", model_dir: str = "",
-                 only: tuple = (), markdown: str = "", plot: str = "", remeasure: bool = False) -> list[Row]:
+                 only: tuple = (), markdown: str = "", plot: str = "", remeasure: bool = False,
+                 jobs: int = 1) -> list[Row]:
     """Runs the rows (all, or the keys / key prefixes in ``only``), writes ``rows.json``, the
     Markdown page and the Pareto plot; returns every row (earlier records kept for the others).
+    ``jobs`` > 1: the recipes run that many at a time in fresh processes
+    (`run_recipes_in_parallel`), then every row is measured alone, so latencies stay comparable.
     ``remeasure``: redo only the measurements of the rows from their saved outputs
     (`run_experiment`); the recorded run times stay."""
     _ensure_configs_importable()
@@ -676,21 +748,37 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
     if not remeasure or "fp" not in walls:
         walls["fp"] = time.perf_counter() - t_start
     print(f"[report] fp: {ctx.metric_name} {results['fp'].metric:.4f}", flush=True)
+    recipes_done = {}
+    if jobs > 1 and not remeasure:
+        runnable = [e for e in wanted if not e.available(ctx)]
+        print(f"[report] {len(runnable)} recipes, {jobs} at a time; measurements follow one by one", flush=True)
+        recipes_done = run_recipes_in_parallel(runnable, ctx, jobs, walls)
     for i, exp in enumerate(wanted, 1):
         if remeasure and any(k not in previous or previous[k].status != "ok" for k in _row_keys(exp)):
             print(f"[report] {i}/{len(wanted)} {exp.key}: no earlier ok run to remeasure; kept as is", flush=True)
             continue
         print(f"[report] {i}/{len(wanted)} {exp.key} ...", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
-        for row in run_experiment(exp, ctx, remeasure=remeasure):
+        recipe_seconds, error = recipes_done.get(exp.key, (0.0, ""))
+        if error:
+            exp_rows = [Row(k, m, status="failed", note=error, run_dir=os.path.join(workdir, exp.key))
+                        for k, m in zip(_row_keys(exp), exp.methods)]
+        else:
+            exp_rows = run_experiment(exp, ctx, remeasure=remeasure or exp.key in recipes_done)
+        for row in exp_rows:
             results[row.key] = row
             value = f"{ctx.metric_name} {row.metric:.4f}" if row.metric is not None else row.note
             print(f"[report]   {row.method}: {row.status}, {value} ({time.perf_counter() - t0:.0f} s wall, "
                   f"{time.process_time() - c0:.0f} s CPU)", flush=True)
         if not remeasure:
-            walls[exp.key] = time.perf_counter() - t0
+            walls[exp.key] = recipe_seconds + time.perf_counter() - t0
         rows = _ordered({**previous, **results})
         _save_rows(rows_path, rows)
+        with open(walls_path, "w") as f:
+            json.dump(walls, f, indent=2)
+    elapsed = time.perf_counter() - t_start
+    if not only and not remeasure:
+        walls["_elapsed"] = dict(seconds=elapsed, jobs=jobs)
         with open(walls_path, "w") as f:
             json.dump(walls, f, indent=2)
     rows = _ordered({**previous, **results})
@@ -699,7 +787,8 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
     plot_pareto(rows, plot, f"built-in task, {settings.name} mode", ctx.metric_name)
     page = format_report(rows, settings, teacher_dir, ctx.metric_name,
                          os.path.relpath(plot, os.path.dirname(os.path.abspath(markdown))),
-                         sum(walls.get(k, 0.0) for k in ["fp"] + [e.key for e in experiments()]), remeasure)
+                         sum(walls.get(k, 0.0) for k in ["fp"] + [e.key for e in experiments()]), remeasure,
+                         walls.get("_elapsed"))
     os.makedirs(os.path.dirname(os.path.abspath(markdown)), exist_ok=True)
     with open(markdown, "w") as f:
         f.write(page)
@@ -728,11 +817,16 @@ def main(argv=None):
                    "saved outputs and redo size / cost / CPU latency (e.g. on a quiet machine)")
     p.add_argument("--markdown", default="", help="Markdown output (default workdir/results.md)")
     p.add_argument("--plot", default="", help="PNG output (default results_pareto.png next to the Markdown)")
+    p.add_argument("--jobs", type=int, default=1, help="recipes run this many at a time in fresh processes "
+                   "(2 suits 2 cores: much of a row is single-threaded XLA compilation); measurements "
+                   "still run one at a time; each recipe's output goes to workdir/<row>/report.log")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     settings = Settings.fast() if args.fast else Settings.full()
     only = tuple(k.strip() for k in args.only.split(",") if k.strip())
     build_report(args.workdir, settings, teacher_dir=args.teacher, model_dir=args.model_dir, only=only,
-                 markdown=args.markdown, plot=args.plot, remeasure=args.remeasure)
+                 markdown=args.markdown, plot=args.plot, remeasure=args.remeasure, jobs=args.jobs)
 
 
 if __name__ == "__main__":

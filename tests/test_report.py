@@ -112,6 +112,8 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
     assert calls == ["build"] and [r.key for r in again] == [r.key for r in rows]
     assert again[1].metric == 0.25 and again[2].status == "failed"
     walls = json.load(open(work / "walls.json"))      # the total counts each row's latest run once
+    elapsed = walls.pop("_elapsed")                   # the first run covered every row; --only keeps it
+    assert elapsed["jobs"] == 1 and elapsed["seconds"] > 0
     assert set(walls) == {"fp", "good", "bad", "later"} and all(v >= 0 for v in walls.values())
     total = sum(walls.values()) / 60
     assert f"total wall time {total:.1f} min" in (work / "results.md").read_text()
@@ -160,6 +162,37 @@ def test_every_row_config_passes_its_recipe_checks(tiny_teacher, tmp_path):
             assert stage["num_steps"] == 2, exp.key
     assert {"qat_4_4_8", "qat_2_2_8", "qat_1_1_8", "ptq_4_4_8", "ptq_2_2_8", "prune_magnitude_90",
             "prune_movement_90", "prune_structured_50", "fewshot_wo_cd", "fewshot_cd", "distill_2l"} <= keys
+
+
+# ----------------------------------------------------------------------------- --jobs
+def test_a_failing_recipe_process_is_reported_with_its_traceback_and_log(tmp_path):
+    """`run_recipes_in_parallel` runs each row in a fresh process: an error there comes back as the
+    row's message, with the traceback in error.txt and the process's output in report.log."""
+    import types
+    ctx = types.SimpleNamespace(settings=tiny_settings(), teacher_dir=str(tmp_path / "no_teacher"),
+                                workdir=str(tmp_path))
+    exps = [e for e in report.experiments() if e.key in ("qat_1_1_8", "distill_2l")]
+    done = report.run_recipes_in_parallel(exps, ctx, 2, {})
+    assert set(done) == {"qat_1_1_8", "distill_2l"}
+    for key, (seconds, error) in done.items():
+        assert seconds > 0 and "no_teacher" in error, (key, error)
+        assert "Traceback" in (tmp_path / key / "error.txt").read_text()
+        assert "no_teacher" in (tmp_path / key / "report.log").read_text()
+        assert not (tmp_path / key / "report_seconds.json").exists()
+
+
+@pytest.mark.slow  # two tiny recipes, once in process and once two at a time in fresh processes
+def test_rows_run_two_at_a_time_equal_rows_run_in_process(tiny_teacher, tmp_path):
+    only = ("qat_1_1_8", "distill_2l")
+    seq = report.build_report(str(tmp_path / "seq"), tiny_settings(), teacher_dir=tiny_teacher, only=only)
+    par = report.build_report(str(tmp_path / "par"), tiny_settings(), teacher_dir=tiny_teacher, only=only, jobs=2)
+    assert [r.key for r in par] == [r.key for r in seq] == ["fp", "qat_1_1_8", "distill_2l"]
+    for a, b in zip(seq, par):
+        assert b.status == "ok" and (a.metric, a.size_mb, a.params, a.flops, a.bops) == \
+            (b.metric, b.size_mb, b.params, b.flops, b.bops), a.key
+    for key in only:
+        assert os.path.getsize(tmp_path / "par" / key / "report.log") > 0
+        assert json.load(open(tmp_path / "par" / key / "report_seconds.json"))["seconds"] > 0
 
 
 # ----------------------------------------------------------------------------- every row (slow)
