@@ -48,6 +48,7 @@ def get_config():
     config.distill = ml_collections.ConfigDict(dict(
         method="kd",
         cache_teacher_logits=False,   # True: teacher logits computed once to workdir/teacher_logits.npz
+        labelled_examples=0,          # N > 0: only N training texts keep labels (transfer set)
         replace_rate=dict(kind="constant", value=0.5),  # theseus only (a schedule)
         stages=[
             dict(name="intermediate", num_steps=200, learning_rate=2e-4,

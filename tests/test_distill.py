@@ -155,6 +155,28 @@ def test_distill_fit_trains_student_only(tmp_path):
         assert set(k for k in r if k.startswith("distill/")) == {f"distill/{m.label}" for m in matches}
 
 
+def test_unlabelled_rows_of_a_transfer_set_contribute_only_through_the_teacher():
+    """``label_weights`` 0 (transfer-set rows): their labels change neither the loss nor the
+    student's gradients; a labelled row's label does."""
+    teacher = models.BertForSequenceClassification(TEACHER, rngs=nnx.Rngs(0))
+    student = distill.student_from_teacher(teacher, (0, 2))
+    matches = distill.check_matches([dict(feature="logits", loss="kl", temperature=2.0)], student.config,
+                                    teacher.config)
+    model = distill.Distiller(student, teacher, matches, rngs=nnx.Rngs(1))
+    loss_fn = distill.make_distill_loss(matches, hard_label_weight=0.5)
+
+    @nnx.jit
+    def loss_and_grads(model, b):   # the schedules are constant: the step counter changes nothing
+        return nnx.value_and_grad(lambda m: loss_fn(m, b, nnx.Rngs(dropout=0))[0])(model)
+
+    b = {**batch(), "label_weights": np.array([1, 0, 1, 0, 0, 1, 0, 0], np.float32)}
+    relabelled = dict(b, labels=np.where(b["label_weights"] > 0, b["labels"], (b["labels"] + 1) % 3))
+    changed = dict(b, labels=np.where(np.arange(8) == 0, (b["labels"] + 1) % 3, b["labels"]))
+    (l0, g0), (l1, g1), (l2, _) = (loss_and_grads(model, x) for x in (b, relabelled, changed))
+    assert float(l0) == float(l1) and float(l2) != float(l0)
+    jax.tree.map(np.testing.assert_array_equal, g0, g1)
+
+
 def test_cached_teacher_logits_give_the_same_loss(tmp_path):
     teacher = models.BertForSequenceClassification(TEACHER, rngs=nnx.Rngs(0))
     student = distill.student_from_teacher(teacher, (1, 3))

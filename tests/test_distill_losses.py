@@ -56,6 +56,19 @@ def test_logits_mse_and_hinton_mix():
                                0.3 * hard + 0.7 * soft, rtol=1e-5)
 
 
+def test_hard_label_loss_weights_count_only_the_labelled_rows():
+    s, y = logits(8, 3), RNG.integers(0, 3, 8)
+    w = np.array([1, 0, 1, 1, 0, 0, 1, 0], np.float32)
+    ce = -np_log_softmax(s)[np.arange(8), y]
+    np.testing.assert_allclose(distill.hard_label_loss(s, y, w), ce[w > 0].mean(), rtol=1e-6)
+    np.testing.assert_allclose(distill.hard_label_loss(s, y, np.ones(8)), distill.hard_label_loss(s, y), rtol=1e-6)
+    assert float(distill.hard_label_loss(s, y, np.zeros(8))) == 0.0   # a batch with no labelled row
+    r = RNG.normal(size=(8, 1)).astype(np.float32)                     # regression: weighted MSE
+    target = RNG.normal(size=8).astype(np.float32)
+    np.testing.assert_allclose(distill.hard_label_loss(r, target, w),
+                               ((r[:, 0] - target) ** 2)[w > 0].mean(), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- hidden states
 def test_hidden_mse_with_projection_and_mask():
     s, t, mask = logits(3, 6, 4), logits(3, 6, 8), padding_mask()

@@ -98,6 +98,37 @@ def test_student_init_pretrained_copies_the_pretrained_layers(tiny_teacher_dir, 
         recipe.check_config(config)
 
 
+def test_transfer_set_keeps_labels_on_a_seeded_subset_and_checks_its_size(tiny_teacher_dir):
+    import numpy as np
+    from efficient_nlp.recipes import distill as recipe
+    rows = recipe.labelled_subset(100, 10, seed=3)
+    assert len(rows) == len(set(rows.tolist())) == 10 and list(rows) == sorted(rows) and rows.max() < 100
+    np.testing.assert_array_equal(rows, recipe.labelled_subset(100, 10, seed=3))
+    assert not np.array_equal(rows, recipe.labelled_subset(100, 10, seed=4))
+    with pytest.raises(ValueError, match="the training split has 100 examples; use 1..100"):
+        recipe.labelled_subset(100, 101, seed=0)
+    config = tiny_config(tiny_teacher_dir)
+    config.distill.labelled_examples = -1
+    with pytest.raises(ValueError, match="labelled_examples=-1"):
+        recipe.check_config(config)
+    config = tiny_config(tiny_teacher_dir, "theseus")
+    config.distill.labelled_examples = 16
+    with pytest.raises(ValueError, match="needs method='kd'"):
+        recipe.check_config(config)
+
+
+@pytest.mark.slow
+def test_transfer_set_recipe_distils_on_every_text_and_trains_the_baseline_on_the_labelled(
+        tiny_teacher_dir, tmp_path):
+    from efficient_nlp.recipes import run_recipe
+    config = tiny_config(tiny_teacher_dir)
+    config.distill.labelled_examples = 16
+    config.baseline.enabled = True
+    results = run_recipe(config, str(tmp_path))
+    assert results["transfer_set"] == {"labelled": 16, "texts": 64}
+    assert "accuracy" in results["baseline"] and "accuracy" in results["student"]
+
+
 def test_recipe_rejects_bad_match_before_training(tiny_teacher_dir, tmp_path):
     from efficient_nlp.recipes import run_recipe
     config = tiny_config(tiny_teacher_dir)

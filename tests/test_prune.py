@@ -25,12 +25,19 @@ def test_scores_against_numpy():
     r1, r2 = prune.random_score(w, jax.random.key(1)), prune.random_score(w, jax.random.key(1))
     np.testing.assert_array_equal(r1["a"], r2["a"])
     assert 0 <= float(r1["a"].min()) and float(r1["a"].max()) < 1
-    # Accumulated movement: -sum_t g_t * w_t.
+    # Accumulated movement: -sum_t g_t * W_t, with W_t the dense weight: once a weight is stored
+    # as 0 (pruned), its score keeps moving with the value it had (straight-through, Sanh et al.).
     crit = prune.movement()
     s = crit.init(w)
     for _ in range(3):
         s = crit.accumulate(s, w, g)
-    np.testing.assert_allclose(crit.score(w, s)["a"], -3 * np.asarray(g["a"]) * np.asarray(w["a"]), rtol=1e-6)
+    wa, ga = np.asarray(w["a"]), np.asarray(g["a"])
+    np.testing.assert_allclose(crit.score(w, s)["a"], -3 * ga * wa, rtol=1e-6)
+    pruned = {"a": w["a"].at[0].set(0.0)}
+    for _ in range(2):
+        s = crit.accumulate(s, pruned, g)
+    np.testing.assert_allclose(crit.score(w, s)["a"], -5 * ga * wa, rtol=1e-6)
+    np.testing.assert_array_equal(crit.restore(pruned, s)["a"], wa)
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -332,10 +339,37 @@ def test_movement_statistics_accumulate_under_jit_on_selected_leaves_only():
     g = {"w": rand(4, 4), "head": rand(4, 2)}
     step = jax.jit(tx.update)
     _, s1 = step(g, state, p)
-    np.testing.assert_allclose(s1.stats["w"], -np.asarray(g["w"]) * np.asarray(p["w"]), rtol=1e-6)
+    np.testing.assert_allclose(s1.stats["w"][0], -np.asarray(g["w"]) * np.asarray(p["w"]), rtol=1e-6)
+    np.testing.assert_array_equal(s1.stats["w"][1], p["w"])           # the dense weight it ranks with
     assert s1.stats["head"].shape == () and s1.masks["head"].shape == ()  # the head is never masked
     # Sign: a weight the update pushes away from zero (-g * w > 0) survives the ranking.
     assert np.all(np.isfinite(np.asarray(s1.stats["w"])))
+
+
+def test_movement_revives_a_pruned_weight_with_the_value_it_had():
+    # Step 1 prunes half of w by movement; then gradients push a pruned weight away from zero
+    # (its score keeps growing through the straight-through estimator) until the ranking revives
+    # it: it returns with its value from before pruning, its Adam moments reset.
+    p = {"w": jnp.asarray([1.0, -2.0, 3.0, -4.0])}
+    from efficient_nlp.prune.schedules import Schedule
+    every_step = Schedule("every_step", lambda c: jnp.where(c >= 1, 1.0, 0.0), lambda c: c >= 1)
+    tx = prune.pruning(optax.adam(1e-3), [prune.rule("^w$", "unstructured", 0.5)], criterion="movement",
+                       schedule=every_step)
+    state = tx.init(p)
+    g = {"w": jnp.asarray([-1.0, -1.0, 1.0, -1.0])}   # -g*w: +1, -2, -3, -4: keeps 0 and 1
+    u, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, u)
+    np.testing.assert_array_equal(np.asarray(state.masks["w"]), [True, True, False, False])
+    assert float(p["w"][2]) == 0.0 and float(p["w"][3]) == 0.0
+    g = {"w": jnp.asarray([0.0, 0.0, -5.0, 0.0])}      # weight 2 (value 3) would move away from zero
+    u, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, u)
+    assert bool(state.masks["w"][2]) and int(np.sum(np.asarray(state.masks["w"]))) == 2
+    stats = state.stats["w"]
+    assert float(stats[0, 2]) == pytest.approx(-3.0 + 15.0)
+    np.testing.assert_allclose(float(p["w"][2]), 3.0, rtol=1e-6)        # back with its value
+    mu = jax.tree.leaves(state.inner_state)[1]                         # adam's first moment
+    assert float(np.asarray(mu)[2]) == 0.0 and float(p["w"][3]) == 0.0
 
 
 def _toy_task(seed=0, n=1024, d=16, c=6):

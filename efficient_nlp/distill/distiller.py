@@ -178,7 +178,7 @@ def make_distill_loss(matches, *, hard_label_weight=0.0):
             aux[f"distill/{m.label}"] = value
             total = total + weight(step) * value
         if use_hard:
-            hard = L.hard_label_loss(s_out.logits, batch["labels"])
+            hard = L.hard_label_loss(s_out.logits, batch["labels"], batch.get("label_weights"))
             aux["hard_loss"] = hard
             total = total + hard_weight(step) * hard
         if s_out.logits is not None and s_out.logits.shape[-1] > 1:

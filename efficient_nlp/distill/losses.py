@@ -92,13 +92,22 @@ def logits_mse(student_logits, teacher_logits, *, mask=None):
     return _lead_mean(sq, mask)
 
 
-def hard_label_loss(student_logits, labels):
-    """The task loss: cross-entropy with integer labels, or MSE when there is one output."""
+def hard_label_loss(student_logits, labels, weights=None):
+    """The task loss: cross-entropy with integer labels, or MSE when there is one output.
+
+    ``weights`` (optional, one per example): a weighted mean, ``sum(w * loss) / sum(w)`` (0 when
+    every weight is 0), e.g. 0 for the unlabelled rows of a transfer set whose only targets are
+    the teacher's outputs (Hinton et al. 2015)."""
     logits = _f32(student_logits)
     if logits.shape[-1] == 1:
-        return jnp.mean((logits[..., 0] - _f32(labels)) ** 2)
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(log_p, jnp.asarray(labels)[..., None].astype(jnp.int32), -1))
+        per_example = (logits[..., 0] - _f32(labels)) ** 2
+    else:
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        per_example = -jnp.take_along_axis(log_p, jnp.asarray(labels)[..., None].astype(jnp.int32), -1)[..., 0]
+    if weights is None:
+        return jnp.mean(per_example)
+    w = jnp.broadcast_to(_f32(weights), per_example.shape)
+    return jnp.sum(w * per_example) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
 def hinton_loss(student_logits, teacher_logits, labels, *, temperature=1.0, hard_weight=0.5):

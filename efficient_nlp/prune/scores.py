@@ -53,12 +53,16 @@ def random_score(params, key):
 
 # ----------------------------------------------------------------------------- criteria with state
 class Criterion(NamedTuple):
-    """A score with statistics kept across steps (a pytree, may be empty)."""
+    """A score with statistics kept across steps (a pytree, may be empty).
+
+    ``restore(params, stats) -> values`` (optional): the value a pruned weight comes back with
+    when the masks revive it (default: 0, the value it is stored with while pruned)."""
 
     name: str
     init: Callable[[Any], Any]
     accumulate: Callable[[Any, Any, Any], Any]
     score: Callable[[Any, Any], Any]
+    restore: Callable[[Any, Any], Any] | None = None
 
 
 def _zeros(params):
@@ -75,12 +79,28 @@ def magnitude() -> Criterion:
 
 
 def movement() -> Criterion:
-    """Movement pruning: ``S = -sum_t grad_t * w_t`` accumulated since the start of training
-    (METHODS.md 2.1).  Weights moving away from zero get high scores and survive."""
-    def accumulate(stats, params, grads):
-        return jax.tree.map(lambda s, w, g: s - (g * w).astype(jnp.float32), stats, params, grads)
+    """Movement pruning: ``S = -sum_t grad_t * W_t`` accumulated since the start of training
+    (METHODS.md 2.1; Sanh et al. 2020).  Weights moving away from zero get high scores and survive.
 
-    return Criterion("movement", _zeros, accumulate, lambda p, s: s)
+    As in Sanh et al.'s straight-through estimator, ``grad_t`` is the gradient of the loss with
+    respect to the masked weight ``W * M`` (nonzero for pruned weights too) and ``W_t`` is the
+    DENSE weight: a pruned weight keeps the value it had when it was pruned (the masked gradient
+    never moves it).  The wrapper stores pruned weights as exact zeros, so the statistics keep
+    that value: per leaf ``stack([S, W_ref])`` with ``W_ref`` the last nonzero value of ``w``.
+    A pruned weight's score therefore keeps moving, and when the masks revive it, it comes back
+    with ``W_ref`` (`Criterion.restore`) instead of 0."""
+    def init(params):
+        return jax.tree.map(lambda w: jnp.stack([jnp.zeros(jnp.shape(w), jnp.float32),
+                                                 jnp.asarray(w, jnp.float32)]), params)
+
+    def accumulate(stats, params, grads):
+        def one(st, w, g):
+            ref = jnp.where(w != 0, w.astype(jnp.float32), st[1])
+            return jnp.stack([st[0] - g.astype(jnp.float32) * ref, ref])
+        return jax.tree.map(one, stats, params, grads)
+
+    return Criterion("movement", init, accumulate, lambda p, s: jax.tree.map(lambda st: st[0], s),
+                     lambda p, s: jax.tree.map(lambda st, w: st[1].astype(w.dtype), s, p))
 
 
 def saliency() -> Criterion:

@@ -9,7 +9,8 @@ checkpointing (orbax) and replication over the mesh cover them with nothing extr
 3. the inner optimizer runs;
 4. on a schedule step the masks are recomputed from the scores of the updated weights;
 5. inner-optimizer moments (every state subtree shaped like the params, e.g. Adam's mu / nu)
-   of re-grown weights (pruned before, kept now) are reset to zero;
+   of re-grown weights (pruned before, kept now) are reset to zero; a re-grown weight restarts
+   from 0, or from the criterion's `Criterion.restore` value (movement: its value when pruned);
 6. masks are applied after the update: the returned update sends every pruned weight to
    exactly 0 (``update = -w``), so pruned weights stay exactly zero.
 
@@ -69,8 +70,9 @@ def pruning(inner: optax.GradientTransformation, rules, *, criterion="magnitude"
       schedule: a `Schedule` (default: `one_shot` at init).
       reset_regrown: zero inner moments of weights that come back.
       regrow: False makes masks monotone: a pruned unit gets score ``-inf`` at every later
-        recompute, so it is never revived (a revived weight restarts from 0 and has lost its
-        pretrained value) and the sparsity stays exact.
+        recompute, so it is never revived (a revived weight restarts from 0, having lost its
+        pretrained value, unless the criterion restores it as movement does) and the sparsity
+        stays exact.
       masks: initial masks (a pytree like params, or ``{name: bool array}``) used from init
         instead of scores; with ``schedule=None`` they are then kept for the whole run
         (`schedules.fixed`).  Parameters they set to False should already be zero (the first
@@ -136,6 +138,11 @@ def pruning(inner: optax.GradientTransformation, rules, *, criterion="magnitude"
                 lambda sub: jax.tree.map(lambda v, r: jnp.where(r, jnp.zeros((), v.dtype), v), sub, regrown),
                 inner_state, jax.tree.structure(params))
         updates = jax.tree.map(lambda u, w, m: jnp.where(m, u, -w), updates, params, new)
+        if crit.restore is not None and _has_stats(stats):
+            back = masks_lib.to_tree(params, plan, crit.restore(masks_lib.selected(params, plan), raw_stats),
+                                     fill=0.0)
+            updates = jax.tree.map(lambda u, w, n, o, v: jnp.where(n & ~o, v - w, u), updates, params, new, old,
+                                   back)
         return updates, PruningState(count, new, stats, inner_state)
 
     return optax.GradientTransformation(init, update)

@@ -18,6 +18,12 @@
    ``"theseus"``: BERT-of-Theseus module replacing in ``workdir/theseus``.
 4. Optionally (``config.baseline.enabled``) the same student trained on the task loss only.
 
+Transfer set (``config.distill.labelled_examples = N > 0``): only N training examples (a seeded
+random subset, `labelled_subset`) keep their labels.  The student is distilled on every training
+text, the teacher's outputs being the only targets on the others (Hinton et al. 2015's transfer
+set; Turc et al. 2019 distil on unlabelled in-domain text); the hard-label loss counts the N
+labelled rows only, and the baseline trains on those N.  The teacher is taken as given.
+
 Prints teacher / student / baseline dev metrics (with loyalty and KL to the teacher), parameter
 counts and the student's forward-pass speed-up; writes ``results.json`` and the student as a
 HF directory ``workdir/student``.  All match configs are checked before any training.
@@ -51,7 +57,13 @@ def check_config(config):
     _student_init(config)
     student_cfg = teacher_cfg.replace(num_hidden_layers=len(layers))
     method = config.distill.method
+    n_labelled = int(config.distill.get("labelled_examples", 0))
+    if n_labelled < 0:
+        raise ValueError(f"config.distill.labelled_examples={n_labelled}: use 0 (every example labelled) or N > 0")
     if method == "theseus":
+        if n_labelled:
+            raise ValueError("config.distill.labelled_examples needs method='kd': module replacing "
+                             "(theseus) has no teacher targets for unlabelled texts")
         distill.theseus_blocks(teacher_cfg.num_hidden_layers, len(layers))
         distill.check_schedule(config.distill.replace_rate, "config.distill.replace_rate")
         return {}
@@ -168,6 +180,14 @@ def run_kd_stages(student, teacher, stages, checked, config, workdir, batches, e
     return student, out
 
 
+def labelled_subset(num_rows: int, num_labelled: int, seed: int) -> np.ndarray:
+    """Sorted indices of the ``num_labelled`` training rows that keep their labels (seeded)."""
+    if not 0 < num_labelled <= num_rows:
+        raise ValueError(f"config.distill.labelled_examples={num_labelled}: the training split has "
+                         f"{num_rows} examples; use 1..{num_rows} (0: every example labelled)")
+    return np.sort(np.random.default_rng(seed).permutation(num_rows)[:num_labelled])
+
+
 def _final_eval(history):
     return {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
 
@@ -194,13 +214,20 @@ def run(config, workdir):
                "student_layers": list(config.student.layers),
                "teacher": eval_fn(teacher), "student_init": eval_fn(student0), "stages": {}}
 
-    train = dict(task.train)
+    train, labelled = dict(task.train), dict(task.train)
+    n_labelled = int(config.distill.get("labelled_examples", 0))
+    if n_labelled:
+        rows = labelled_subset(len(task.train["labels"]), n_labelled, config.train.seed)
+        labelled = {k: v[rows] for k, v in task.train.items()}
+        train["label_weights"] = np.zeros(len(task.train["labels"]), np.float32)
+        train["label_weights"][rows] = 1.0
+        results["transfer_set"] = {"labelled": n_labelled, "texts": int(len(task.train["labels"]))}
     if config.distill.cache_teacher_logits:
         train["teacher_logits"] = distill.cache_teacher_logits(
             teacher, task.train, bs, os.path.join(workdir, "teacher_logits.npz"))
 
-    def batches(start_step):
-        return data_lib.train_batches(train, config.train.batch_size, seed=config.train.seed,
+    def batches(start_step, arrays=train):
+        return data_lib.train_batches(arrays, config.train.batch_size, seed=config.train.seed,
                                       start_step=start_step)
 
     student, total_steps, last_lr = student0, 0, config.train.learning_rate
@@ -222,7 +249,7 @@ def run(config, workdir):
         from efficient_nlp.recipes.finetune import task_loss
         base_cfg = _stage_config(config, config.baseline.num_steps or total_steps,
                                  config.baseline.learning_rate or last_lr)
-        base, history = train_lib.fit(student0, task_loss, batches, config=base_cfg,
+        base, history = train_lib.fit(student0, task_loss, lambda start: batches(start, labelled), config=base_cfg,
                                       workdir=os.path.join(workdir, "baseline"), eval_fn=eval_fn)
         results["baseline"] = _final_eval(history)
 
@@ -245,7 +272,9 @@ def format_results(results):
     if "baseline" in results:
         rows.append(("no distillation", results["baseline"]))
     keys = list(results["teacher"])
-    lines = [f"Task {results['task']}: {results['method']} into layers {results['student_layers']}",
+    lines = [f"Task {results['task']}: {results['method']} into layers {results['student_layers']}"
+             + (" (transfer set: {labelled} of {texts} texts labelled; baseline on those)".format(
+                 **results["transfer_set"]) if "transfer_set" in results else ""),
              f"{'model':<20}" + "".join(f"{k:>12}" for k in keys)]
     for name, r in rows:
         lines.append(f"{name:<20}" + "".join(f"{r.get(k, np.nan):>12.4f}" for k in keys))
