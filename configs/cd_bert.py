@@ -36,6 +36,7 @@ def get_config(structure="unstructured"):
     config.seeds = (0, 1, 2)
     config.methods = ("l1", "bp", "fitnet", "wo_cd", "cd", "scd")
     config.error_examples = 64
+    config.save_models = False       # True: every pruned student as a HF dir under workdir/models/
     config.cd = ml_collections.ConfigDict(dict(
         mu=0.9, alpha=0.9, beta=0.5,     # residual-net defaults of METHODS 2.2
         sparsifier="topk", lam_extra=0.0,

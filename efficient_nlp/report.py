@@ -395,19 +395,15 @@ def _cd(method):
         config.sparsities, config.shots, config.seeds, config.methods = (s.cd_sparsity,), (1,), (s.seed,), (method,)
         config.cd.steps = s.cd_steps
         config.error_examples = 16
+        config.save_models = True
         return config
 
     def collect(ctx, config, results, run_dir, seconds):
-        from efficient_nlp import models
         run = results["runs"][0]
-        params = {k: np.asarray(v.get_value()) for k, v in models.named_params(ctx.teacher).items()}
-        pruned = sum(frac * params[f"{layer}.kernel"].size for layer, frac in run["layer_sparsity"].items())
         row = Row("", "", metric=float(run["accuracy"]), seconds=seconds,
                   note=f"1 example per class, {run['sparsity']:.0%} unstructured, {ctx.settings.cd_steps} steps "
-                       "per layer; no model saved: size and latency of the dense teacher")
-        ctx.float_row(row, ctx.teacher, ctx.teacher_dir)
-        row.params = int(row.params - pruned)
-        return [row]
+                       "per layer; stored and run dense")
+        return [ctx.float_row(row, ctx.load(run["model_dir"]), run["model_dir"])]
 
     title = {"cd": "few-shot pruning, cross distillation", "wo_cd": "few-shot pruning, w/o CD"}[method]
     return Experiment({"cd": "fewshot_cd", "wo_cd": "fewshot_wo_cd"}[method], (title,), build, collect)

@@ -161,6 +161,32 @@ def test_recipe_smoke_cnn(tmp_path):
     assert json.load(open(tmp_path / "results.json"))["tables"]["0.7"]["cd"]["1"]["n"] == 1
 
 
+def test_bert_recipe_saves_each_pruned_student_as_it_was_evaluated(make_tiny_model_dir, tmp_path):
+    from configs import cd_bert
+    from efficient_nlp.recipes import cross_distill
+    config = cd_bert.get_config()
+    config.teacher_dir = make_tiny_model_dir("tiny_cd_save", model_cls=models.BertForSequenceClassification,
+                                             hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=32, num_labels=9)
+    config.data.update(dict(max_length=16, max_train_examples=64))
+    config.update(dict(sparsities=(0.7,), shots=(1,), seeds=(0,), methods=("l1", "cd"), error_examples=8,
+                       max_eval_examples=32, save_models=True))
+    config.cd.steps = 3
+    results = cross_distill.run(config, str(tmp_path))
+    task = data_lib.load_task_data("builtin", tokenizer_dir=config.teacher_dir, max_length=16)
+    dev = {k: v[:32] for k, v in task.dev.items()}
+    for run in results["runs"]:
+        assert run["model_dir"] == str(tmp_path / "models" / f"{run['method']}_sp0.7_k1_seed0")
+        student = models.from_pretrained(run["model_dir"], num_labels=9)
+        adapter = fewshot.bert_adapter(student, fewshot.bert_rules("unstructured"))
+        assert fewshot.accuracy(adapter, student, dev) == run["accuracy"]
+        assert fewshot.sparsity_per_layer(student, adapter) == run["layer_sparsity"]
+    config = _tiny_cnn_config()
+    config.save_models = True
+    with pytest.raises(ValueError, match="only for model_kind='bert'"):
+        cross_distill.run(config, str(tmp_path / "cnn"))
+
+
 def test_structured_bert_layerwise_prunes_heads_and_neurons(make_tiny_model_dir):
     model_dir = make_tiny_model_dir("tiny_cd", model_cls=models.BertForSequenceClassification, hidden_size=16,
                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,

@@ -22,7 +22,8 @@ distillation (``mu``); ``scd`` soft CD (``alpha``, ``beta``).  The layer-wise me
 ``finetune_steps``).
 
 Writes ``results.json`` (every run with per-layer sparsity and estimation errors, plus the
-tables), ``results.md`` (methods x shots, mean +- std of accuracy over seeds, one table per
+tables), with ``config.save_models`` (BERT only) every pruned student as a HF directory
+``models/<method>_sp<sparsity>_k<K>_seed<seed>`` (its path in the run's ``model_dir``), ``results.md`` (methods x shots, mean +- std of accuracy over seeds, one table per
 sparsity) and ``error_ratio.png`` (per-layer estimation-error ratio CD / w/o CD).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 from efficient_nlp import data as data_lib
 from efficient_nlp.prune import fewshot
+from efficient_nlp.recipes.outputs import save_outputs
 
 METHODS = ("l1", "bp", "fitnet", "wo_cd", "cd", "scd")
 _LAYERWISE = {"wo_cd": "layerwise", "cd": "cd", "scd": "scd"}
@@ -54,7 +56,7 @@ def _cnn_setup(config):
     adapter = fewshot.cnn_adapter(teacher, fewshot.cnn_rules(config.structure))
     train = {"images": split["train"]["images"], "labels": split["train"]["labels"]}
     test = {"images": split["test"]["images"], "labels": split["test"]["labels"]}
-    return teacher, adapter, train, test
+    return teacher, adapter, train, test, None
 
 
 def _bert_setup(config, workdir):
@@ -71,7 +73,7 @@ def _bert_setup(config, workdir):
     dev = dict(task.dev)
     if config.get("max_eval_examples"):
         dev = {k: v[: config.max_eval_examples] for k, v in dev.items()}
-    return teacher, adapter, dict(task.train), dev
+    return teacher, adapter, dict(task.train), dev, task.tokenizer
 
 
 # ----------------------------------------------------------------------------- one run
@@ -103,14 +105,15 @@ def run(config, workdir):
     for m in config.methods:
         if m not in METHODS:
             raise ValueError(f"config.methods: unknown method {m!r}; choose from {METHODS}")
+    if config.model_kind not in ("cnn", "bert"):
+        raise ValueError(f"config.model_kind must be 'cnn' or 'bert', got {config.model_kind!r}")
+    save = bool(config.get("save_models", False))
+    if save and config.model_kind != "bert":
+        raise ValueError("config.save_models writes HF directories: only for model_kind='bert'")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
-    if config.model_kind == "cnn":
-        teacher, adapter, train, test = _cnn_setup(config)
-    elif config.model_kind == "bert":
-        teacher, adapter, train, test = _bert_setup(config, workdir)
-    else:
-        raise ValueError(f"config.model_kind must be 'cnn' or 'bert', got {config.model_kind!r}")
+    setup = _cnn_setup(config) if config.model_kind == "cnn" else _bert_setup(config, workdir)
+    teacher, adapter, train, test, tokenizer = setup
     err_data = {k: v[: config.error_examples] for k, v in test.items()}
     results = {"model_kind": config.model_kind, "structure": config.structure,
                "teacher_accuracy": fewshot.accuracy(adapter, teacher, test),
@@ -129,6 +132,10 @@ def run(config, workdir):
                         "accuracy": acc, "layer_sparsity": fewshot.sparsity_per_layer(student, adapter),
                         "estimation_error": fewshot.estimation_errors(teacher, student, adapter, err_data),
                         "layer_losses": info.get("layers", [])})
+                    if save:
+                        out = os.path.join(workdir, "models", f"{method}_sp{float(sparsity):g}_k{k}_seed{seed}")
+                        save_outputs(out, None, tokenizer, {"": student})
+                        results["runs"][-1]["model_dir"] = out
                     print(f"sparsity {sparsity} K={k} seed={seed} {method:<7} acc {acc:.4f} "
                           f"({time.time() - t0:.0f}s)", flush=True)
     results["tables"] = make_tables(results)

@@ -8,7 +8,8 @@ from efficient_nlp import train as train_lib
 
 def save_outputs(workdir, results, tokenizer, saved_models):
     """On the main process: each ``{subdir: model}`` (None skipped) as a HF directory with the
-    tokenizer (loadable by ``models.from_pretrained``), and ``results`` as ``results.json``."""
+    tokenizer (loadable by ``models.from_pretrained``), and ``results`` (unless None) as
+    ``results.json``."""
     if not train_lib.is_main_process():
         return
     os.makedirs(workdir, exist_ok=True)
@@ -17,5 +18,6 @@ def save_outputs(workdir, results, tokenizer, saved_models):
             out = os.path.join(workdir, subdir)
             models.save_hf_checkpoint(model, out)
             tokenizer.save_pretrained(out)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if results is not None:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
