@@ -333,18 +333,36 @@ def _binarybert_build(ctx):
 
 
 def _binarybert_collect(ctx, config, results, run_dir, seconds):
-    """BWN baseline and TWS rows from the recipe's Table 5.2 rows; latency of the BWN model through
-    the int8 path (the split model's packed format is restored by the recipe's own template only)."""
+    """BWN baseline and TWS rows from the recipe's Table 5.2 rows; latency of both through the
+    int8 path (the TWS model restored from its packed file into the split half-width template)."""
     recipe = importlib.import_module("efficient_nlp.recipes.binarybert")
+    tern_spec, bin_spec = recipe.specs(config)
     steps = f"{results['total_steps']} steps each"
     bwn = Row("", "", metric=_metric(ctx, results["rows"]["bwn"]), seconds=None, note=steps)
-    ctx.quantized_row(bwn, recipe.specs(config)[1], os.path.join(run_dir, "bwn", "packed"))
+    ctx.quantized_row(bwn, bin_spec, os.path.join(run_dir, "bwn", "packed"))
     r = results["rows"]["tws"]
     tws = Row("", "", metric=_metric(ctx, r), size_mb=r["packed_mb"], params=int(r["params"]), flops=r["flops"],
-              bops=r["bops"], note=steps + "; half-width ternary -> split (params: both binary halves) -> fine-tuned; "
-                   "latency not measured")
+              bops=r["bops"], note=steps + "; half-width ternary -> split (params: both binary halves) -> fine-tuned")
+    structure = results["half_width"].get("structure")
+    if structure:
+        tws.latency_ms = ctx.latency_ms(_split_integer_model(ctx, structure, tern_spec,
+                                                             os.path.join(run_dir, "tws", "packed")))
+    else:
+        tws.note += "; latency not measured (results.json without the half-width structure)"
     bwn.note += f"; compression s: both pipelines in one run ({seconds:.0f} s)"
     return [bwn, tws]
+
+
+def _split_integer_model(ctx, structure, tern_spec, packed_dir):
+    """The TWS model's int8 path: the teacher shrunk to ``structure``, quantized with the ternary
+    spec, split (`quant.split_model`), filled from the packed file and made integer."""
+    from efficient_nlp import prune, quant
+    half, _ = prune.shrink(ctx.teacher, structure=structure)
+    template, _ = quant.quantize_model(half, tern_spec)
+    quant.calibrate(template, ctx.sample)         # learned steps exist; restore overwrites them
+    template, _ = quant.split_model(template)
+    imodel, _ = quant.to_integer_model(quant.restore(quant.load_packed(packed_dir), template))
+    return imodel
 
 
 BINARYBERT = Experiment("binarybert_1_1_8", ("BinaryBERT 1-1-8 BWN (direct)", "BinaryBERT 1-1-8 TWS (split)"),

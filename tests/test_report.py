@@ -218,4 +218,5 @@ def test_fast_path_produces_every_row_on_a_tiny_model(tiny_teacher, tmp_path):
     assert by["prune_structured_50"].flops < fp.flops and by["prune_structured_50"].params < fp.params
     assert by["prune_magnitude_90"].params < fp.params and by["prune_movement_90"].params < fp.params
     assert by["distill_2l"].params < fp.params
+    assert all(by[k].latency_ms > 0 for k in by if by[k].status == "ok")   # TWS: from its packed file
     assert (tmp_path / "results.md").exists() and (tmp_path / "results_pareto.png").exists()

@@ -176,6 +176,8 @@ def run(config, workdir):
         half, structure = half_width_model(teacher, bb.width, bb.score, batches(0), config.train.seed)
         results["half_width"] = {"heads": [len(h) for h in structure["heads"]],
                                  "neurons": [len(n) for n in structure["neurons"]],
+                                 "structure": {k: [list(map(int, v)) if isinstance(v, (list, tuple)) else int(v)
+                                                   for v in structure[k]] for k in ("layers", "heads", "neurons")},
                                  "fp_untrained": eval_fn(half)}
         tern, _ = quantized_student(half, tern_spec, calibration)
         results["half_width"]["ternary_untrained"] = eval_fn(tern)
