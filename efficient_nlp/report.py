@@ -551,7 +551,7 @@ def _recipe_worker(settings: Settings, teacher_dir: str, workdir: str, key: str)
     returns ``(key, seconds, error message or "")``.  Measurements are left to the parent."""
     run_dir = os.path.join(workdir, key)
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "report.log"), "w") as log:
+    with open(os.path.join(run_dir, "report.log"), "w", buffering=1) as log:   # line-buffered
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
