@@ -41,6 +41,23 @@ def test_scores_against_numpy():
 
 
 # ----------------------------------------------------------------------------- patterns
+def test_topk_mask_equals_a_stable_argsort_with_ties_signed_zeros_and_infinities():
+    from efficient_nlp.prune.patterns import kth_smallest
+    rng = np.random.default_rng(0)
+    special = np.array([-0.0, 0.0, -np.inf, np.inf, 3.0, -3.0, 0.0, -0.0, 1e-30, -1e-30], np.float32)
+    for scores in (rng.integers(0, 5, 300).astype(np.float32), rng.normal(size=257).astype(np.float32),
+                   special, np.full(7, 2.5, np.float32)):
+        n = scores.size
+        ranks = np.empty(n, np.int64)
+        ranks[np.argsort(scores, kind="stable")] = np.arange(n)
+        for k in sorted({0, 1, 2, n // 3, n // 2, n - 1, n, n + 5, -1}):
+            want = ranks >= np.clip(k, 0, n)
+            np.testing.assert_array_equal(prune.topk_mask(jnp.asarray(scores), k), want, err_msg=f"k={k}")
+            np.testing.assert_array_equal(jax.jit(prune.topk_mask)(jnp.asarray(scores), jnp.int32(k)), want)
+            kth = np.sort(scores)[min(max(k, 1), n) - 1] if k > 0 else 0.0
+            assert float(kth_smallest(jnp.asarray(scores), k)) == kth or (kth == 0 and k > 0), k
+
+
 def test_topk_and_nm_masks_against_numpy():
     s = np.array([3.0, 1.0, 2.0, 1.0, 5.0], np.float32)
     np.testing.assert_array_equal(prune.topk_mask(jnp.asarray(s), 2), [True, False, True, False, True])

@@ -36,7 +36,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from efficient_nlp.prune.patterns import Pattern, topk_mask, unstructured
+from efficient_nlp.prune.patterns import Pattern, kth_smallest, topk_mask, unstructured
 from efficient_nlp.prune.transform import group_shrink, soft_threshold
 
 SPARSIFIERS = ("topk", "prox")
@@ -143,12 +143,6 @@ def unit_norms(kernel, pattern: Pattern | None = None, name: str = "kernel"):
     return jnp.sqrt(pattern.reduce(name, jnp.square(kernel.astype(jnp.float32)))).reshape(-1)
 
 
-def _kth_smallest(x, k):
-    """The ``k``-th smallest entry of 1-D ``x`` (0 for k == 0); ``k`` may be traced."""
-    s = jnp.sort(x)
-    return jnp.where(k > 0, s[jnp.clip(k - 1, 0, x.shape[0] - 1)], 0.0)
-
-
 def sparsify(kernel, sparsity, *, method: str = "topk", pattern: Pattern | None = None,
              name: str = "kernel", lam_extra=0.0):
     """``kernel`` with ``round(sparsity * units)`` units removed (see the module docstring for
@@ -163,7 +157,7 @@ def sparsify(kernel, sparsity, *, method: str = "topk", pattern: Pattern | None 
         keep = topk_mask(norms, k).reshape(unit_shape)
         return jnp.where(pattern.expand(name, keep, kernel.shape), kernel, jnp.zeros((), kernel.dtype))
     if method == "prox":
-        lam = _kth_smallest(norms, k) + lam_extra
+        lam = kth_smallest(norms, k) + lam_extra
         if pattern.name == "unstructured":
             return soft_threshold(kernel, lam)
         return group_shrink({name: kernel}, pattern, lam)[name]
