@@ -70,12 +70,14 @@ class Settings:
 
     @classmethod
     def fast(cls):
-        s = dict(qat_steps=(30, 30), ptq_calibration=256, rem_steps=10, mrem_steps=30,
-                 binarybert_steps=30, prune_steps=60, cd_steps=40, distill_steps=(40, 40))
-        desc = ("--fast: QAT 30+30 steps per stage, PTQ 256 calibration rows with REM 10 steps per "
-                "matmul and MREM 30 steps per module, BinaryBERT 30 steps per stage, pruning 60 "
-                "steps of fine-tuning from the teacher, CD 40 steps per layer, distillation 40+40 "
-                "steps (the configs use 5-10x more); numbers show directions, not converged results")
+        s = dict(max_length=32, qat_steps=(30, 30), ptq_calibration=256, rem_steps=10, mrem_steps=20,
+                 binarybert_steps=20, prune_steps=60, cd_steps=40, distill_steps=(40, 40))
+        desc = ("--fast: sequences cut to 32 tokens (90% of the built-in task's texts fit; the "
+                "teacher loses one dev example), QAT 30+30 steps per stage, PTQ 256 calibration rows "
+                "with REM 10 steps per matmul and MREM 20 steps per module, BinaryBERT 20 steps per "
+                "stage, pruning 60 steps of fine-tuning from the teacher, CD 40 steps per layer, "
+                "distillation 40+40 steps (the configs use 5-15x more); numbers show directions, "
+                "not converged results")
         return cls("fast", desc, **s)
 
 
@@ -820,8 +822,8 @@ def _ordered(by_key: dict[str, Row]) -> list[Row]:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m efficient_nlp.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="where every row's recipe writes its outputs")
-    p.add_argument("--fast", action="store_true", help="small step counts, sized for about 30 min on 2 idle CPU "
-                   "cores with --teacher; the table header says what it ran")
+    p.add_argument("--fast", action="store_true", help="small step counts and 32-token sequences, sized for "
+                   "under 30 min on 2 idle CPU cores with --teacher and --jobs 2; the page says what it ran")
     p.add_argument("--teacher", default="", help="a fine-tuned teacher (HF dir, e.g. runs/quickstart/model); "
                    "empty: fine-tune one first with configs/quickstart.py")
     p.add_argument("--model_dir", default="", help="pretrained model to fine-tune ('' = embedded MiniLM)")
