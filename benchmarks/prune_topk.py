@@ -7,7 +7,7 @@ order-preserving integer key (32 counting passes) instead of ranking every score
 argsort (the previous implementation, kept here as the reference).  Both are jitted with a
 traced k, as inside the pruning wrapper's `lax.cond`; the masks are checked to be identical,
 then timed in alternating rounds (median).  Default n: the 36 attention / FFN kernels of
-MiniLM-L6-H384 (14,155,776 weights), the global ranking of `configs/prune_*.py`.
+MiniLM-L6-H384 (10,616,832 weights), the global ranking of `configs/prune_*.py`.
 """
 import argparse
 import os
