@@ -693,7 +693,8 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         f"![dev {metric_name} vs stored size]({plot_name})",
         "",
         "Reproduce: `python -m efficient_nlp.report --workdir runs/report"
-        + (" --fast" if s.name == "fast" else "") + (f" --jobs {elapsed['jobs']}" if elapsed and elapsed["jobs"] > 1 else "")
+        + (" --fast" if s.name == "fast" else "")
+        + (f" --jobs {elapsed['jobs']}" if elapsed and elapsed["jobs"] > 1 else "")
         + f" --teacher {teacher_dir}`; every row's "
         "`results.json` is under `runs/report/<row>/`.",
     ]

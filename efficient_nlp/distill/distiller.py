@@ -182,7 +182,9 @@ def make_distill_loss(matches, *, hard_label_weight=0.0):
             aux["hard_loss"] = hard
             total = total + hard_weight(step) * hard
         if s_out.logits is not None and s_out.logits.shape[-1] > 1:
-            aux["accuracy"] = jnp.mean(jnp.argmax(s_out.logits, -1) == batch["labels"])
+            correct = (jnp.argmax(s_out.logits, -1) == batch["labels"]).astype(jnp.float32)
+            w = batch.get("label_weights")   # transfer set: the accuracy of the labelled rows only
+            aux["accuracy"] = jnp.mean(correct) if w is None else jnp.sum(w * correct) / jnp.maximum(jnp.sum(w), 1.0)
         return total, aux
 
     return loss_fn

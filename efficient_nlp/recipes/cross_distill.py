@@ -22,9 +22,10 @@ distillation (``mu``); ``scd`` soft CD (``alpha``, ``beta``).  The layer-wise me
 ``finetune_steps``).
 
 Writes ``results.json`` (every run with per-layer sparsity and estimation errors, plus the
-tables), with ``config.save_models`` (BERT only) every pruned student as a HF directory
-``models/<method>_sp<sparsity>_k<K>_seed<seed>`` (its path in the run's ``model_dir``), ``results.md`` (methods x shots, mean +- std of accuracy over seeds, one table per
-sparsity) and ``error_ratio.png`` (per-layer estimation-error ratio CD / w/o CD).
+tables), ``results.md`` (methods x shots, mean +- std of accuracy over seeds, one table per
+sparsity) and ``error_ratio.png`` (per-layer estimation-error ratio CD / w/o CD); with
+``config.save_models`` (BERT only) also every pruned student as a HF directory
+``models/<method>_sp<sparsity>_k<K>_seed<seed>`` (its path in the run's ``model_dir``).
 """
 from __future__ import annotations
 
