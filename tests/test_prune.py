@@ -389,6 +389,38 @@ def test_movement_revives_a_pruned_weight_with_the_value_it_had():
     assert float(np.asarray(mu)[2]) == 0.0 and float(p["w"][3]) == 0.0
 
 
+def test_learned_movement_scores_follow_adam_on_the_straight_through_gradient():
+    # Sanh et al.'s scores: S is a parameter with gradient dL/dS = g * W (W the dense weight,
+    # kept while pruned) and follows Adam; parity with optax.adam on S, pruned steps included.
+    w, lr = {"a": rand(3, 4)}, 1e-2
+    grads = [{"a": rand(3, 4)} for _ in range(6)]
+    crit = prune.movement(learning_rate=lr)
+    stats = crit.init(w)
+    ref_tx = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+    s_ref, opt = {"a": jnp.zeros((3, 4))}, ref_tx.init({"a": jnp.zeros((3, 4))})
+    for i, g in enumerate(grads):
+        stored = {"a": w["a"].at[0].set(0.0)} if i >= 3 else w   # row 0 pruned from step 3 on
+        stats = jax.jit(crit.accumulate)(stats, stored, g)
+        u, opt = ref_tx.update({"a": g["a"] * w["a"]}, opt)
+        s_ref = optax.apply_updates(s_ref, u)
+    np.testing.assert_allclose(crit.score(w, stats)["a"], s_ref["a"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(crit.restore(w, stats)["a"], w["a"])
+    # Adam ranks by consistency: a steady small push away from zero beats an alternating large one,
+    # while the summed score ranks the other way.
+    w2 = {"a": jnp.ones(2)}
+    seq = [{"a": jnp.asarray([-0.1, -10.0 if t % 2 else 9.0])} for t in range(6)]
+    for c, first_wins in ((prune.movement(learning_rate=lr), True), (prune.movement(), False)):
+        st = c.init(w2)
+        for g in seq:
+            st = c.accumulate(st, w2, g)
+        sc = np.asarray(c.score(w2, st)["a"])
+        assert (sc[0] > sc[1]) == first_wins, (c, sc)
+    with pytest.raises(ValueError, match="bad arguments"):
+        prune.get_criterion("movement", lr=1e-2)
+    with pytest.raises(ValueError, match="must be > 0"):
+        prune.movement(learning_rate=0.0)
+
+
 def _toy_task(seed=0, n=1024, d=16, c=6):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype(np.float32)
@@ -396,7 +428,8 @@ def _toy_task(seed=0, n=1024, d=16, c=6):
     return jnp.asarray(x), jnp.asarray(y), c
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "movement"])
+@pytest.mark.parametrize("criterion", ["magnitude", "movement", prune.movement(learning_rate=1e-2)],
+                         ids=["magnitude", "movement", "learned_movement"])
 def test_gradual_pruning_to_90_percent_still_learns_a_toy_task(criterion):
     # Would catch: movement masking everything / the head, NaN scores, a frozen accumulator or a
     # sign error that removes the weights the task needs (the loss would stay at ln(C)).

@@ -103,3 +103,17 @@ def test_earlybert_and_layerdrop_recipes(tiny_dir, tmp_path):
     results = run_recipe(config, str(tmp_path / "ld"))
     assert results["shrink"]["structure"]["layers"] == [0]
     assert "accuracy" in results["shrink"]["dev_shrunk"]
+
+
+def test_movement_recipe_takes_the_criterions_arguments(tiny_dir, tmp_path):
+    from configs import prune_movement
+    from efficient_nlp.recipes import run_recipe
+
+    config = _tiny_config(prune_movement.get_config("0.9"), tiny_dir)
+    config.prune.schedule = dict(kind="gradual_cubic", begin_step=0, end_step=4, frequency=2)
+    config.prune.criterion_kwargs = dict(learning_rate=1e-2)   # Sanh et al.'s learned scores
+    results = run_recipe(config, str(tmp_path / "ok"))
+    assert results["sparsity_total"] == pytest.approx(0.9, abs=1e-3)
+    config.prune.criterion_kwargs = dict(score_lr=1e-2)
+    with pytest.raises(ValueError, match=r"pruning criterion 'movement': bad arguments \['score_lr'\]"):
+        run_recipe(config, str(tmp_path / "bad"))

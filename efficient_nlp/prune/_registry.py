@@ -5,11 +5,17 @@ import inspect
 
 def resolve(registry, value, kind, instance_type, **kwargs):
     """``value`` itself if it is an ``instance_type``, else ``registry[value](**kwargs)``;
-    an unknown name raises ``ValueError`` naming ``kind`` and the valid names."""
+    an unknown name, or arguments the constructor does not take, raise ``ValueError`` naming
+    ``kind`` and the valid names / arguments."""
     if isinstance(value, instance_type):
         return value
     if value not in registry:
         raise ValueError(f"unknown {kind} {value!r}; choose one of {sorted(registry)}")
+    try:
+        inspect.signature(registry[value]).bind(**kwargs)
+    except TypeError as e:
+        params = list(inspect.signature(registry[value]).parameters)
+        raise ValueError(f"{kind} {value!r}: bad arguments {sorted(kwargs)} ({e}); it takes {params}") from None
     return registry[value](**kwargs)
 
 

@@ -78,25 +78,45 @@ def magnitude() -> Criterion:
     return Criterion("magnitude", _no_stats, lambda s, p, g: s, lambda p, s: magnitude_score(p))
 
 
-def movement() -> Criterion:
-    """Movement pruning: ``S = -sum_t grad_t * W_t`` accumulated since the start of training
-    (METHODS.md 2.1; Sanh et al. 2020).  Weights moving away from zero get high scores and survive.
+def movement(learning_rate: float | None = None, b1: float = 0.9, b2: float = 0.999,
+             eps: float = 1e-8) -> Criterion:
+    """Movement pruning (METHODS.md 2.1; Sanh et al. 2020): weights moving away from zero get high
+    scores and survive.
+
+    ``learning_rate=None``: ``S = -sum_t grad_t * W_t`` accumulated since the start of training.
+    A float: Sanh et al.'s learned scores.  ``S`` is a parameter of the straight-through top-k
+    (``W' = W * TopK(S)``) whose gradient ``dL/dS = grad_t * W_t`` is followed by Adam at that
+    rate (their default 1e-2, 100x or more the weights' rate; ``b1``, ``b2``, ``eps`` as in
+    Adam, with bias correction).  Adam divides by the gradient's running RMS, so ``S`` ranks by
+    how CONSISTENTLY ``-grad * W`` is positive rather than by its summed size.
 
     As in Sanh et al.'s straight-through estimator, ``grad_t`` is the gradient of the loss with
     respect to the masked weight ``W * M`` (nonzero for pruned weights too) and ``W_t`` is the
     DENSE weight: a pruned weight keeps the value it had when it was pruned (the masked gradient
     never moves it).  The wrapper stores pruned weights as exact zeros, so the statistics keep
-    that value: per leaf ``stack([S, W_ref])`` with ``W_ref`` the last nonzero value of ``w``.
+    that value: per leaf ``stack([S, W_ref])`` with ``W_ref`` the last nonzero value of ``w``
+    (learned scores add Adam's moments and the step count: ``stack([S, W_ref, m, v, t])``).
     A pruned weight's score therefore keeps moving, and when the masks revive it, it comes back
     with ``W_ref`` (`Criterion.restore`) instead of 0."""
+    learned = learning_rate is not None
+    if learned and not float(learning_rate) > 0:
+        raise ValueError(f"movement(learning_rate=...) must be > 0 (Sanh et al. use 1e-2), got {learning_rate!r}")
+
     def init(params):
-        return jax.tree.map(lambda w: jnp.stack([jnp.zeros(jnp.shape(w), jnp.float32),
-                                                 jnp.asarray(w, jnp.float32)]), params)
+        def one(w):
+            z = jnp.zeros(jnp.shape(w), jnp.float32)
+            return jnp.stack([z, jnp.asarray(w, jnp.float32)] + ([z, z, z] if learned else []))
+        return jax.tree.map(one, params)
 
     def accumulate(stats, params, grads):
         def one(st, w, g):
             ref = jnp.where(w != 0, w.astype(jnp.float32), st[1])
-            return jnp.stack([st[0] - g.astype(jnp.float32) * ref, ref])
+            d = g.astype(jnp.float32) * ref  # dL/dS: the score's straight-through gradient
+            if not learned:
+                return jnp.stack([st[0] - d, ref])
+            m, v, t = b1 * st[2] + (1 - b1) * d, b2 * st[3] + (1 - b2) * d * d, st[4] + 1
+            step = (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps)
+            return jnp.stack([st[0] - learning_rate * step, ref, m, v, t])
         return jax.tree.map(one, stats, params, grads)
 
     return Criterion("movement", init, accumulate, lambda p, s: jax.tree.map(lambda st: st[0], s),

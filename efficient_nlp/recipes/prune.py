@@ -6,6 +6,7 @@ state.  Criterion (magnitude, movement, saliency, random), rules (regex + patter
 distribution) and schedule (one-shot, gradual cubic) come from ``config.prune``::
 
     config.prune.criterion = "movement"
+    config.prune.criterion_kwargs = dict(learning_rate=1e-2)  # optional: the criterion's arguments
     config.prune.schedule = dict(kind="gradual_cubic", begin_step=0, end_step=200, frequency=10)
     config.prune.rules = [dict(regex=r"layers\\.\\d+\\.(attention|ffn)\\..*kernel$",
                                pattern="unstructured", sparsity=0.9, distribution="global")]
@@ -102,7 +103,9 @@ def run(config, workdir):
     original, structure = model, None
     if method == "mask":
         tx = prune.pruning(train_lib.make_optimizer(config, num_steps), rules,
-                           criterion=config.prune.criterion, schedule=build_schedule(config.prune.schedule),
+                           criterion=prune.get_criterion(config.prune.criterion,
+                                                         **dict(config.prune.get("criterion_kwargs") or {})),
+                           schedule=build_schedule(config.prune.schedule),
                            regrow=bool(config.prune.get("regrow", True)))
         model, history = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
                                        eval_fn=eval_fn, optimizer=tx,
