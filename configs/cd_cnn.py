@@ -25,7 +25,8 @@ def get_config(structure="unstructured"):
     config.cnn = ml_collections.ConfigDict(dict(
         channels=(16, 16, 32, 32), pools=(False, True, False, True), hidden=64,
         teacher_steps=800, teacher_lr=2e-3, batch_size=64, teacher_seed=0,
-        data_seed=0, test_fraction=0.25))
+        data_seed=0, test_fraction=0.25,
+        prune_first_conv=False, prune_dense=False))  # as Bai et al.'s code: convs 1.. only
     config.cd = ml_collections.ConfigDict(dict(
         mu=0.6, alpha=0.9, beta=0.3,        # VGG-like defaults of METHODS 2.2
         sparsifier="topk",                  # "topk" (official code) | "prox" (proximal, same schedule)

@@ -79,7 +79,7 @@ def test_gradients_flow_only_into_the_student_layer():
 
 def test_algorithm_changes_only_the_current_layer():
     model = SmallCNN((4, 4), (True, True), 8, rngs=nnx.Rngs(0))
-    adapter = fewshot.cnn_adapter(model, fewshot.cnn_rules("unstructured"))
+    adapter = fewshot.cnn_adapter(model, fewshot.cnn_rules("unstructured", first_conv=True, dense=True))
     data = {"images": np.random.default_rng(0).random((6, 8, 8, 1)).astype(np.float32)}
     spec = adapter.layers[1]
     feats = fewshot.run_model(adapter.features, model, data)
@@ -122,6 +122,17 @@ def test_heads_sparsifier_removes_whole_heads():
     assert sum(alive) == 2
 
 
+def test_cnn_rules_follow_the_official_code_by_default():
+    # Bai et al.'s code prunes every conv but the first and no dense layer; flags add them.
+    model = SmallCNN((4, 4, 8), (True, False, True), 8, rngs=nnx.Rngs(0))
+    names = lambda **kw: [s.name for s in fewshot.cnn_adapter(model, fewshot.cnn_rules(**kw)).layers]  # noqa: E731
+    assert names() == ["convs.1", "convs.2"]
+    assert names(first_conv=True, dense=True) == ["convs.0", "convs.1", "convs.2", "dense"]
+    assert names(structure="structured", dense=True, classifier=True) == ["convs.1", "convs.2", "dense", "classifier"]
+    with pytest.raises(ValueError, match="structure must be"):
+        fewshot.cnn_rules("channels")
+
+
 def test_k_shot_sampling_draws_exactly_k_per_class():
     labels = np.repeat(np.arange(4), [5, 7, 3, 9])
     for k in (1, 3):
@@ -138,7 +149,8 @@ def _tiny_cnn_config():
     config.seeds = (0,)
     config.methods = ("bp", "wo_cd", "cd")
     config.error_examples = 32
-    config.cnn.update(dict(channels=(4, 8), pools=(True, True), hidden=16, teacher_steps=30))
+    config.cnn.update(dict(channels=(4, 8), pools=(True, True), hidden=16, teacher_steps=30,
+                           prune_first_conv=True, prune_dense=True))
     config.cd.update(dict(steps=12, finetune_steps=0))
     config.baselines.update(dict(bp_steps=3))
     return config

@@ -80,15 +80,24 @@ def _cnn_logits(model, data):
     return model(data["images"])
 
 
-def cnn_rules(structure: str = "unstructured", prune_classifier: bool = False):
-    """``[(regex, Pattern)]`` for `SmallCNN`: unstructured (every conv and the hidden dense) or
-    structured (input channels of conv 1.. and input rows of the hidden dense)."""
+def cnn_rules(structure: str = "unstructured", *, first_conv: bool = False, dense: bool = False,
+              classifier: bool = False):
+    """``[(regex, Pattern)]`` for `SmallCNN`.
+
+    Unstructured: every conv's weights; structured: the input channels of the convs (conv 0's
+    input is the image, so it has none to prune) and the input rows of the dense layers.  By
+    default, as in Bai et al.'s code (``weight_sparse_learner``: every ``Conv2d`` but the first,
+    no ``Linear``), the first conv and the dense layers stay dense: ``first_conv``, ``dense``
+    (the hidden dense) and ``classifier`` add them."""
+    if structure not in ("unstructured", "structured"):
+        raise ValueError(f"structure must be 'unstructured' or 'structured', got {structure!r}")
     if structure == "unstructured":
-        regex = r"^convs\.\d+$|^dense$" + (r"|^classifier$" if prune_classifier else "")
-        return [(regex, unstructured())]
-    if structure == "structured":
-        return [(r"^convs\.([1-9]\d*)$", neurons(axis=2)), (r"^dense$", rows())]
-    raise ValueError(f"structure must be 'unstructured' or 'structured', got {structure!r}")
+        convs = r"^convs\.\d+$" if first_conv else r"^convs\.([1-9]\d*)$"
+        names = [convs] + ([r"^dense$"] if dense else []) + ([r"^classifier$"] if classifier else [])
+        return [("|".join(names), unstructured())]
+    out = [(r"^convs\.([1-9]\d*)$", neurons(axis=2))]
+    names = ([r"^dense$"] if dense else []) + ([r"^classifier$"] if classifier else [])
+    return out + ([("|".join(names), rows())] if names else [])
 
 
 def cnn_adapter(model, rules) -> Adapter:

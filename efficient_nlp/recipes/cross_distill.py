@@ -54,7 +54,9 @@ def _cnn_setup(config):
     teacher = SmallCNN(tuple(c.channels), tuple(c.pools), c.hidden, rngs=nnx.Rngs(c.teacher_seed))
     fit_cnn(teacher, split["train"]["images"], split["train"]["labels"], steps=c.teacher_steps,
             batch_size=c.batch_size, learning_rate=c.teacher_lr, seed=c.teacher_seed)
-    adapter = fewshot.cnn_adapter(teacher, fewshot.cnn_rules(config.structure))
+    adapter = fewshot.cnn_adapter(teacher, fewshot.cnn_rules(config.structure,
+                                                             first_conv=bool(c.get("prune_first_conv", False)),
+                                                             dense=bool(c.get("prune_dense", False))))
     train = {"images": split["train"]["images"], "labels": split["train"]["labels"]}
     test = {"images": split["test"]["images"], "labels": split["test"]["labels"]}
     return teacher, adapter, train, test, None
