@@ -23,7 +23,9 @@ def get_config(structure="unstructured"):
     config.methods = ("l1", "bp", "fitnet", "wo_cd", "cd", "scd")
     config.error_examples = 256             # test examples for the per-layer estimation errors
     config.cnn = ml_collections.ConfigDict(dict(
-        channels=(16, 16, 32, 32), pools=(False, True, False, True), hidden=64,
+        # the regime of the paper's VGG-16 on CIFAR-10: the last convs see 2x2 / 1x1 positions, so
+        # with 1 image per class their output units have more free weights than the few shots have rows
+        channels=(32, 32, 64, 64), pools=(False, True, True, True), hidden=64,
         teacher_steps=800, teacher_lr=2e-3, batch_size=64, teacher_seed=0,
         data_seed=0, test_fraction=0.25,
         prune_first_conv=False, prune_dense=False))  # as Bai et al.'s code: convs 1.. only

@@ -218,23 +218,22 @@ def test_structured_bert_layerwise_prunes_heads_and_neurons(make_tiny_model_dir)
 
 
 def _cnn_teacher():
+    # The regime of the paper's VGG-16 on CIFAR-10: the last convs run at 2x2 / 1x1 positions, so
+    # with one image per class each output unit has more free weights (10% of 9 * C_in) than the
+    # few-shot set has rows, and plain layer-wise regression on the student's inputs overfits.
     from efficient_nlp.models.cnn import fit_cnn
     split = data_lib.load_digits(seed=0)
-    teacher = SmallCNN(rngs=nnx.Rngs(0))
-    fit_cnn(teacher, split["train"]["images"], split["train"]["labels"], steps=400)
+    teacher = SmallCNN((32, 32, 64, 64), (False, True, True, True), 64, rngs=nnx.Rngs(0))
+    fit_cnn(teacher, split["train"]["images"], split["train"]["labels"], steps=800, seed=0)
     return teacher, split
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "measured (after the per-layer optimisation was made to converge: 1000 Adam steps at 1e-2, cosine "
-    "decay after the ramp): on the 4-conv digits CNN at 90% unstructured, 1 image per class, seeds 0/1, "
-    "w/o CD reaches 0.913/0.860 test accuracy, CD (mu=0.6) 0.582/0.556, SCD (0.9, 0.3) 0.762/0.731 "
-    "(10 per class, seed 0: w/o CD 0.964, CD 0.698).  CD's loss is minimised by the teacher layer "
-    "itself whatever h_S is, so it never compensates the upstream pruning error; at 90% per layer on "
-    "this small net that error (and the attenuation it compounds) dominates the few-shot "
-    "overfitting CD guards against: the published direction is not reproduced here"))
+@pytest.mark.slow  # ~5 min on 2 CPU cores
 def test_cd_beats_layerwise_at_high_sparsity_with_one_shot_cnn():
+    # Measured with configs/cd_cnn.py's defaults (the official code's layers: convs 1..), 90%
+    # unstructured, 1 image per class, seeds 0 / 1: w/o CD 0.942 / 0.933, CD 0.971 / 0.953
+    # (teacher 0.982).  On the default 16-32 channel net with pools after convs 1 and 3 the
+    # direction does not hold (docs/cross_distillation.md).
     teacher, split = _cnn_teacher()
     adapter = fewshot.cnn_adapter(teacher, fewshot.cnn_rules("unstructured"))
     test = split["test"]
@@ -245,7 +244,7 @@ def test_cd_beats_layerwise_at_high_sparsity_with_one_shot_cnn():
         for method, loss in (("wo_cd", "layerwise"), ("cd", "cd")):
             student, _ = fewshot.prune_layerwise(teacher, adapter, shots, loss=loss, mu=0.6, sparsity=0.9)
             accs[method].append(fewshot.accuracy(adapter, student, test))
-    assert np.mean(accs["cd"]) > np.mean(accs["wo_cd"]), accs
+    assert all(c > w for c, w in zip(accs["cd"], accs["wo_cd"])), accs
 
 
 @pytest.mark.slow
