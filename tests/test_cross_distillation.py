@@ -244,6 +244,7 @@ def test_cd_beats_layerwise_at_high_sparsity_with_one_shot_cnn():
         for method, loss in (("wo_cd", "layerwise"), ("cd", "cd")):
             student, _ = fewshot.prune_layerwise(teacher, adapter, shots, loss=loss, mu=0.6, sparsity=0.9)
             accs[method].append(fewshot.accuracy(adapter, student, test))
+    print("test accuracy per seed", accs)  # pytest -s shows the numbers
     assert all(c > w for c, w in zip(accs["cd"], accs["wo_cd"])), accs
 
 
@@ -270,6 +271,7 @@ def test_cd_beats_layerwise_at_high_sparsity_with_one_shot_bert(make_tiny_model_
         for method, loss in (("wo_cd", "layerwise"), ("cd", "cd")):
             student, _ = fewshot.prune_layerwise(teacher, adapter, shots, loss=loss, mu=0.9, sparsity=0.9, steps=200)
             accs[method].append(fewshot.accuracy(adapter, student, task.dev))
+    print("test accuracy per seed", accs)  # pytest -s shows the numbers
     assert np.mean(accs["cd"]) > np.mean(accs["wo_cd"]), accs
 
 
