@@ -86,8 +86,8 @@ def movement(learning_rate: float | None = None, b1: float = 0.9, b2: float = 0.
     ``learning_rate=None``: ``S = -sum_t grad_t * W_t`` accumulated since the start of training.
     A float: Sanh et al.'s learned scores.  ``S`` is a parameter of the straight-through top-k
     (``W' = W * TopK(S)``) whose gradient ``dL/dS = grad_t * W_t`` is followed by Adam at that
-    rate (their default 1e-2, 100x or more the weights' rate; ``b1``, ``b2``, ``eps`` as in
-    Adam, with bias correction).  Adam divides by the gradient's running RMS, so ``S`` ranks by
+    constant rate (their default 1e-2, 100x or more the weights' rate, which they decay with
+    the weights' schedule; ``b1``, ``b2``, ``eps`` as in Adam, with bias correction).  Adam divides by the gradient's running RMS, so ``S`` ranks by
     how CONSISTENTLY ``-grad * W`` is positive rather than by its summed size.
 
     As in Sanh et al.'s straight-through estimator, ``grad_t`` is the gradient of the loss with
