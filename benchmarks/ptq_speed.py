@@ -40,10 +40,10 @@ def child(args):
     from efficient_nlp import models, quant, train
     from efficient_nlp.quant import mrem, ptq
     from efficient_nlp.quant.mrem_parallel import mrem_p
-    from efficient_nlp.recipes.distill import _load_data
+    from efficient_nlp.recipes.common import load_data
 
     config = ptq_2_2_8.get_config(*[int(b) for b in args.bits.split(",")])
-    task = _load_data(config, args.teacher_dir)
+    task = load_data(config, args.teacher_dir)
     teacher = models.from_pretrained(args.teacher_dir, num_labels=task.spec.num_labels)
     calib, _ = ptq.calibration_set(task.train, args.calibration, seed=0)
     qmodel, _ = quant.quantize_model(teacher, quant.spec_from_config(config.quant.to_dict()))

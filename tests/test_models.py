@@ -87,8 +87,8 @@ def test_config_from_json_overrides_and_validation(tmp_path):
     assert tiny_config(num_attention_heads=3, head_dim=5).attention_width == 15
     with pytest.raises(ValueError, match="hidden_act"):
         tiny_config(hidden_act="mish")
-    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "roberta"}))
-    with pytest.raises(ValueError, match="roberta"):
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "t5"}))
+    with pytest.raises(ValueError, match="model_type='t5', which no model family reads"):
         M.BertConfig.from_pretrained(tmp_path)
 
 

@@ -1,4 +1,5 @@
-"""BERT-family encoders in Flax NNX and HuggingFace (safetensors) checkpoint I/O.
+"""Encoder families (BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA) in Flax NNX, their family
+descriptions (`efficient_nlp.models.family`) and HuggingFace (safetensors) checkpoint I/O.
 
 Quick start::
 
@@ -7,9 +8,10 @@ Quick start::
     out = model(input_ids, attention_mask, token_type_ids, capture=("hidden_states",))
     out.logits, out.intermediates["hidden_states"]
 
-Parameter paths (what rules/regexes match) are the same for every model, e.g.
-``bert.encoder.layers.3.attention.query.kernel``, ``bert.encoder.layers.3.ffn.intermediate.kernel``,
-``classifier.kernel``, ``lm_head.dense.kernel`` (see `named_params`).
+Parameter paths (what rules/regexes match) share one layout under the family's backbone name,
+e.g. ``bert.encoder.layers.3.attention.query.kernel``, ``roberta.encoder.layers.3.ffn.intermediate.kernel``,
+``classifier.kernel``, ``lm_head.dense.kernel`` (see `named_params`); transforms find sites by
+role through `family` instead of by path.
 """
 
 from efficient_nlp.models.bert import (
@@ -27,11 +29,19 @@ from efficient_nlp.models.bert import (
     BertModel,
     BertOutput,
     BertPooler,
+    Encoder,
+    EncoderForMaskedLM,
+    EncoderForSequenceClassification,
+    EncoderModel,
     activation,
     attention_bias,
 )
+from efficient_nlp.models import family
 from efficient_nlp.models.cnn import SmallCNN, cnn_accuracy, fit_cnn
-from efficient_nlp.models.config import ACTIVATIONS, BertConfig
+from efficient_nlp.models.config import ACTIVATIONS, ENCODER_TRAITS, BertConfig, EncoderTraits
+from efficient_nlp.models.family import Family, FamilyError, family_of
+
+EncoderConfig = BertConfig
 from efficient_nlp.models.hf_checkpoint import (
     CheckpointMismatchError,
     LoadReport,
@@ -61,6 +71,17 @@ __all__ = [
     "BertOutput",
     "BertPooler",
     "CheckpointMismatchError",
+    "ENCODER_TRAITS",
+    "Encoder",
+    "EncoderConfig",
+    "EncoderForMaskedLM",
+    "EncoderForSequenceClassification",
+    "EncoderModel",
+    "EncoderTraits",
+    "Family",
+    "FamilyError",
+    "family",
+    "family_of",
     "LoadReport",
     "activation",
     "attention_bias",

@@ -146,32 +146,54 @@ def _embed(config: BertConfig, n: int, h: int, dtype, param_dtype, rngs) -> nnx.
 
 
 class BertEmbeddings(nnx.Module):
-    """word + position + token-type embeddings, then LayerNorm and dropout."""
+    """word + position (+ token-type) embeddings, then LayerNorm and dropout (+ projection).
+
+    Family traits (`BertConfig.traits`): no token-type table when ``type_vocab_size == 0``
+    (DistilBERT); RoBERTa's position ids ``cumsum(ids != pad) * (ids != pad) + pad`` (padding
+    tokens sit at ``pad``, the first real token at ``pad + 1``); ELECTRA's tables of width
+    ``embedding_size`` followed by ``project`` (a Linear to ``hidden_size``).
+    """
 
     def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        h = config.hidden_size
-        self.word_embeddings = _embed(config, config.vocab_size, h, dtype, param_dtype, rngs)
-        self.position_embeddings = _embed(config, config.max_position_embeddings, h, dtype, param_dtype, rngs)
-        self.token_type_embeddings = _embed(config, config.type_vocab_size, h, dtype, param_dtype, rngs)
-        self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
+        e = config.embedding_width
+        self.padded_positions = config.traits.padded_positions
+        self.pad_token_id = config.pad_token_id
+        self.word_embeddings = _embed(config, config.vocab_size, e, dtype, param_dtype, rngs)
+        self.position_embeddings = _embed(config, config.max_position_embeddings, e, dtype, param_dtype, rngs)
+        self.token_type_embeddings = (_embed(config, config.type_vocab_size, e, dtype, param_dtype, rngs)
+                                      if config.type_vocab_size > 0 else None)
+        self.layer_norm = _layer_norm(config, e, dtype, param_dtype, rngs)
         self.dropout = Dropout(config.hidden_dropout_prob)
+        self.project = (_linear(config, e, config.hidden_size, dtype, param_dtype, rngs)
+                        if e != config.hidden_size else None)
+
+    def position_ids(self, input_ids) -> jax.Array:
+        """[B,T] (or [T]) position ids of ``input_ids``."""
+        seq_len = input_ids.shape[-1]
+        if not self.padded_positions:
+            return jnp.arange(seq_len)
+        real = (input_ids != self.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(real, axis=-1) * real + self.pad_token_id
 
     def __call__(self, input_ids, token_type_ids=None, *, deterministic: bool = True, rngs=None) -> jax.Array:
         _check_rngs(deterministic, rngs)
         input_ids = jnp.asarray(input_ids)
         seq_len = input_ids.shape[-1]
         max_len = self.position_embeddings.num_embeddings
-        if seq_len > max_len:
-            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings={max_len}")
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        x = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(jnp.arange(seq_len))[None]
-            + self.token_type_embeddings(jnp.asarray(token_type_ids))
-        )
+        needed = seq_len + (self.pad_token_id + 1 if self.padded_positions else 0)
+        if needed > max_len:
+            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings={max_len}"
+                             + (f" (positions start after the padding index {self.pad_token_id})"
+                                if self.padded_positions else ""))
+        pos = self.position_embeddings(self.position_ids(input_ids))
+        x = self.word_embeddings(input_ids) + (pos if self.padded_positions else pos[None])
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(jnp.asarray(token_type_ids))
         x = self.layer_norm(x)
-        return self.dropout(x, deterministic=deterministic, rngs=rngs)
+        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        return self.project(x) if self.project is not None else x
 
 
 class BertAttention(nnx.Module):
@@ -361,14 +383,15 @@ class BertPooler(nnx.Module):
 
 
 class BertBackbone(nnx.Module):
-    """Embeddings + encoder (+ pooler): the ``.bert`` attribute of every model."""
+    """Embeddings + encoder (+ pooler): the backbone of every encoder model, held under the
+    family's name (``.bert``, ``.roberta``, ``.distilbert``, ``.electra``; see `Encoder.backbone`)."""
 
     def __init__(self, config: BertConfig, *, add_pooling_layer: bool = True, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.embeddings = BertEmbeddings(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.encoder = BertEncoder(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.pooler = (BertPooler(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                       if add_pooling_layer else None)
+                       if add_pooling_layer and config.traits.pooler else None)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
                  deterministic: bool = True, rngs=None) -> BertOutput:
@@ -385,11 +408,47 @@ class BertBackbone(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- models
-class BertModel(nnx.Module):
-    """The bare encoder (with pooler); ``logits`` is None.
+class Encoder(nnx.Module):
+    """Common interface of the encoder models (what `efficient_nlp.models.family` reads).
+
+    The backbone lives under the family's name (``model.bert`` for BERT, ``model.roberta`` ...);
+    ``backbone`` returns it whatever the family.  ``embed`` / ``run_layers`` / ``head`` are the
+    three pieces of the forward pass, so a transform can run any range of layers on its own.
+    """
+
+    def _init_backbone(self, config, add_pooling_layer, dtype, param_dtype, rngs):
+        self.config = config
+        setattr(self, config.model_type, BertBackbone(config, add_pooling_layer=add_pooling_layer, dtype=dtype,
+                                                      param_dtype=param_dtype, rngs=rngs))
+
+    @property
+    def backbone(self) -> BertBackbone:
+        return getattr(self, self.config.model_type)
+
+    def embed(self, input_ids, token_type_ids=None, *, deterministic: bool = True, rngs=None) -> jax.Array:
+        """Token ids -> the first layer's input [B,T,H]."""
+        return self.backbone.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+
+    def run_layers(self, hidden_states, attention_mask=None, **kwargs):
+        """Layers ``start .. stop-1`` (keywords of `BertEncoder.__call__`) -> (hidden, intermediates)."""
+        return self.backbone.encoder(hidden_states, attention_mask, **kwargs)
+
+    def head(self, hidden_states, *, deterministic: bool = True, rngs=None):
+        """The last layer's output [B,T,H] -> logits (None for the bare encoder)."""
+        return None
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
+                 deterministic: bool = True, rngs=None) -> BertOutput:
+        out = self.backbone(input_ids, attention_mask, token_type_ids, capture=capture,
+                            deterministic=deterministic, rngs=rngs)
+        return out.replace(logits=self.head(out.last_hidden_state, deterministic=deterministic, rngs=rngs))
+
+
+class BertModel(Encoder):
+    """The bare encoder (with BERT's pooler when the family has one); ``logits`` is None.
 
     Args:
-      config: the `BertConfig`.
+      config: the `BertConfig` (its ``model_type`` picks the family).
       rngs: ``nnx.Rngs`` used to initialise parameters (e.g. ``nnx.Rngs(0)``).
       dtype: computation dtype; param_dtype: storage dtype of the parameters.
       add_pooling_layer: build the tanh pooler (HF base checkpoints have one).
@@ -397,65 +456,73 @@ class BertModel(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  add_pooling_layer: bool = True):
-        self.config = config
-        self.bert = BertBackbone(config, add_pooling_layer=add_pooling_layer, dtype=dtype,
-                                 param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
-                 deterministic: bool = True, rngs=None) -> BertOutput:
-        return self.bert(input_ids, attention_mask, token_type_ids, capture=capture,
-                         deterministic=deterministic, rngs=rngs)
+        self._init_backbone(config, add_pooling_layer, dtype, param_dtype, rngs)
 
 
-class BertForSequenceClassification(nnx.Module):
-    """Encoder + pooler + dropout + Linear(hidden, num_labels).
+class BertForSequenceClassification(Encoder):
+    """Encoder + sequence-classification head, as HF defines it for the family.
 
-    ``num_labels == 1`` means regression (the logits are the prediction, shape [B,1]); sentence
-    pair tasks use the same head with ``token_type_ids`` marking the second segment.
+    BERT: pooler (tanh dense on the first token) + dropout + ``classifier``.  Other families:
+    the first token, (dropout,) ``pre_classifier`` dense, activation (RoBERTa tanh, ELECTRA
+    GELU, DistilBERT ReLU), dropout, ``classifier``.  ``num_labels == 1`` means regression (the
+    logits are the prediction, shape [B,1]); sentence pair tasks use the same head with
+    ``token_type_ids`` marking the second segment (families with token types).
     """
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.config = config
-        self.bert = BertBackbone(config, add_pooling_layer=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self._init_backbone(config, True, dtype, param_dtype, rngs)
         rate = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = Dropout(rate)
+        self.pre_classifier = (None if config.traits.pooler else
+                               _linear(config, config.hidden_size, config.hidden_size, dtype, param_dtype, rngs))
         self.classifier = _linear(config, config.hidden_size, config.num_labels, dtype, param_dtype, rngs)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
-                 deterministic: bool = True, rngs=None) -> BertOutput:
-        out = self.bert(input_ids, attention_mask, token_type_ids, capture=capture,
-                        deterministic=deterministic, rngs=rngs)
-        pooled = self.dropout(out.pooler_output, deterministic=deterministic, rngs=rngs)
-        return out.replace(logits=self.classifier(pooled))
+    def head(self, hidden_states, *, deterministic: bool = True, rngs=None):
+        traits = self.config.traits
+        if self.pre_classifier is None:
+            pooled = self.backbone.pooler(hidden_states)
+        else:
+            x = hidden_states[:, 0]
+            if traits.classifier_in_dropout:
+                x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+            x = self.pre_classifier(x)
+            pooled = jnp.tanh(x) if traits.classifier_act == "tanh" else activation(traits.classifier_act)(x)
+        pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs)
+        return self.classifier(pooled)
 
 
 class BertLMHead(nnx.Module):
-    """MLM prediction head: dense + activation + LayerNorm, then the tied decoder + bias."""
+    """MLM prediction head: dense + activation + LayerNorm, then the tied decoder + bias.
+
+    The transform maps ``hidden_size`` to the embedding width (ELECTRA's generator: smaller)."""
 
     def __init__(self, config: BertConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.hidden_act = config.hidden_act
-        self.dense = _linear(config, config.hidden_size, config.hidden_size, dtype, param_dtype, rngs)
-        self.layer_norm = _layer_norm(config, config.hidden_size, dtype, param_dtype, rngs)
+        e = config.embedding_width
+        self.hidden_act = config.traits.lm_act or config.hidden_act
+        self.dense = _linear(config, config.hidden_size, e, dtype, param_dtype, rngs)
+        self.layer_norm = _layer_norm(config, e, dtype, param_dtype, rngs)
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), dtype=param_dtype))
 
     def __call__(self, hidden_states, word_embedding):
-        """hidden_states [B,T,H], word_embedding [V,H] -> logits [B,T,V]."""
+        """hidden_states [B,T,H], word_embedding [V,E] -> logits [B,T,V]."""
         h = self.layer_norm(activation(self.hidden_act)(self.dense(hidden_states)))
         logits = jnp.einsum("bth,vh->btv", h, word_embedding.astype(h.dtype))
         return logits + self.bias[...].astype(logits.dtype)
 
 
-class BertForMaskedLM(nnx.Module):
+class BertForMaskedLM(Encoder):
     """Encoder (no pooler, as in HF) + `BertLMHead` tied to the word embedding."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.config = config
-        self.bert = BertBackbone(config, add_pooling_layer=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self._init_backbone(config, False, dtype, param_dtype, rngs)
         self.lm_head = BertLMHead(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
-                 deterministic: bool = True, rngs=None) -> BertOutput:
-        out = self.bert(input_ids, attention_mask, token_type_ids, capture=capture,
-                        deterministic=deterministic, rngs=rngs)
-        embedding = self.bert.embeddings.word_embeddings.embedding[...]
-        return out.replace(logits=self.lm_head(out.last_hidden_state, embedding))
+    def head(self, hidden_states, *, deterministic: bool = True, rngs=None):
+        embedding = self.backbone.embeddings.word_embeddings.embedding[...]
+        return self.lm_head(hidden_states, embedding)
+
+
+#: Family-neutral names of the same classes.
+EncoderModel = BertModel
+EncoderForSequenceClassification = BertForSequenceClassification
+EncoderForMaskedLM = BertForMaskedLM

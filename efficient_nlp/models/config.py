@@ -1,9 +1,13 @@
-"""Configuration of BERT-family encoders.
+"""Configuration of BERT-layout encoders (BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA).
 
-`BertConfig` is a frozen dataclass holding exactly the hyper-parameters that decide the
-shapes and the behaviour of `efficient_nlp.models.bert`.  It reads a HuggingFace
-``config.json`` (unknown HF keys such as ``architectures`` or ``use_cache`` are ignored) and
-writes one back (`to_hf_dict`) so that a checkpoint saved by
+`BertConfig` (also exported as ``EncoderConfig``) is a frozen dataclass holding exactly the
+hyper-parameters that decide the shapes and the behaviour of `efficient_nlp.models.bert`, in
+BERT's names.  ``model_type`` says which family the model belongs to; the family's traits
+(`EncoderTraits`: pooler or not, RoBERTa's padding-aware positions, the classification head's
+activation, ...) follow from it.  ``from_dict`` / ``to_hf_dict`` read and write a HuggingFace
+``config.json`` through the family's own translation (`efficient_nlp.models.family`), so
+DistilBERT's ``dim`` / ``n_layers`` arrive as ``hidden_size`` / ``num_hidden_layers``; unknown
+HF keys such as ``architectures`` or ``use_cache`` are ignored.  A checkpoint saved by
 `efficient_nlp.models.save_hf_checkpoint` is readable by ``transformers``.
 
 Width changes used by compression methods are expressed directly:
@@ -41,7 +45,37 @@ SHAPE_FIELDS = (
     "type_vocab_size",
     "head_dim",
     "num_labels",
+    "embedding_size",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderTraits:
+    """What differs between the BERT-layout encoder families (METHODS.md 5), by ``model_type``.
+
+    Attributes:
+      pooler: the model has BERT's tanh pooler (the classifier reads it); otherwise the
+        classifier reads the first token through ``pre_classifier`` (dense + ``classifier_act``).
+      padded_positions: RoBERTa's position ids ``cumsum(ids != pad) * (ids != pad) + pad``.
+      classifier_act: activation after ``pre_classifier`` (None with a pooler).
+      classifier_in_dropout: dropout on the first token before ``pre_classifier``.
+      lm_act: activation of the masked-LM transform (None: ``hidden_act``).
+    """
+
+    pooler: bool = True
+    padded_positions: bool = False
+    classifier_act: str | None = None
+    classifier_in_dropout: bool = False
+    lm_act: str | None = None
+
+
+ENCODER_TRAITS = {
+    "bert": EncoderTraits(),
+    "roberta": EncoderTraits(pooler=False, padded_positions=True, classifier_act="tanh",
+                             classifier_in_dropout=True, lm_act="gelu"),
+    "distilbert": EncoderTraits(pooler=False, classifier_act="relu"),
+    "electra": EncoderTraits(pooler=False, classifier_act="gelu", classifier_in_dropout=True, lm_act="gelu"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +98,11 @@ class BertConfig:
       layer_num_attention_heads: None, or per-layer head counts (length num_hidden_layers, >= 0;
         each head keeps ``attention_head_dim``).  None = ``num_attention_heads`` everywhere.
       layer_intermediate_sizes: None, or per-layer FFN widths (>= 0); None = ``intermediate_size``.
+      model_type: the family (a key of `ENCODER_TRAITS`: "bert", "roberta", "distilbert",
+        "electra"); decides the `EncoderTraits`.
+      embedding_size: width of the embedding tables (ELECTRA); None = ``hidden_size``.  When it
+        differs, a projection maps embeddings to ``hidden_size``.
+      type_vocab_size may be 0 (no token-type table, DistilBERT).
     """
 
     vocab_size: int
@@ -84,8 +123,17 @@ class BertConfig:
     initializer_range: float = 0.02
     layer_num_attention_heads: tuple[int, ...] | None = None
     layer_intermediate_sizes: tuple[int, ...] | None = None
+    model_type: str = "bert"
+    embedding_size: int | None = None
 
     def __post_init__(self):
+        if self.model_type not in ENCODER_TRAITS:
+            raise ValueError(f"BertConfig.model_type={self.model_type!r} is not an encoder family; "
+                             f"valid: {sorted(ENCODER_TRAITS)}")
+        if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or self.embedding_size < 1):
+            raise ValueError(f"BertConfig.embedding_size must be None or a positive int, got {self.embedding_size!r}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"BertConfig.type_vocab_size must be an int >= 0, got {self.type_vocab_size!r}")
         for name in ("layer_num_attention_heads", "layer_intermediate_sizes"):
             value = getattr(self, name)
             if value is None:
@@ -98,8 +146,7 @@ class BertConfig:
                     f"BertConfig.{name} must hold {self.num_hidden_layers} ints >= 0 (one per "
                     f"layer), got {value!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                     "num_labels"):
+                     "intermediate_size", "max_position_embeddings", "num_labels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"BertConfig.{name} must be a positive int, got {value!r}")
@@ -120,6 +167,16 @@ class BertConfig:
                 raise ValueError(f"BertConfig.{name} must be in [0, 1), got {value!r}")
 
     # ------------------------------------------------------------------ derived sizes
+    @property
+    def traits(self) -> EncoderTraits:
+        """The family's `EncoderTraits` (from ``model_type``)."""
+        return ENCODER_TRAITS[self.model_type]
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the embedding tables (``embedding_size`` or ``hidden_size``)."""
+        return self.embedding_size or self.hidden_size
+
     @property
     def attention_head_dim(self) -> int:
         """Width of one head (``head_dim`` or ``hidden_size // num_attention_heads``)."""
@@ -172,12 +229,9 @@ class BertConfig:
         Overrides are validated: an unknown name raises ValueError naming the valid keys.
         """
         cls._check_keys(overrides)
-        model_type = d.get("model_type")
-        if model_type not in (None, "bert"):
-            raise ValueError(
-                f"config.json has model_type={model_type!r}; only the BERT layout (model_type "
-                "'bert': word/position/token-type embeddings, post-LayerNorm) is supported."
-            )
+        from efficient_nlp.models.family import family_for_config
+
+        d = family_for_config(d).config_from_hf(d)
         pos_type = d.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ValueError(
@@ -190,7 +244,7 @@ class BertConfig:
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers",
                                "num_attention_heads", "intermediate_size") if k not in kwargs]
         if missing:
-            raise ValueError(f"config is missing required BERT key(s) {missing}")
+            raise ValueError(f"config is missing required key(s) {missing} (in BERT's names)")
         return cls(**kwargs)
 
     @classmethod
@@ -213,28 +267,41 @@ class BertConfig:
         return cls.from_dict(d, **overrides)
 
     def to_hf_dict(self, architecture: str = "BertModel") -> dict[str, Any]:
-        """A HuggingFace-style ``config.json`` dict (readable by ``transformers.BertConfig``).
+        """A HuggingFace-style ``config.json`` dict in the family's own names (readable by the
+        ``transformers`` config class of ``model_type``); see `bert_hf_dict` for BERT's."""
+        from efficient_nlp.models.family import get_family
 
-        ``head_dim`` is written only when it differs from ``hidden_size // num_attention_heads``
-        (transformers' own BertModel cannot represent such a model, but our loader can).
-        """
-        d: dict[str, Any] = {"architectures": [architecture], "model_type": "bert"}
-        for k, v in self.to_dict().items():
-            if k in ("head_dim", "num_labels"):
-                continue
-            if k in ("layer_num_attention_heads", "layer_intermediate_sizes"):
-                if v is not None:
-                    d[k] = list(v)
-                    d["head_dim"] = self.attention_head_dim  # pinned: heads per layer vary
-                continue
-            d[k] = v
-        if self.head_dim is not None and (
-            self.hidden_size % self.num_attention_heads
-            or self.head_dim != self.hidden_size // self.num_attention_heads
-        ):
-            d["head_dim"] = self.head_dim
-        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
-        d["label2id"] = {f"LABEL_{i}": i for i in range(self.num_labels)}
-        d["position_embedding_type"] = "absolute"
-        d["tie_word_embeddings"] = True
-        return d
+        return get_family(self.model_type).config_to_hf(self, architecture)
+
+
+def bert_hf_dict(config: BertConfig, architecture: str) -> dict[str, Any]:
+    """``config`` as a BERT-style ``config.json`` dict (BERT, RoBERTa and ELECTRA share it).
+
+    ``head_dim`` is written only when it differs from ``hidden_size // num_attention_heads``
+    (transformers' own models cannot represent such a model, but our loader can).
+    """
+    d: dict[str, Any] = {"architectures": [architecture]}
+    for k, v in config.to_dict().items():
+        if k in ("head_dim", "num_labels", "embedding_size"):
+            continue
+        if k in ("layer_num_attention_heads", "layer_intermediate_sizes"):
+            if v is not None:
+                d[k] = list(v)
+                d["head_dim"] = config.attention_head_dim  # pinned: heads per layer vary
+            continue
+        d[k] = v
+    if config.head_dim is not None and (
+        config.hidden_size % config.num_attention_heads
+        or config.head_dim != config.hidden_size // config.num_attention_heads
+    ):
+        d["head_dim"] = config.head_dim
+    d.update(label_maps(config.num_labels))
+    d["position_embedding_type"] = "absolute"
+    d["tie_word_embeddings"] = True
+    return d
+
+
+def label_maps(num_labels: int) -> dict[str, Any]:
+    """HF's ``id2label`` / ``label2id`` for ``num_labels`` generic labels."""
+    return {"id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+            "label2id": {f"LABEL_{i}": i for i in range(num_labels)}}

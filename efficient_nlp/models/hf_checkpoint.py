@@ -1,26 +1,11 @@
-"""HuggingFace checkpoints <-> NNX BERT parameters: the one place that knows the mapping.
+"""HuggingFace checkpoints <-> NNX encoder parameters, for every registered model family.
 
 Weights are read from ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)
 with ``safetensors.numpy``; pickle files (``pytorch_model.bin``) are never loaded.  Every HF
-tensor name is mapped explicitly (`hf_name_map`):
-
-=====================================================  =============================================
-HF name (optional ``bert.`` prefix)                    NNX parameter path
-=====================================================  =============================================
-embeddings.{word,position,token_type}_embeddings.weight  bert.embeddings.<same>.embedding
-embeddings.LayerNorm.{weight,bias} (or gamma/beta)     bert.embeddings.layer_norm.{scale,bias}
-encoder.layer.i.attention.self.{query,key,value}.*     bert.encoder.layers.i.attention.{query,key,value}.*
-encoder.layer.i.attention.output.dense.*               bert.encoder.layers.i.attention.output.*
-encoder.layer.i.attention.output.LayerNorm.*           bert.encoder.layers.i.attention.layer_norm.*
-encoder.layer.i.intermediate.dense.*                   bert.encoder.layers.i.ffn.intermediate.*
-encoder.layer.i.output.dense.*                         bert.encoder.layers.i.ffn.output.*
-encoder.layer.i.output.LayerNorm.*                     bert.encoder.layers.i.ffn.layer_norm.*
-pooler.dense.*                                         bert.pooler.dense.*
-classifier.{weight,bias}                               classifier.{kernel,bias}
-cls.predictions.transform.dense.*                      lm_head.dense.*
-cls.predictions.transform.LayerNorm.*                  lm_head.layer_norm.*
-cls.predictions.bias (or .decoder.bias)                lm_head.bias
-=====================================================  =============================================
+tensor name is mapped explicitly by the model's family (`efficient_nlp.models.family.Family.hf_map`;
+the tables are in ``efficient_nlp/models/families/``), so loading and saving here know no
+family by heart.  The base model's tensors may carry the family prefix (``bert.``,
+``roberta.`` ...) as in task checkpoints, or not, as in base checkpoints.
 
 torch ``Linear.weight`` is [out, in] and is transposed to the NNX kernel [in, out].  Buffers
 (``embeddings.position_ids``), the tied decoder weight and heads the model does not have
@@ -47,6 +32,7 @@ from flax import nnx
 
 from efficient_nlp.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
 from efficient_nlp.models.config import SHAPE_FIELDS, BertConfig
+from efficient_nlp.models.family import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +45,6 @@ _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_mode
 _HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
                  "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"]
 
-# Checkpoint tensors that are not parameters, or parameters of heads we never build.
-_ALWAYS_IGNORED = re.compile(
-    r"^(embeddings\.position_ids|embeddings\.token_type_ids|cls\.seq_relationship\..*"
-    r"|cls\.predictions\.decoder\.weight|cls\.predictions\.decoder\.bias)$"
-)
-# Optional groups: fresh-initialised when the checkpoint lacks them, ignored when the model does.
-_HEAD_GROUPS = {"pooler.": "pooler", "classifier.": "classifier", "cls.predictions.": "masked-LM head"}
 _MAX_LISTED = 40
 
 
@@ -94,54 +73,21 @@ def named_params(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 
 def _kind(model) -> str:
-    if isinstance(model, BertForSequenceClassification):
-        return "BertForSequenceClassification"
-    if isinstance(model, BertForMaskedLM):
-        return "BertForMaskedLM"
-    if isinstance(model, BertModel):
-        return "BertModel"
+    for cls in (BertForSequenceClassification, BertForMaskedLM, BertModel):
+        if isinstance(model, cls):
+            return cls.__name__
     raise TypeError(f"expected a BertModel / BertForSequenceClassification / BertForMaskedLM, got {type(model).__name__}")
 
 
 def hf_name_map(model: nnx.Module) -> dict[str, tuple[str, bool]]:
-    """HF tensor name (no ``bert.`` prefix) -> (NNX param path, transpose?) for ``model``."""
-    m: dict[str, tuple[str, bool]] = {}
-
-    def linear(hf, ours):
-        m[hf + ".weight"] = (ours + ".kernel", True)
-        m[hf + ".bias"] = (ours + ".bias", False)
-
-    def norm(hf, ours):
-        m[hf + ".weight"] = (ours + ".scale", False)
-        m[hf + ".bias"] = (ours + ".bias", False)
-
-    kind = _kind(model)
-    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-        m[f"embeddings.{name}.weight"] = (f"bert.embeddings.{name}.embedding", False)
-    norm("embeddings.LayerNorm", "bert.embeddings.layer_norm")
-    for i in range(len(model.bert.encoder.layers)):
-        hf, ours = f"encoder.layer.{i}", f"bert.encoder.layers.{i}"
-        for proj in ("query", "key", "value"):
-            linear(f"{hf}.attention.self.{proj}", f"{ours}.attention.{proj}")
-        linear(f"{hf}.attention.output.dense", f"{ours}.attention.output")
-        norm(f"{hf}.attention.output.LayerNorm", f"{ours}.attention.layer_norm")
-        linear(f"{hf}.intermediate.dense", f"{ours}.ffn.intermediate")
-        linear(f"{hf}.output.dense", f"{ours}.ffn.output")
-        norm(f"{hf}.output.LayerNorm", f"{ours}.ffn.layer_norm")
-    if model.bert.pooler is not None:
-        linear("pooler.dense", "bert.pooler.dense")
-    if kind == "BertForSequenceClassification":
-        linear("classifier", "classifier")
-    if kind == "BertForMaskedLM":
-        linear("cls.predictions.transform.dense", "lm_head.dense")
-        norm("cls.predictions.transform.LayerNorm", "lm_head.layer_norm")
-        m["cls.predictions.bias"] = ("lm_head.bias", False)
-    return m
+    """HF tensor name (no family prefix) -> (NNX param path, transpose?) for ``model``."""
+    _kind(model)
+    return family_of(model).hf_map(model)
 
 
-def _normalize(name: str) -> str:
-    if name.startswith("bert."):
-        name = name[len("bert."):]
+def _normalize(name: str, prefix: str) -> str:
+    if name.startswith(prefix):
+        name = name[len(prefix):]
     if name.endswith("LayerNorm.gamma"):
         name = name[: -len("gamma")] + "weight"
     elif name.endswith("LayerNorm.beta"):
@@ -149,8 +95,8 @@ def _normalize(name: str) -> str:
     return name
 
 
-def _group(name: str) -> str | None:
-    for prefix in _HEAD_GROUPS:
+def _group(name: str, groups) -> str | None:
+    for prefix in groups:
         if name.startswith(prefix):
             return prefix
     return None
@@ -286,13 +232,14 @@ def _mismatch_message(source, model, missing, unexpected, misshaped, ckpt_layers
     lines += _listing("mis-shaped (name, expected shape, got shape)",
                       [f"{n}  expected {_shape(e)}  got {_shape(g)}" for n, e, g in misshaped])
     hints = []
-    names = [_normalize(r[0]) for r in missing + unexpected + misshaped]
+    names = [_normalize(r[0], family_of(model).hf_prefix) for r in missing + unexpected + misshaped]
     if any(n.startswith("classifier.") for n in names):
         hints.append("the classifier head has another num_labels: pass the checkpoint's num_labels, or load "
                      "the encoder alone (num_labels=None) and attach a fresh head")
     if any(not n.startswith("classifier.") for n in names):
-        if ckpt_layers != len(model.bert.encoder.layers):
-            hints.append(f"the checkpoint has {ckpt_layers} layers, the model {len(model.bert.encoder.layers)}")
+        n_layers = len(model.backbone.encoder.layers)
+        if ckpt_layers != n_layers:
+            hints.append(f"the checkpoint has {ckpt_layers} layers, the model {n_layers}")
         hints.append("the model's shape fields differ from the checkpoint's config.json: do not override "
                      f"{', '.join(SHAPE_FIELDS)} when loading (build the other shape and copy weights "
                      "explicitly instead), and check that config.json belongs to this model.safetensors")
@@ -310,11 +257,13 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
     tensors = read_safetensors(source)
     mapping = hf_name_map(model)
     params = named_params(model)
+    fam = family_of(model)
+    groups, ignored_rx = fam.hf_head_groups, re.compile(f"^({fam.hf_ignored})$")
 
     found: dict[str, tuple[str, np.ndarray]] = {}
     unexpected: list[tuple[str, tuple]] = []
     for raw, arr in tensors.items():
-        name = _normalize(raw)
+        name = _normalize(raw, fam.hf_prefix)
         if name in found:  # e.g. both "bert.x" and "x"
             unexpected.append((raw, arr.shape))
         else:
@@ -322,8 +271,8 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
     if "cls.predictions.bias" not in found and "cls.predictions.decoder.bias" in found:
         found["cls.predictions.bias"] = found.pop("cls.predictions.decoder.bias")
 
-    model_groups = {_group(n) for n in mapping} - {None}
-    found_groups = {_group(n) for n in found} - {None}
+    model_groups = {_group(n, groups) for n in mapping} - {None}
+    found_groups = {_group(n, groups) for n in found} - {None}
     fresh_groups = model_groups - found_groups
 
     missing, misshaped, fresh, loaded, updates = [], [], [], [], {}
@@ -331,7 +280,7 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
         target_shape = tuple(params[ours].get_value().shape)
         hf_shape = target_shape[::-1] if transpose else target_shape
         if name not in found:
-            if _group(name) in fresh_groups:
+            if _group(name, groups) in fresh_groups:
                 fresh.append(ours)
             else:
                 missing.append((name, hf_shape))
@@ -345,13 +294,15 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
 
     ignored = []
     for name, (raw, arr) in found.items():
-        if _ALWAYS_IGNORED.match(name) or (_group(name) is not None and _group(name) not in model_groups):
+        group = _group(name, groups)
+        if ignored_rx.match(name) or (group is not None and group not in model_groups):
             ignored.append(raw)
         else:
             unexpected.append((raw, arr.shape))
 
     if missing or unexpected or misshaped:
-        layer_ids = [int(m.group(1)) for n in tensors if (m := re.match(r"encoder\.layer\.(\d+)\.", _normalize(n)))]
+        layer_ids = [int(m.group(1)) for n in tensors
+                     if (m := re.match(r"\w+\.layer\.(\d+)\.", _normalize(n, fam.hf_prefix)))]
         ckpt_layers = max(layer_ids) + 1 if layer_ids else 0
         raise CheckpointMismatchError(
             _mismatch_message(source, model, missing, sorted(unexpected), misshaped, ckpt_layers))
@@ -360,7 +311,7 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
         var = params[ours]
         var.set_value(jnp.asarray(arr, dtype=var.get_value().dtype))
     if fresh:
-        heads = sorted({_HEAD_GROUPS[_group(n)] for n in mapping if _group(n) in fresh_groups})
+        heads = sorted({groups[_group(n, groups)] for n in mapping if _group(n, groups) in fresh_groups})
         logger.info("%s: %s not in checkpoint %s; freshly initialised: %s",
                     type(model).__name__, ", ".join(heads), source, ", ".join(fresh))
     if ignored:
@@ -405,7 +356,7 @@ def from_pretrained(model_dir: str | os.PathLike, num_labels: int | None = None,
 
 # ----------------------------------------------------------------------------- saving
 def _check_shapes_match_config(model) -> None:
-    no_pooler = isinstance(model, BertModel) and model.bert.pooler is None
+    no_pooler = type(model) is BertModel and model.config.traits.pooler and model.backbone.pooler is None
     kwargs = {"add_pooling_layer": False} if no_pooler else {}
     abstract = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0), **kwargs))
     want = {k: tuple(v.get_value().shape) for k, v in named_params(abstract).items()}
@@ -432,22 +383,24 @@ def save_hf_checkpoint(model: nnx.Module, out_dir: str | os.PathLike) -> str:
     _check_shapes_match_config(model)
     mapping = hf_name_map(model)
     params = named_params(model)
-    prefix = "" if kind == "BertModel" else "bert."
+    fam = family_of(model)
+    prefix = "" if kind == "BertModel" else fam.hf_prefix
     tensors = {}
     for name, (ours, transpose) in mapping.items():
         arr = np.asarray(jax.device_get(params[ours].get_value()))
         if transpose:
             arr = arr.T
-        full = name if name.startswith(("classifier.", "cls.")) else prefix + name
+        group = _group(name, fam.hf_head_groups)
+        full = name if group not in (None, "pooler.") else prefix + name
         tensors[full] = np.ascontiguousarray(arr)
     unmapped = sorted(set(params) - {ours for ours, _ in mapping.values()})
     if unmapped:
-        logger.warning("save_hf_checkpoint: parameters outside the BERT layout are not saved: %s",
+        logger.warning("save_hf_checkpoint: parameters outside the family's HF layout are not saved: %s",
                        ", ".join(unmapped))
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(model.config.to_hf_dict(kind), f, indent=2, sort_keys=True)
+        json.dump(model.config.to_hf_dict(fam.architectures[kind]), f, indent=2, sort_keys=True)
         f.write("\n")
     return out_dir

@@ -41,7 +41,7 @@ from efficient_nlp import train as train_lib
 from efficient_nlp.quant import adaptive
 from efficient_nlp.quant.export import MANIFEST_FILE
 from efficient_nlp.recipes import binarybert
-from efficient_nlp.recipes.distill import run_kd_stages, teacher_and_task
+from efficient_nlp.recipes.common import run_kd_stages, teacher_and_task
 from efficient_nlp.recipes.outputs import save_outputs
 from efficient_nlp.recipes.qat import quantized_student
 

@@ -38,7 +38,7 @@ from efficient_nlp import prune
 from efficient_nlp import quant
 from efficient_nlp import train as train_lib
 from efficient_nlp.distill.matches import ATTENTION_FEATURES
-from efficient_nlp.recipes.distill import check_stages, run_kd_stages, teacher_and_task
+from efficient_nlp.recipes.common import check_stages, run_kd_stages, teacher_and_task
 from efficient_nlp.recipes.outputs import save_outputs
 from efficient_nlp.recipes.qat import quantized_student
 

@@ -64,7 +64,7 @@ def _cnn_setup(config):
 
 def _bert_setup(config, workdir):
     from efficient_nlp import models
-    from efficient_nlp.recipes.distill import resolve_teacher
+    from efficient_nlp.recipes.common import resolve_teacher
 
     teacher_dir = resolve_teacher(config, workdir)
     d = config.data

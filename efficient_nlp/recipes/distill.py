@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
 import numpy as np
-from flax import nnx
 
 from efficient_nlp import data as data_lib
 from efficient_nlp import distill
 from efficient_nlp import models
 from efficient_nlp import train as train_lib
+from efficient_nlp.recipes.common import (check_stages, final_eval, load_data, resolve_teacher, run_kd_stages,
+                                          stage_config)
+from efficient_nlp.recipes.common import teacher_and_task  # noqa: F401  (importable from here as before)
 from efficient_nlp.recipes.outputs import save_outputs
 
 
@@ -90,96 +91,6 @@ def _student_source(config, teacher, num_labels):
                                   seed=config.train.seed)
 
 
-def check_stages(stages, student_cfg, teacher_cfg, where):
-    """``{stage name: checked matches}``; any bad match or schedule raises naming the stage."""
-    checked = {}
-    for stage in stages:
-        name = stage["name"]
-        try:
-            checked[name] = distill.check_matches(stage["matches"], student_cfg, teacher_cfg)
-            distill.check_schedule(stage.get("hard_label_weight", 0.0), "hard_label_weight")
-        except ValueError as e:
-            raise ValueError(f"{where}[{name!r}]: {e}") from None
-    if not checked:
-        raise ValueError(f"{where} is empty")
-    return checked
-
-
-def resolve_teacher(config, workdir):
-    """``config.teacher_dir``, or a teacher fine-tuned now into ``workdir/teacher/model``."""
-    if config.teacher_dir:
-        return config.teacher_dir
-    from efficient_nlp.recipes import finetune
-
-    teacher_work = os.path.join(workdir, "teacher")
-    model_dir = os.path.join(teacher_work, "model")
-    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
-        ft = ml_collections.ConfigDict(dict(
-            recipe="finetune", model_dir=config.model_dir,
-            model=dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
-            data=config.data.to_dict(), train=config.teacher_train.to_dict(),
-            distributed=config.distributed.to_dict()))
-        print("Fine-tuning the teacher first (config.teacher_dir is empty) ...")
-        finetune.run(ft, teacher_work)
-    return model_dir
-
-
-def _load_data(config, tokenizer_dir):
-    d = config.data
-    return data_lib.load_task_data(
-        d.task, tokenizer_dir=tokenizer_dir, max_length=d.max_length,
-        data_dir=d.data_dir or None, train_file=d.train_file or None,
-        dev_file=d.dev_file or None, text_a=d.text_a or None, text_b=d.text_b or None,
-        label=d.label or None, num_labels=d.num_labels or None,
-        max_train_examples=d.max_train_examples or None)
-
-
-def teacher_and_task(config, workdir):
-    """The shared set-up of the recipes that compress a fine-tuned teacher (qat, binarybert,
-    binarybert_adaptive): ``(teacher_dir, task, teacher, batches, eval_fn)`` with ``batches(start)``
-    the seeded training batches and ``eval_fn(model)`` the dev metrics plus loyalty / KL to the
-    teacher."""
-    teacher_dir = resolve_teacher(config, workdir)
-    task = _load_data(config, teacher_dir)
-    teacher = models.from_pretrained(teacher_dir, num_labels=task.spec.num_labels)
-
-    def batches(start_step):
-        return data_lib.train_batches(task.train, config.train.batch_size, seed=config.train.seed,
-                                      start_step=start_step)
-
-    def metric_fn(predictions, labels, weights):
-        return data_lib.compute_metrics(task.spec, predictions, labels, weights)
-
-    bs = config.train.eval_batch_size
-    eval_fn = distill.make_fidelity_eval_fn(task.dev, bs, metric_fn, train_lib.predict(teacher, task.dev, bs))
-    return teacher_dir, task, teacher, batches, eval_fn
-
-
-def _stage_config(config, num_steps, learning_rate):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.train.num_steps = int(num_steps)
-    c.train.learning_rate = float(learning_rate)
-    return c
-
-
-def run_kd_stages(student, teacher, stages, checked, config, workdir, batches, eval_fn):
-    """Runs the distillation ``stages`` one after another (each a `fit` of a `Distiller` in
-    ``workdir/stage_<name>``); returns ``(student, {stage name: final eval metrics})``."""
-    out = {}
-    for stage in stages:
-        matches = checked[stage["name"]]
-        stage_cfg = _stage_config(config, stage["num_steps"], stage["learning_rate"])
-        model = distill.Distiller(student, teacher, matches, rngs=nnx.Rngs(config.train.seed))
-        loss_fn = distill.make_distill_loss(matches, hard_label_weight=stage.get("hard_label_weight", 0.0))
-        model, history = train_lib.fit(
-            model, loss_fn, batches, config=stage_cfg,
-            workdir=os.path.join(workdir, f"stage_{stage['name']}"), eval_fn=eval_fn,
-            trainable=distill.STUDENT_FILTER)
-        student = model.student
-        out[stage["name"]] = _final_eval(history)
-    return student, out
-
-
 def labelled_subset(num_rows: int, num_labelled: int, seed: int) -> np.ndarray:
     """Sorted indices of the ``num_labelled`` training rows that keep their labels (seeded)."""
     if not 0 < num_labelled <= num_rows:
@@ -188,16 +99,12 @@ def labelled_subset(num_rows: int, num_labelled: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(num_rows)[:num_labelled])
 
 
-def _final_eval(history):
-    return {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
-
-
 def run(config, workdir):
     """Distils the teacher into the student; returns the results dict (see module docstring)."""
     train_lib.init_distributed(config)
     checked = check_config(config)
     teacher_dir = resolve_teacher(config, workdir)
-    task = _load_data(config, teacher_dir)
+    task = load_data(config, teacher_dir)
     spec = task.spec
     teacher = models.from_pretrained(teacher_dir, num_labels=spec.num_labels)
     student0 = distill.student_from_teacher(_student_source(config, teacher, spec.num_labels),
@@ -237,7 +144,7 @@ def run(config, workdir):
             model, distill.make_theseus_loss(config.distill.replace_rate), batches, config=config,
             workdir=os.path.join(workdir, "theseus"), eval_fn=eval_fn, trainable=distill.STUDENT_FILTER)
         student, total_steps = model.student, config.train.num_steps
-        results["stages"]["theseus"] = _final_eval(history)
+        results["stages"]["theseus"] = final_eval(history)
     else:
         student, results["stages"] = run_kd_stages(student, teacher, config.distill.stages, checked,
                                                    config, workdir, batches, eval_fn)
@@ -247,11 +154,11 @@ def run(config, workdir):
 
     if config.baseline.enabled:
         from efficient_nlp.recipes.finetune import task_loss
-        base_cfg = _stage_config(config, config.baseline.num_steps or total_steps,
+        base_cfg = stage_config(config, config.baseline.num_steps or total_steps,
                                  config.baseline.learning_rate or last_lr)
         base, history = train_lib.fit(student0, task_loss, lambda start: batches(start, labelled), config=base_cfg,
                                       workdir=os.path.join(workdir, "baseline"), eval_fn=eval_fn)
-        results["baseline"] = _final_eval(history)
+        results["baseline"] = final_eval(history)
 
     sample = next(iter(data_lib.eval_batches(task.dev, bs)))
     t_time = distill.forward_seconds(teacher, sample)

@@ -43,7 +43,7 @@ from efficient_nlp import train as train_lib
 from efficient_nlp.quant import mrem, ptq
 from efficient_nlp.quant.mrem_parallel import mrem_p, place
 from efficient_nlp.quant.spec import resolve
-from efficient_nlp.recipes.distill import _load_data, resolve_teacher
+from efficient_nlp.recipes.common import load_data as _load_data, resolve_teacher
 from efficient_nlp.recipes.outputs import save_outputs
 
 METHODS = ("rem", "mrem_s", "mrem_p")

@@ -24,7 +24,7 @@ import numpy as np
 from efficient_nlp import models
 from efficient_nlp import quant
 from efficient_nlp import train as train_lib
-from efficient_nlp.recipes.distill import check_stages, run_kd_stages, teacher_and_task
+from efficient_nlp.recipes.common import check_stages, run_kd_stages, teacher_and_task
 from efficient_nlp.recipes.outputs import save_outputs
 
 

@@ -1,0 +1,112 @@
+"""Set-up shared by the recipes that compress a fine-tuned teacher (distill, qat, ptq, binarybert,
+binarybert_adaptive, cross_distill): the teacher (given, or fine-tuned first), the task data of
+``config.data``, config-time checks of distillation stages and the stage-by-stage KD loop.
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+from flax import nnx
+
+from efficient_nlp import data as data_lib
+from efficient_nlp import distill
+from efficient_nlp import models
+from efficient_nlp import train as train_lib
+
+
+def resolve_teacher(config, workdir):
+    """``config.teacher_dir``, or a teacher fine-tuned now into ``workdir/teacher/model``."""
+    if config.teacher_dir:
+        return config.teacher_dir
+    from efficient_nlp.recipes import finetune
+
+    teacher_work = os.path.join(workdir, "teacher")
+    model_dir = os.path.join(teacher_work, "model")
+    if not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        ft = ml_collections.ConfigDict(dict(
+            recipe="finetune", model_dir=config.model_dir,
+            model=dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+            data=config.data.to_dict(), train=config.teacher_train.to_dict(),
+            distributed=config.distributed.to_dict()))
+        print("Fine-tuning the teacher first (config.teacher_dir is empty) ...")
+        finetune.run(ft, teacher_work)
+    return model_dir
+
+
+def load_data(config, tokenizer_dir):
+    """The task of ``config.data`` tokenised with the tokenizer in ``tokenizer_dir``."""
+    d = config.data
+    return data_lib.load_task_data(
+        d.task, tokenizer_dir=tokenizer_dir, max_length=d.max_length,
+        data_dir=d.data_dir or None, train_file=d.train_file or None,
+        dev_file=d.dev_file or None, text_a=d.text_a or None, text_b=d.text_b or None,
+        label=d.label or None, num_labels=d.num_labels or None,
+        max_train_examples=d.max_train_examples or None)
+
+
+def teacher_and_task(config, workdir):
+    """The shared set-up of the recipes that compress a fine-tuned teacher (qat, binarybert,
+    binarybert_adaptive): ``(teacher_dir, task, teacher, batches, eval_fn)`` with ``batches(start)``
+    the seeded training batches and ``eval_fn(model)`` the dev metrics plus loyalty / KL to the
+    teacher."""
+    teacher_dir = resolve_teacher(config, workdir)
+    task = load_data(config, teacher_dir)
+    teacher = models.from_pretrained(teacher_dir, num_labels=task.spec.num_labels)
+
+    def batches(start_step):
+        return data_lib.train_batches(task.train, config.train.batch_size, seed=config.train.seed,
+                                      start_step=start_step)
+
+    def metric_fn(predictions, labels, weights):
+        return data_lib.compute_metrics(task.spec, predictions, labels, weights)
+
+    bs = config.train.eval_batch_size
+    eval_fn = distill.make_fidelity_eval_fn(task.dev, bs, metric_fn, train_lib.predict(teacher, task.dev, bs))
+    return teacher_dir, task, teacher, batches, eval_fn
+
+
+def check_stages(stages, student_cfg, teacher_cfg, where):
+    """``{stage name: checked matches}``; any bad match or schedule raises naming the stage."""
+    checked = {}
+    for stage in stages:
+        name = stage["name"]
+        try:
+            checked[name] = distill.check_matches(stage["matches"], student_cfg, teacher_cfg)
+            distill.check_schedule(stage.get("hard_label_weight", 0.0), "hard_label_weight")
+        except ValueError as e:
+            raise ValueError(f"{where}[{name!r}]: {e}") from None
+    if not checked:
+        raise ValueError(f"{where} is empty")
+    return checked
+
+
+def stage_config(config, num_steps, learning_rate):
+    """A copy of ``config`` whose ``train`` runs ``num_steps`` at ``learning_rate``."""
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.train.num_steps = int(num_steps)
+    c.train.learning_rate = float(learning_rate)
+    return c
+
+
+def final_eval(history):
+    """The last evaluation of a `fit` history, without the ``eval/`` prefix."""
+    return {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
+
+
+def run_kd_stages(student, teacher, stages, checked, config, workdir, batches, eval_fn):
+    """Runs the distillation ``stages`` one after another (each a `fit` of a `Distiller` in
+    ``workdir/stage_<name>``); returns ``(student, {stage name: final eval metrics})``."""
+    out = {}
+    for stage in stages:
+        matches = checked[stage["name"]]
+        cfg = stage_config(config, stage["num_steps"], stage["learning_rate"])
+        model = distill.Distiller(student, teacher, matches, rngs=nnx.Rngs(config.train.seed))
+        loss_fn = distill.make_distill_loss(matches, hard_label_weight=stage.get("hard_label_weight", 0.0))
+        model, history = train_lib.fit(
+            model, loss_fn, batches, config=cfg,
+            workdir=os.path.join(workdir, f"stage_{stage['name']}"), eval_fn=eval_fn,
+            trainable=distill.STUDENT_FILTER)
+        student = model.student
+        out[stage["name"]] = final_eval(history)
+    return student, out
