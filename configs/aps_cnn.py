@@ -11,14 +11,13 @@ minutes on 2 CPU cores.  ``search.budget_fraction=0.5`` searches under a 50% FLO
 """
 import ml_collections
 
+from configs._builders import new_config, train_config
 from efficient_nlp.nas.search import default_search_config
-from efficient_nlp.train import default_distributed_config, default_train_config
+from efficient_nlp.train import default_distributed_config
 
 
 def get_config(sharing="transitional"):
-    config = ml_collections.ConfigDict()
-    config.recipe = "nas"
-    config.seed = 0
+    config = new_config("nas", seed=0)
     config.space = ml_collections.ConfigDict(dict(
         kind="cnn", blocks_per_stage=3, base_widths=(16, 32, 64), ratios=(0.25, 0.5, 0.75, 1.0),
         val_fraction=0.2))
@@ -28,10 +27,9 @@ def get_config(sharing="transitional"):
     config.search.batch_size = 64
     config.search.learning_rate = 3e-3
     config.search.anneal_tau = 2e-4  # Phi of these layers halves over ~300 annealing steps
-    config.retrain = default_train_config()
-    config.retrain.update(dict(
+    config.retrain = train_config(
         num_steps=600, batch_size=64, eval_batch_size=512, learning_rate=3e-3, warmup_ratio=0.05,
         weight_decay=1e-4, eval_every=200, checkpoint_every=200, log_every=50, tensorboard=False,
-        progress_bar=False))
+        progress_bar=False)
     config.distributed = default_distributed_config()
     return config

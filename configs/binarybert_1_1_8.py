@@ -12,47 +12,33 @@ stage for epochs.  ``configs/binarybert_1_1_4.py``: LSQ 4-bit activations.
 """
 import ml_collections
 
-from configs import distill_two_stage as distill_base
+from configs._builders import (MINILM_LAYERS, add_teacher, layerwise_matches, new_config, quant_config,
+                               student_train_config, two_stages)
 from efficient_nlp.recipes.binarybert import PREDICTION
-from efficient_nlp.train import default_distributed_config, default_train_config
+from efficient_nlp.train import default_distributed_config
 
-LAYERS = 6
+LAYERS = MINILM_LAYERS
 
 
 def intermediate_matches(layers=LAYERS):
     """Stage 1 without attention scores (the half-width student has fewer heads): embedding,
     MHA and FFN outputs of every layer (METHODS.md 1.3)."""
-    matches = [dict(feature="embedding", loss="hidden_mse")]
-    for feature in ("mha_out", "ffn_out"):
-        matches += [dict(feature=feature, loss="hidden_mse", student_layer=i, teacher_layer=i) for i in range(layers)]
-    return matches
+    return layerwise_matches(layers, (("mha_out", "hidden_mse"), ("ffn_out", "hidden_mse")))
 
 
 def get_config(a_bits=8, activation_method="uniform"):
-    config = ml_collections.ConfigDict()
-    config.recipe = "binarybert"
-    config.model_dir = ""      # pretrained model the teacher is fine-tuned from ("" = MiniLM).
-    config.teacher_dir = ""    # fine-tuned teacher (HF dir); "" = fine-tune into workdir/teacher.
-    config.data = distill_base.get_config().data
-    config.teacher_train = distill_base.get_config().teacher_train
+    config = add_teacher(new_config("binarybert"))
     # Activations only: the ternary model is 2-2-a, the split and the BWN models 1-1-a.
-    config.quant = ml_collections.ConfigDict(dict(
-        a_bits=a_bits,
-        activation_method=activation_method,    # uniform (per-batch range) | lsq | pact
-        rules=[]))                              # [[regex, None or {field: value}], ...]
+    config.quant = quant_config(a_bits, activation_method)
     config.binarybert = ml_collections.ConfigDict(dict(
         method="tws,bwn",          # "tws" | "bwn" | "tws,bwn"
         width=0.5,                 # fraction of heads and FFN neurons the ternary model keeps
         score="magnitude",         # unit importance: magnitude | taylor
         finetune_steps=100,        # prediction-layer distillation of the split model
         finetune_learning_rate=5e-5))
-    config.distill = ml_collections.ConfigDict(dict(stages=[
-        dict(name="intermediate", num_steps=100, learning_rate=1e-4,
-             matches=intermediate_matches(), hard_label_weight=0.0),
-        dict(name="prediction", num_steps=100, learning_rate=5e-5, matches=PREDICTION, hard_label_weight=0.0),
-    ]))
-    config.train = default_train_config()   # num_steps / learning_rate come from the stages
-    config.train.update(dict(batch_size=32, eval_batch_size=128, eval_every=0, checkpoint_every=0,
-                             warmup_ratio=0.1, weight_decay=0.01, grad_clip=1.0))
+    config.distill = ml_collections.ConfigDict(dict(
+        stages=two_stages(intermediate_matches(), steps=(100, 100), learning_rates=(1e-4, 5e-5),
+                          prediction=PREDICTION)))
+    config.train = student_train_config(eval_every=0, checkpoint_every=0, weight_decay=0.01, grad_clip=1.0)
     config.distributed = default_distributed_config()
     return config

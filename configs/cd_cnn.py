@@ -11,16 +11,12 @@ considerably longer than the teacher: 1000 Adam steps per layer (a K = 10 run ta
 """
 import ml_collections
 
+from configs._builders import add_fewshot_grid, cd_baselines, cd_settings, new_config
+
 
 def get_config(structure="unstructured"):
-    config = ml_collections.ConfigDict()
-    config.recipe = "cross_distill"
-    config.model_kind = "cnn"
-    config.structure = structure            # "unstructured" | "structured" (conv input channels, dense rows)
-    config.sparsities = (0.5, 0.7, 0.9)
-    config.shots = (1, 5, 10)
-    config.seeds = (0, 1, 2)
-    config.methods = ("l1", "bp", "fitnet", "wo_cd", "cd", "scd")
+    config = new_config("cross_distill", model_kind="cnn")
+    add_fewshot_grid(config, structure)     # "unstructured" | "structured" (conv input channels, dense rows)
     config.error_examples = 256             # test examples for the per-layer estimation errors
     config.cnn = ml_collections.ConfigDict(dict(
         # the regime of the paper's VGG-16 on CIFAR-10: the last convs see 2x2 / 1x1 positions, so
@@ -29,12 +25,8 @@ def get_config(structure="unstructured"):
         teacher_steps=800, teacher_lr=2e-3, batch_size=64, teacher_seed=0,
         data_seed=0, test_fraction=0.25,
         prune_first_conv=False, prune_dense=False))  # as Bai et al.'s code: convs 1.. only
-    config.cd = ml_collections.ConfigDict(dict(
-        mu=0.6, alpha=0.9, beta=0.3,        # VGG-like defaults of METHODS 2.2
-        sparsifier="topk",                  # "topk" (official code) | "prox" (proximal, same schedule)
-        lam_extra=0.0,                      # prox only: extra L1 strength on top of the scheduled lambda
-        steps=1000, learning_rate=1e-2, ramp=1 / 3,  # per layer: Adam converges on the mask (300 x 1e-3 did not)
-        finetune_steps=0, finetune_lr=1e-4))  # optional end-to-end fine-tuning after the layer-wise pass
-    config.baselines = ml_collections.ConfigDict(dict(
-        bp_steps=200, bp_lr=1e-3, fitnet_steps=200, fitnet_lr=1e-3))
+    config.cd = cd_settings(mu=0.6, alpha=0.9, beta=0.3,        # VGG-like defaults of METHODS 2.2
+                            # per layer: Adam converges on the mask (300 x 1e-3 did not)
+                            steps=1000, learning_rate=1e-2, finetune_lr=1e-4)
+    config.baselines = cd_baselines(learning_rate=1e-3)
     return config

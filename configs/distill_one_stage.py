@@ -7,12 +7,12 @@ hidden-state MSE, attention-score MSE and KL on the logits at T=2 (times T^2), m
 hard-label loss (weight 0.5).
 """
 from configs import distill_two_stage as base
+from configs._builders import stage
 
 
 def get_config():
     config = base.get_config()
     matches = base.intermediate_matches() + [
         dict(feature="logits", loss="kl", temperature=2.0, t2_scale=True)]
-    config.distill.stages = [dict(name="all", num_steps=400, learning_rate=1e-4,
-                                  matches=matches, hard_label_weight=0.5)]
+    config.distill.stages = [stage("all", 400, 1e-4, matches, hard_label_weight=0.5)]
     return config

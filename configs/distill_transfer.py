@@ -9,6 +9,7 @@ logits at T=2 (times T^2) against the teacher's cached logits, plus the hard-lab
 baseline is the same student trained on the 256 labelled texts alone for the same 400 steps.
 """
 from configs import distill_two_stage as base
+from configs._builders import stage
 
 
 def get_config():
@@ -16,7 +17,7 @@ def get_config():
     config.student.layers = (2, 5)
     config.distill.cache_teacher_logits = True
     config.distill.labelled_examples = 256
-    config.distill.stages = [dict(name="kd", num_steps=400, learning_rate=2e-4, hard_label_weight=0.5,
-                                  matches=[dict(feature="logits", loss="kl", temperature=2.0, t2_scale=True)])]
+    config.distill.stages = [stage("kd", 400, 2e-4, [dict(feature="logits", loss="kl", temperature=2.0, t2_scale=True)],
+                                   hard_label_weight=0.5)]
     config.baseline.enabled = True
     return config

@@ -11,10 +11,12 @@ hidden 2i) and attention-score MSE (student layer i <- teacher layer 2i+1); stag
 """
 import ml_collections
 
+from configs._builders import (MINILM_LAYERS, add_teacher, new_config, prediction_matches, student_train_config,
+                               two_stages)
 from efficient_nlp.distill import layer_matches, uniform_hidden_map
-from efficient_nlp.train import default_distributed_config, default_train_config
+from efficient_nlp.train import default_distributed_config
 
-TEACHER_LAYERS, STUDENT_LAYERS = 6, 3
+TEACHER_LAYERS, STUDENT_LAYERS = MINILM_LAYERS, 3
 
 
 def intermediate_matches():
@@ -24,23 +26,8 @@ def intermediate_matches():
             + layer_matches("attn_scores", "attention_mse", attention))
 
 
-def prediction_matches(temperature=1.0):
-    return [dict(feature="logits", loss="soft_ce", temperature=temperature)]
-
-
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.recipe = "distill"
-    config.model_dir = ""      # pretrained model the teacher is fine-tuned from ("" = MiniLM).
-    config.teacher_dir = ""    # fine-tuned teacher (HF dir); "" = fine-tune into workdir/teacher.
-    config.data = ml_collections.ConfigDict(dict(
-        task="builtin", data_dir="", train_file="", dev_file="", text_a="", text_b="",
-        label="", num_labels=0, max_length=64, max_train_examples=0))
-
-    config.teacher_train = default_train_config()     # as configs/quickstart.py
-    config.teacher_train.update(dict(num_steps=300, batch_size=32, learning_rate=1e-4,
-                                     eval_every=100, checkpoint_every=100))
-
+    config = add_teacher(new_config("distill"))
     config.student = ml_collections.ConfigDict(dict(
         layers=(0, 2, 4),
         init="teacher",   # copy the layers from the fine-tuned teacher, or "pretrained" (model_dir)
@@ -50,17 +37,10 @@ def get_config():
         cache_teacher_logits=False,   # True: teacher logits computed once to workdir/teacher_logits.npz
         labelled_examples=0,          # N > 0: only N training texts keep labels (transfer set)
         replace_rate=dict(kind="constant", value=0.5),  # theseus only (a schedule)
-        stages=[
-            dict(name="intermediate", num_steps=200, learning_rate=2e-4,
-                 matches=intermediate_matches(), hard_label_weight=0.0),
-            dict(name="prediction", num_steps=200, learning_rate=1e-4,
-                 matches=prediction_matches(), hard_label_weight=0.0),
-        ]))
+        stages=two_stages(intermediate_matches(), steps=(200, 200), learning_rates=(2e-4, 1e-4),
+                          prediction=prediction_matches())))
     config.baseline = ml_collections.ConfigDict(dict(
         enabled=False, num_steps=0, learning_rate=0.0))  # 0: total distillation steps / last lr
-
-    config.train = default_train_config()   # num_steps / learning_rate come from the stages
-    config.train.update(dict(batch_size=32, eval_batch_size=128, eval_every=100,
-                             checkpoint_every=100, warmup_ratio=0.1))
+    config.train = student_train_config()
     config.distributed = default_distributed_config()
     return config

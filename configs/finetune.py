@@ -13,38 +13,18 @@ or a hub name (online only); empty means the embedded MiniLM-L6-H384
 """
 import ml_collections
 
-from efficient_nlp.train import default_distributed_config, default_train_config
+from configs._builders import data_config, new_config, train_config
+from efficient_nlp.train import default_distributed_config
 
 
 def get_config():
-    config = ml_collections.ConfigDict()
-    config.recipe = "finetune"
+    config = new_config("finetune")
     config.model_dir = ""  # "" = embedded MiniLM-L6-H384.
     config.model = ml_collections.ConfigDict(
         dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1))
-
-    config.data = ml_collections.ConfigDict(dict(
-        task="sst2",
-        data_dir="",
-        train_file="",
-        dev_file="",
-        text_a="",
-        text_b="",
-        label="",
-        num_labels=0,  # 0 = from the task registry.
-        max_length=128,
-        max_train_examples=0,  # 0 = all.
-    ))
-
-    config.train = default_train_config()
-    config.train.num_steps = 3000
-    config.train.batch_size = 32
-    config.train.eval_batch_size = 128
-    config.train.learning_rate = 5e-5
-    config.train.warmup_ratio = 0.1
-    config.train.weight_decay = 0.01
-    config.train.grad_clip = 1.0
-    config.train.eval_every = 500
-    config.train.checkpoint_every = 500
+    config.data = data_config(task="sst2", max_length=128)
+    config.train = train_config(num_steps=3000, batch_size=32, eval_batch_size=128, learning_rate=5e-5,
+                                warmup_ratio=0.1, weight_decay=0.01, grad_clip=1.0, eval_every=500,
+                                checkpoint_every=500)
     config.distributed = default_distributed_config()
     return config

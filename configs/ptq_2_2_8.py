@@ -18,24 +18,13 @@ first fine-tuned (~10 min on 2 CPU cores).  Other bit settings: configs/ptq_{4_4
 """
 import ml_collections
 
-from configs import distill_two_stage as distill_base
-from efficient_nlp.train import default_distributed_config, default_train_config
+from configs._builders import add_teacher, new_config, quant_config, train_config
+from efficient_nlp.train import default_distributed_config
 
 
 def get_config(w_bits=2, e_bits=2, a_bits=8, weight_method="", activation_method="lsq", method="mrem_s"):
-    config = ml_collections.ConfigDict()
-    config.recipe = "ptq"
-    config.model_dir = ""      # pretrained model the teacher is fine-tuned from ("" = MiniLM).
-    config.teacher_dir = ""    # fine-tuned teacher (HF dir); "" = fine-tune into workdir/teacher.
-    config.data = distill_base.get_config().data
-    config.teacher_train = distill_base.get_config().teacher_train
-
-    config.quant = ml_collections.ConfigDict(dict(
-        w_bits=w_bits, e_bits=e_bits, a_bits=a_bits,
-        weight_method=weight_method,            # "" = by bits: 1 bwn, 2 twn, else uniform
-        weight_granularity="",                  # "" = channel for uniform / lsq, tensor for twn / bwn
-        activation_method=activation_method,    # lsq (learned steps, trained by PTQ) | uniform | pact
-        rules=[]))                              # [[regex, None or {field: value}], ...]
+    config = add_teacher(new_config("ptq"))
+    config.quant = quant_config(a_bits, activation_method, w_bits, e_bits, weight_method)   # lsq: trained by PTQ
     config.ptq = ml_collections.ConfigDict(dict(
         method=method,             # rem | mrem_s | mrem_p | "rem,mrem_s,mrem_p"
         calibration_size=4096,     # K rows of the training split (all of it if smaller)
@@ -48,7 +37,6 @@ def get_config(w_bits=2, e_bits=2, a_bits=8, weight_method="", activation_method
                     placement=[]),         # device index per module; [] = round-robin
         qat_results="",            # results.json of a qat run, shown next to PTQ in the table
     ))
-    config.train = default_train_config()   # only eval_batch_size is used
-    config.train.update(dict(eval_batch_size=128, progress_bar=False))
+    config.train = train_config(eval_batch_size=128, progress_bar=False)   # only eval_batch_size is used
     config.distributed = default_distributed_config()
     return config

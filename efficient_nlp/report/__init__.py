@@ -21,19 +21,15 @@ its error and the others continue.  Writes ``rows.json``, a Markdown table and a
 accuracy-vs-size Pareto plot (PNG).  ``--only`` reruns some rows and keeps the others' records;
 ``--remeasure`` redoes only the measurements from the saved outputs (latency on a quiet machine).
 
-Modules: ``experiments`` (`Settings`, `Row`, `Experiment`, `Context` and the list of rows,
+Modules: ``rows`` (`Settings`, `Row`, `Experiment`, `Context` and the list of rows,
 `experiments`), ``measure`` (running the recipes, in parallel with ``--jobs``, and measuring
 their outputs), ``render`` (table, Pareto plot, page, ``rows.json``) and ``cli``
-(`build_report`, `main`).  The package attribute ``experiments`` is the function (the row
-list); import the module's names with ``from efficient_nlp.report.experiments import ...``.
+(`build_report`, `main`).
 """
-# The submodules are imported first; the function `experiments` is bound after them, so the
-# package attribute of that name is the row list, not the submodule.
 from efficient_nlp.report import cli, measure, render  # noqa: F401
 from efficient_nlp.report.cli import build_report, main
-from efficient_nlp.report.experiments import (BINARYBERT, DISTILL, PTQ_METHODS, Context, Experiment, Row,
-                                              Settings, ensure_configs_importable, experiments, row_keys,
-                                              teacher_config)
+from efficient_nlp.report.rows import (BINARYBERT, DISTILL, PTQ_METHODS, Context, Experiment, Row, Settings,
+                                       ensure_configs_importable, experiments, row_keys, teacher_config)
 from efficient_nlp.report.measure import (full_precision_row, run_experiment, run_recipes_in_parallel,
                                           run_teacher)
 from efficient_nlp.report.render import (COLUMNS, environment, format_report, format_table, load_rows,

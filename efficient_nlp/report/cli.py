@@ -8,7 +8,7 @@ import argparse
 import os
 import time
 
-from efficient_nlp.report.experiments import Context, Row, Settings, ensure_configs_importable, row_keys
+from efficient_nlp.report.rows import Context, Row, Settings, ensure_configs_importable, row_keys
 from efficient_nlp.report.measure import (full_precision_row, load_walls, run_experiment, run_recipes_in_parallel,
                                           run_teacher, save_walls)
 from efficient_nlp.report.render import format_report, load_rows, plot_pareto, save_rows

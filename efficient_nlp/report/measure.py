@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 
-from efficient_nlp.report.experiments import (Context, Experiment, Row, Settings, ensure_configs_importable,
+from efficient_nlp.report.rows import (Context, Experiment, Row, Settings, ensure_configs_importable,
                                               experiments, row_keys, teacher_config)
 from efficient_nlp.report.render import load_json
 

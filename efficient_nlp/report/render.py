@@ -7,7 +7,7 @@ import json
 import os
 import platform
 
-from efficient_nlp.report.experiments import Row, Settings
+from efficient_nlp.report.rows import Row, Settings
 
 COLUMNS = ("method", "dev {metric}", "size MB", "params (nonzero)", "GFLOPs", "GBOPs", "CPU latency ms",
            "compression s", "notes")
