@@ -1,5 +1,6 @@
-"""Encoder families (BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA) in Flax NNX, their family
-descriptions (`efficient_nlp.models.family`) and HuggingFace (safetensors) checkpoint I/O.
+"""Encoder families (BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA, data2vec-text) in Flax NNX,
+their family descriptions (`efficient_nlp.models.family`) and HuggingFace (safetensors)
+checkpoint I/O.
 
 Quick start::
 

@@ -197,7 +197,7 @@ class BertEmbeddings(nnx.Module):
 
 
 class BertAttention(nnx.Module):
-    """Multi-head self-attention with output dense, residual and post-LayerNorm.
+    """Multi-head self-attention with output dense, (dropout,) residual and post-LayerNorm.
 
     ``num_heads`` (default ``config.num_attention_heads``) may be smaller, even 0, for a
     physically pruned layer.
@@ -214,7 +214,7 @@ class BertAttention(nnx.Module):
         self.output = _linear(config, w, h, dtype, param_dtype, rngs)
         self.layer_norm = _layer_norm(config, h, dtype, param_dtype, rngs)
         self.attn_dropout = Dropout(config.attention_probs_dropout_prob)
-        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob if config.traits.attention_output_dropout else 0.0)
         # Hook for quantized q.k^T and probs.v (`efficient_nlp.quant`): an object whose
         # scores(q, k) returns q @ k^T and context(probs, v) returns probs @ v.
         self.matmul_quant = None
@@ -391,7 +391,7 @@ class BertBackbone(nnx.Module):
         self.embeddings = BertEmbeddings(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.encoder = BertEncoder(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.pooler = (BertPooler(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                       if add_pooling_layer and config.traits.pooler else None)
+                       if add_pooling_layer and config.traits.base_pooler else None)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
                  deterministic: bool = True, rngs=None) -> BertOutput:
@@ -445,7 +445,8 @@ class Encoder(nnx.Module):
 
 
 class BertModel(Encoder):
-    """The bare encoder (with BERT's pooler when the family has one); ``logits`` is None.
+    """The bare encoder (with the tanh pooler when HF's bare model of the family has one: BERT,
+    RoBERTa); ``logits`` is None.
 
     Args:
       config: the `BertConfig` (its ``model_type`` picks the family).
@@ -470,7 +471,7 @@ class BertForSequenceClassification(Encoder):
     """
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        self._init_backbone(config, True, dtype, param_dtype, rngs)
+        self._init_backbone(config, config.traits.pooler, dtype, param_dtype, rngs)
         rate = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = Dropout(rate)
         self.pre_classifier = (None if config.traits.pooler else

@@ -9,9 +9,12 @@ Blocks of 3x3 ``SAME`` convolutions + ReLU with 2x2 max pooling after the blocks
 name (``convs.<i>``, ``dense``, ``classifier``) to the tensor that layer receives: what
 layer-wise pruning (cross distillation, `efficient_nlp.prune.fewshot`) reconstructs from.
 
-`fit_cnn` trains it with cross-entropy in a small jitted loop (Adam, full-data shuffling).
+`fit_cnn` trains it with cross-entropy (Adam, full-data shuffling) through `efficient_nlp.train.run`;
+`cnn_accuracy` evaluates it through `efficient_nlp.train.predict`.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -65,48 +68,55 @@ class SmallCNN(nnx.Module):
         return (logits, inputs) if capture else logits
 
 
+def cnn_logits(model, batch):
+    """The logits of a batch ``{"images": ...}`` (the prediction function of `cnn_accuracy`)."""
+    return model(batch["images"])
+
+
 def cnn_accuracy(model, images, labels, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` on numpy ``images`` / ``labels`` (jitted, in batches)."""
-    graphdef, state = nnx.split(model)
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        logits = _predict(graphdef, state, jnp.asarray(images[i:i + batch_size]))
-        correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == labels[i:i + batch_size]))
-    return correct / max(len(labels), 1)
+    """Top-1 accuracy of ``model`` on numpy ``images`` / ``labels`` (`efficient_nlp.train.predict`)."""
+    from efficient_nlp.train.evaluate import predict
+
+    labels = np.asarray(labels)
+    if not len(labels):
+        return 0.0
+    logits = predict(model, {"images": np.asarray(images), "labels": labels}, batch_size, predict_fn=cnn_logits)
+    return float(np.mean(np.argmax(logits, -1) == labels))
 
 
-def _predict_fn(graphdef, state, images):
-    return nnx.merge(graphdef, state)(images)
+def cnn_loss(model, batch, rngs=None):
+    """Mean cross-entropy of a batch ``{"images", "labels"}``; ``(loss, None)`` as `train.run` wants."""
+    logits = model(batch["images"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean(), None
 
 
-_predict = jax.jit(_predict_fn, static_argnums=0)
+@functools.lru_cache(maxsize=None)
+def _adam(learning_rate: float):
+    return optax.adam(learning_rate)  # one optimizer object per rate: the compiled step is reused
 
 
-def fit_cnn(model, images, labels, *, steps: int = 500, batch_size: int = 64, learning_rate: float = 2e-3,
-            seed: int = 0):
-    """Trains ``model`` in place with cross-entropy (Adam); returns the final training loss."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = optax.adam(learning_rate)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, x, y):
-        def loss_fn(p):
-            logits = nnx.merge(graphdef, p, rest)(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+def _shuffled_batches(images, labels, batch_size, seed):
+    """Batches of a fresh permutation of the data each epoch (the last partial batch skipped)."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     b = min(batch_size, n)
-    perm, pos, loss = rng.permutation(n), 0, jnp.nan
-    for _ in range(steps):
+    perm, pos = rng.permutation(n), 0
+    while True:
         if pos + b > n:
             perm, pos = rng.permutation(n), 0
         idx = perm[pos:pos + b]
         pos += b
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]))
-    nnx.update(model, params)
-    return float(loss)
+        yield {"images": images[idx], "labels": labels[idx]}
+
+
+def fit_cnn(model, images, labels, *, steps: int = 500, batch_size: int = 64, learning_rate: float = 2e-3,
+            seed: int = 0):
+    """Trains ``model`` in place with cross-entropy (Adam, `efficient_nlp.train.run`); returns the
+    training loss of the last update (NaN for ``steps=0``)."""
+    from efficient_nlp.train.step import run
+
+    images, labels = np.asarray(images, np.float32), np.asarray(labels)
+    trained, history = run(model, cnn_loss, _adam(float(learning_rate)),
+                           _shuffled_batches(images, labels, batch_size, seed), steps=steps)
+    nnx.update(model, nnx.state(trained))
+    return history[-1]["loss"] if history else float("nan")

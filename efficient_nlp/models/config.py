@@ -1,4 +1,4 @@
-"""Configuration of BERT-layout encoders (BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA).
+"""Configuration of BERT-layout encoders (BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA, data2vec-text).
 
 `BertConfig` (also exported as ``EncoderConfig``) is a frozen dataclass holding exactly the
 hyper-parameters that decide the shapes and the behaviour of `efficient_nlp.models.bert`, in
@@ -51,30 +51,39 @@ SHAPE_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class EncoderTraits:
-    """What differs between the BERT-layout encoder families (METHODS.md 5), by ``model_type``.
+    """What differs between the BERT-layout encoder families (METHODS.md 5), by ``model_type``
+    (`ENCODER_TRAITS`; a family file may add its own entry).
 
     Attributes:
-      pooler: the model has BERT's tanh pooler (the classifier reads it); otherwise the
-        classifier reads the first token through ``pre_classifier`` (dense + ``classifier_act``).
+      pooler: the classifier reads BERT's tanh pooler; otherwise it reads the first token
+        through ``pre_classifier`` (dense + ``classifier_act``).
+      base_pooler: the bare model (`BertModel`) has the tanh pooler (HF ``RobertaModel`` has
+        one although RoBERTa's classifier does not read it).
       padded_positions: RoBERTa's position ids ``cumsum(ids != pad) * (ids != pad) + pad``.
       classifier_act: activation after ``pre_classifier`` (None with a pooler).
       classifier_in_dropout: dropout on the first token before ``pre_classifier``.
       lm_act: activation of the masked-LM transform (None: ``hidden_act``).
+      attention_output_dropout: dropout on the attention output dense before the residual
+        (DistilBERT has none there).
     """
 
     pooler: bool = True
+    base_pooler: bool = True
     padded_positions: bool = False
     classifier_act: str | None = None
     classifier_in_dropout: bool = False
     lm_act: str | None = None
+    attention_output_dropout: bool = True
 
 
 ENCODER_TRAITS = {
     "bert": EncoderTraits(),
     "roberta": EncoderTraits(pooler=False, padded_positions=True, classifier_act="tanh",
                              classifier_in_dropout=True, lm_act="gelu"),
-    "distilbert": EncoderTraits(pooler=False, classifier_act="relu"),
-    "electra": EncoderTraits(pooler=False, classifier_act="gelu", classifier_in_dropout=True, lm_act="gelu"),
+    "distilbert": EncoderTraits(pooler=False, base_pooler=False, classifier_act="relu",
+                                attention_output_dropout=False),
+    "electra": EncoderTraits(pooler=False, base_pooler=False, classifier_act="gelu", classifier_in_dropout=True,
+                             lm_act="gelu"),
 }
 
 
@@ -99,10 +108,12 @@ class BertConfig:
         each head keeps ``attention_head_dim``).  None = ``num_attention_heads`` everywhere.
       layer_intermediate_sizes: None, or per-layer FFN widths (>= 0); None = ``intermediate_size``.
       model_type: the family (a key of `ENCODER_TRAITS`: "bert", "roberta", "distilbert",
-        "electra"); decides the `EncoderTraits`.
+        "electra", "data2vec_text", or one a family file adds); decides the `EncoderTraits`.
       embedding_size: width of the embedding tables (ELECTRA); None = ``hidden_size``.  When it
         differs, a projection maps embeddings to ``hidden_size``.
       type_vocab_size may be 0 (no token-type table, DistilBERT).
+      hf_model_type: the HF ``model_type`` read from ``config.json`` when it is not the
+        family's main one (``xlm-roberta`` for the RoBERTa family); written back by `to_hf_dict`.
     """
 
     vocab_size: int
@@ -125,8 +136,13 @@ class BertConfig:
     layer_intermediate_sizes: tuple[int, ...] | None = None
     model_type: str = "bert"
     embedding_size: int | None = None
+    hf_model_type: str | None = None
 
     def __post_init__(self):
+        if self.model_type not in ENCODER_TRAITS:
+            from efficient_nlp.models.family import families
+
+            families()  # a family file may add its traits
         if self.model_type not in ENCODER_TRAITS:
             raise ValueError(f"BertConfig.model_type={self.model_type!r} is not an encoder family; "
                              f"valid: {sorted(ENCODER_TRAITS)}")
@@ -231,7 +247,11 @@ class BertConfig:
         cls._check_keys(overrides)
         from efficient_nlp.models.family import family_for_config
 
-        d = family_for_config(d).config_from_hf(d)
+        family = family_for_config(d)
+        hf_model_type = d.get("model_type")
+        d = family.config_from_hf(d)
+        if hf_model_type not in (None, family.name, family.model_types[0]):
+            d["hf_model_type"] = hf_model_type
         pos_type = d.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ValueError(
@@ -282,7 +302,7 @@ def bert_hf_dict(config: BertConfig, architecture: str) -> dict[str, Any]:
     """
     d: dict[str, Any] = {"architectures": [architecture]}
     for k, v in config.to_dict().items():
-        if k in ("head_dim", "num_labels", "embedding_size"):
+        if k in ("head_dim", "num_labels", "embedding_size", "hf_model_type"):
             continue
         if k in ("layer_num_attention_heads", "layer_intermediate_sizes"):
             if v is not None:
@@ -295,6 +315,7 @@ def bert_hf_dict(config: BertConfig, architecture: str) -> dict[str, Any]:
         or config.head_dim != config.hidden_size // config.num_attention_heads
     ):
         d["head_dim"] = config.head_dim
+    d["model_type"] = config.hf_model_type or config.model_type
     d.update(label_maps(config.num_labels))
     d["position_embedding_type"] = "absolute"
     d["tie_word_embeddings"] = True

@@ -352,7 +352,7 @@ def resized(model, *, layers=None, heads=None, neurons=None, params: Mapping | N
     new_cfg = resized_config(model.config, layers, heads, neurons)
     kwargs = {}
     pooler = getattr(model.backbone, "pooler", None) if hasattr(model, "backbone") else None
-    if type(model).__name__ == "BertModel" and model.config.traits.pooler and pooler is None:
+    if type(model).__name__ == "BertModel" and pooler is None:
         kwargs["add_pooling_layer"] = False
     dtype = jnp.asarray(next(iter(values.values()))).dtype
     small = nnx.eval_shape(lambda: type(model)(new_cfg, rngs=nnx.Rngs(0), param_dtype=dtype, **kwargs))

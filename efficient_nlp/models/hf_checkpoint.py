@@ -356,7 +356,7 @@ def from_pretrained(model_dir: str | os.PathLike, num_labels: int | None = None,
 
 # ----------------------------------------------------------------------------- saving
 def _check_shapes_match_config(model) -> None:
-    no_pooler = type(model) is BertModel and model.config.traits.pooler and model.backbone.pooler is None
+    no_pooler = type(model) is BertModel and model.backbone.pooler is None
     kwargs = {"add_pooling_layer": False} if no_pooler else {}
     abstract = nnx.eval_shape(lambda: type(model)(model.config, rngs=nnx.Rngs(0), **kwargs))
     want = {k: tuple(v.get_value().shape) for k, v in named_params(abstract).items()}

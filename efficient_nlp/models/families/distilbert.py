@@ -50,9 +50,10 @@ def _from_hf(d: dict) -> dict:
 def _to_hf(config, architecture: str) -> dict:
     ours = {v: k for k, v in _NAMES.items()}
     d = {"architectures": [architecture], "model_type": "distilbert", "sinusoidal_pos_embds": False,
-         "tie_weights_": True, "qa_dropout": 0.1}
+         "tie_word_embeddings": True, "qa_dropout": 0.1}
     for k, v in config.to_dict().items():
-        if k in ("type_vocab_size", "layer_norm_eps", "model_type", "embedding_size", "num_labels"):
+        if k in ("type_vocab_size", "layer_norm_eps", "model_type", "embedding_size", "num_labels",
+                 "hf_model_type"):
             continue
         if k == "head_dim":
             if v is not None and (config.hidden_size % config.num_attention_heads
