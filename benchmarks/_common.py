@@ -1,27 +1,5 @@
-"""Shared pieces of the benchmark scripts: alternating timing and a synthetic BERT batch."""
-import statistics
-import time
-
+"""Shared pieces of the benchmark scripts: a synthetic BERT batch (timing: `efficient_nlp.train.compare_latency`)."""
 import numpy as np
-
-
-def time_alternating(fns, n_warmup, n_steps, n_rounds, settle=False):
-    """Median ms per call of each callable in ``fns``, timed in alternating blocks so that both
-    sides see the same machine load (warm-up calls first; ``settle``: one untimed call at the
-    start of each block, after the other side's block)."""
-    for fn in fns:
-        for _ in range(n_warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(n_rounds):
-        for fn, record in zip(fns, times):
-            if settle:
-                fn()
-            for _ in range(n_steps):
-                start = time.perf_counter()
-                fn()
-                record.append(time.perf_counter() - start)
-    return [1000 * statistics.median(t) for t in times]
 
 
 def random_batch(vocab_size, batch, seq, seed=0):

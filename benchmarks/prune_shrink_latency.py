@@ -5,8 +5,9 @@
 
 Masks: magnitude, the same fraction of heads (Q/K/V columns + O rows) and FFN neurons in every
 layer; the masked model is shrunk with `prune.shrink`, checked to give the same logits, and both
-are timed (jitted forward, alternating rounds, median).  Default model: the embedded MiniLM-L6-H384
-(falls back to a random model of the same shape when it is not installed).  Goal: >= 1.6x.
+are timed (`train.compare_latency`: jitted forward, alternating rounds, median).  Default model:
+the embedded MiniLM-L6-H384 (falls back to a random model of the same shape when it is not
+installed).  Goal: >= 1.6x.
 """
 import argparse
 import os
@@ -17,7 +18,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from efficient_nlp import models, prune  # noqa: E402
+from efficient_nlp import models, prune, train  # noqa: E402
 
 
 def main():
@@ -46,8 +47,10 @@ def main():
     small, _ = prune.shrink(masked)
     ids = np.random.default_rng(0).integers(1, 1000, (2, 32)).astype(np.int32)
     diff = float(np.abs(np.asarray(masked(ids).logits) - np.asarray(small(ids).logits)).max())
-    rep = prune.shrink_report(masked, small, seq_len=args.seq_len, batch_size=args.batch_size,
-                              repeats=args.repeats)
+    rep = prune.shrink_report(masked, small, seq_len=args.seq_len, measure=False)
+    batch = train.token_batch(model.config.vocab_size, args.batch_size, args.seq_len)
+    rep.latency_before_s, rep.latency_after_s = train.compare_latency(
+        [masked, small], batch, repeats=max(args.repeats // 3, 1), warmup=3, rounds=3)
     print(f"{source}: {args.fraction:.0%} heads + {args.fraction:.0%} FFN neurons removed; "
           f"batch {args.batch_size} x {args.seq_len} tokens, {jax.devices()[0].platform}, "
           f"{os.cpu_count()} cores")

@@ -18,8 +18,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import time_alternating  # noqa: E402
-from efficient_nlp import prune  # noqa: E402
+from efficient_nlp import prune, train  # noqa: E402
 
 
 def argsort_topk_mask(scores, k):
@@ -39,8 +38,8 @@ def main():
     k = jnp.int32(round(args.sparsity * args.n))
     ours, ref = jax.jit(prune.topk_mask), jax.jit(argsort_topk_mask)
     same = bool(jnp.all(ours(scores, k) == ref(scores, k)))
-    ms_ours, ms_ref = time_alternating([lambda: ours(scores, k).block_until_ready(),
-                                        lambda: ref(scores, k).block_until_ready()], 1, 1, args.rounds)
+    ms_ours, ms_ref = (1e3 * s for s in train.compare_latency([ours, ref], (scores, k), repeats=1, warmup=1,
+                                                               rounds=args.rounds))
     print(f"{args.n:,} scores, k = {int(k):,}, {jax.device_count()} {jax.devices()[0].platform} device(s); "
           f"identical masks: {same}")
     print(f"stable argsort: {ms_ref:9.1f} ms")

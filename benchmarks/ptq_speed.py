@@ -52,7 +52,7 @@ def child(args):
 
     def run(steps):
         if args.method == "mrem_s":
-            out, rep = mrem.mrem_s(qmodel, teacher, calib, steps=steps, **kw)
+            out, rep, _ = mrem.mrem_s(qmodel, teacher, calib, steps=steps, **kw)
             return out, sum(r["train_seconds"] for r in rep), {}
         out, _, info = mrem_p(qmodel, teacher, calib, steps=steps, queue_size=args.queue, **kw)
         return out, info["seconds_train"], info

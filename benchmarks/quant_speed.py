@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 from efficient_nlp import models, quant, train, tree  # noqa: E402
 from efficient_nlp.recipes.finetune import task_loss  # noqa: E402
 
-from _common import random_batch, time_alternating  # noqa: E402
+from _common import random_batch  # noqa: E402
 
 
 
@@ -48,8 +48,9 @@ def train_steps(model, batch, args):
     fp = train.make_step_runner(model, task_loss, config=config)
     qmodel, _ = quant.quantize_model(model, quant.make_spec(2, 2, 8))
     qat = train.make_step_runner(qmodel, task_loss, config=config)
-    fp_ms, qat_ms = time_alternating([lambda: fp(batch), lambda: qat(batch)], 1, args.steps, args.rounds)
-    return fp_ms, qat_ms
+    seconds = train.compare_latency([lambda: fp(batch), lambda: qat(batch)], repeats=args.steps, warmup=1,
+                                    rounds=args.rounds)
+    return [1e3 * s for s in seconds]
 
 
 def inference(model, batch, args):
@@ -66,9 +67,10 @@ def inference(model, batch, args):
     # int8 vs fake quant differ only where float rounding moves a value across a rounding
     # boundary of the next 8-bit activation grid; compare that with the quantization error itself.
     diff = (float(np.abs(integer - fake).mean()), float(np.abs(fake - full).mean()))
-    calls = [lambda m=m: fwd(m, ids, mask, types).block_until_ready() for m in (model, imodel, qmodel)]
-    ms = time_alternating(calls, 2, args.infer_steps, args.rounds)
-    return ms, agree, diff, len(report.integer_sites)
+    inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    seconds = train.compare_latency([model, imodel, qmodel], inputs, repeats=args.infer_steps, warmup=2,
+                                    rounds=args.rounds)
+    return [1e3 * s for s in seconds], agree, diff, len(report.integer_sites)
 
 
 def sizes(model):

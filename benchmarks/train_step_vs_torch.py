@@ -13,7 +13,7 @@ follows immediately); prints the median milliseconds per step of each and the ra
 """
 import argparse
 
-from _common import random_batch, time_alternating
+from _common import random_batch
 
 
 def ours(model_dir, batch):
@@ -63,8 +63,9 @@ def main():
     batch = random_batch(vocab, args.batch, args.seq)
     ours_step = ours(model_dir, batch)
     torch_step, threads = torch_side(model_dir, batch)
-    ours_ms, torch_ms = time_alternating([ours_step, torch_step], args.warmup, args.steps,
-                                         args.rounds, settle=True)
+    from efficient_nlp import train
+    ours_ms, torch_ms = (1e3 * s for s in train.compare_latency(
+        [ours_step, torch_step], repeats=args.steps, warmup=args.warmup, rounds=args.rounds, settle=True))
     import jax
     print(f"MiniLM fine-tuning step, batch {args.batch} x seq {args.seq}, "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch threads {threads}")

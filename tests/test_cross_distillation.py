@@ -190,7 +190,7 @@ def test_bert_recipe_saves_each_pruned_student_as_it_was_evaluated(make_tiny_mod
     for run in results["runs"]:
         assert run["model_dir"] == str(tmp_path / "models" / f"{run['method']}_sp0.7_k1_seed0")
         student = models.from_pretrained(run["model_dir"], num_labels=9)
-        adapter = fewshot.bert_adapter(student, fewshot.bert_rules("unstructured"))
+        adapter = fewshot.encoder_adapter(student, fewshot.encoder_rules(student))
         assert fewshot.accuracy(adapter, student, dev) == run["accuracy"]
         assert fewshot.sparsity_per_layer(student, adapter) == run["layer_sparsity"]
     config = _tiny_cnn_config()
@@ -204,7 +204,7 @@ def test_structured_bert_layerwise_prunes_heads_and_neurons(make_tiny_model_dir)
                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                                     max_position_embeddings=32, num_labels=3)
     teacher = models.from_pretrained(model_dir, num_labels=3)
-    adapter = fewshot.bert_adapter(teacher, fewshot.bert_rules("structured", teacher.config.attention_head_dim))
+    adapter = fewshot.encoder_adapter(teacher, fewshot.encoder_rules(teacher, "structured"))
     rng = np.random.default_rng(0)
     mask = np.ones((6, 10), np.int32)
     mask[:, 7:] = 0
@@ -263,7 +263,7 @@ def test_cd_beats_layerwise_at_high_sparsity_with_one_shot_bert(make_tiny_model_
     finetune.run(config, str(tmp_path))
     teacher = models.from_pretrained(str(tmp_path / "model"), num_labels=9)
     task = data_lib.load_task_data("builtin", tokenizer_dir=str(tmp_path / "model"), max_length=32)
-    adapter = fewshot.bert_adapter(teacher, fewshot.bert_rules("unstructured"))
+    adapter = fewshot.encoder_adapter(teacher, fewshot.encoder_rules(teacher))
     accs = {"wo_cd": [], "cd": []}
     for seed in (0, 1):
         idx = data_lib.sample_k_per_class(task.train["labels"], 1, seed=seed)

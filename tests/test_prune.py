@@ -304,13 +304,13 @@ def test_given_masks_are_kept_fixed():
 def test_l1_and_group_soft_threshold_closed_forms():
     p = {"k": rand(4, 6), "bias": rand(6)}
     u = {"k": rand(4, 6), "bias": rand(6)}
-    tx = prune.l1_soft_threshold(0.5, learning_rate=0.4, rules="^k$")
+    tx = prune.l1_soft_threshold("^k$", 0.5, learning_rate=0.4)
     out, _ = tx.update(u, tx.init(p), p)
     w = np.asarray(p["k"]) + np.asarray(u["k"])
     np.testing.assert_allclose(np.asarray(p["k"]) + np.asarray(out["k"]),
                                np.sign(w) * np.maximum(np.abs(w) - 0.2, 0), atol=1e-6)
     np.testing.assert_array_equal(out["bias"], u["bias"])  # not selected
-    tx = prune.group_soft_threshold(1.0, [("k", prune.neurons())], learning_rate=lambda c: 1.5)
+    tx = prune.group_soft_threshold([("k", prune.neurons())], 1.0, learning_rate=lambda c: 1.5)
     out, _ = tx.update(u, tx.init(p), p)
     norms = np.linalg.norm(w, axis=0)
     want = w * np.maximum(0, 1 - 1.5 / norms)
@@ -319,7 +319,7 @@ def test_l1_and_group_soft_threshold_closed_forms():
     # heads: the group is a head's Q/K/V columns and O rows together.
     a = attention_params(n_layers=1, heads=2, d=2, h=3)
     zero = jax.tree.map(jnp.zeros_like, a)
-    tx = prune.group_soft_threshold(0.3, [(HEADS, prune.heads(2))])
+    tx = prune.group_soft_threshold([(HEADS, prune.heads(2))], strength=0.3)
     out, _ = tx.update(zero, tx.init(a), a)
     att = a["layers"]["0"]["attention"]
     sq = sum(np.square(np.asarray(att[n]["kernel"])).reshape(3, 2, 2).sum((0, 2)) +

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,7 @@ from efficient_nlp.distill.matches import (
     make_schedule,
     needs_intermediates,
 )
+from efficient_nlp.models import family as F
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +52,21 @@ class DistillStep(nnx.Variable):
 
 # ----------------------------------------------------------------------------- students
 def student_from_teacher(teacher, layers, *, seed=0, **config_overrides):
-    """A shallower copy of ``teacher``: embeddings, the chosen encoder ``layers``, pooler and head.
+    """A shallower copy of ``teacher``: embeddings, the chosen ``layers`` and the head.
 
     ``layers`` are teacher layer indices (0-based, distinct); student layer i starts as teacher
-    layer ``layers[i]`` (DistilBERT / PKD initialisation).  ``config_overrides`` change
-    non-shape fields (e.g. dropout).  Returns a new module of the teacher's class.
+    layer ``layers[i]`` (DistilBERT / PKD initialisation; the layers are taken with
+    `efficient_nlp.models.family.resized`, so any model family works).  ``config_overrides``
+    change non-shape fields (e.g. dropout).  Returns a new module of the teacher's class;
+    ``seed`` initialises it before every parameter is overwritten by the teacher's.
     """
-    from efficient_nlp.models import named_params
-
     n = teacher.config.num_hidden_layers
     layers = tuple(layers)
     if not layers or any(not isinstance(i, int) or not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"student layers must be distinct teacher layer indices in 0..{n - 1}, got {layers}")
     config = teacher.config.replace(num_hidden_layers=len(layers), **config_overrides)
     student = type(teacher)(config, rngs=nnx.Rngs(seed))
-    source = named_params(teacher)
-    for path, var in named_params(student).items():
-        m = re.match(r"bert\.encoder\.layers\.(\d+)\.(.*)", path)
-        src = f"bert.encoder.layers.{layers[int(m.group(1))]}.{m.group(2)}" if m else path
-        value = source[src].get_value()
-        var.set_value(jnp.array(value, copy=True))
+    nnx.update(student, nnx.state(F.resized(teacher, layers=list(layers)), nnx.Param))
     return student
 
 
@@ -97,17 +92,18 @@ def _heads(x, head_dim):
 
 
 def feature_of(model, out, feature, layer):
-    """The tensor of ``feature`` at ``layer`` from a model's `BertOutput` (with the captures)."""
+    """The tensor of ``feature`` at ``layer`` from a model's output (with the captures of `captures`)."""
     if feature == "logits":
         return out.logits
     if feature == "embedding":
         return out.intermediates["embedding"]
     if feature == "hidden":
         return out.intermediates["hidden_states"][layer]
-    if feature in ("queries", "keys"):
-        attention = model.bert.encoder.layers[layer].attention
-        dense = attention.query if feature == "queries" else attention.key
-        return _heads(dense(out.intermediates["hidden_states"][layer]), attention.head_dim)
+    if feature in ("queries", "keys"):   # the layer's q / k projection of its input (MiniLMv2)
+        role = "q" if feature == "queries" else "k"
+        dense = F.get_module(model, F.site_path(model, layer, role))
+        x = out.intermediates[F.site_input(model, role)][layer]
+        return _heads(dense(x), model.config.attention_head_dim)
     return out.intermediates[feature][layer]
 
 

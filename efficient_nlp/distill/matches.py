@@ -34,7 +34,7 @@ FEATURES = {
     "attn_scores": ("attn_scores", "layer"),
     "attn_probs": ("attn_probs", "layer"),
     "values": ("values", "layer"),
-    "queries": ("hidden_states", "layer"),   # recomputed from the layer input (MiniLMv2)
+    "queries": ("hidden_states", "layer"),   # the q / k site on its input (MiniLMv2; `family.site_input`)
     "keys": ("hidden_states", "layer"),
     "mha_out": ("mha_out", "layer"),
     "ffn_intermediate": ("ffn_intermediate", "layer"),

@@ -4,8 +4,8 @@ The teacher ("predecessor") is frozen; its ``L_t`` encoder layers are cut into `
 blocks and student ("successor") layer ``i`` replaces block ``i`` with probability ``p(step)``
 (one Bernoulli draw per block and step; ``p`` follows a schedule, linear up to 1).  There is no
 distillation loss: the mixed model is trained on the task loss only, and gradients reach the
-student layers through the frozen teacher blocks.  Embeddings, pooler and classifier are the
-student's own (initialised from the teacher's by `student_from_teacher`, and trained), so at
+student layers through the frozen teacher blocks.  Embeddings and the classification head are
+the student's own (initialised from the teacher's by `student_from_teacher`, and trained), so at
 ``p = 1`` the mixed model *is* the student, which is what is evaluated and exported.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from flax import nnx
 from efficient_nlp.distill import losses as L
 from efficient_nlp.distill.distiller import DistillStep
 from efficient_nlp.distill.matches import make_schedule
+from efficient_nlp.models import family as F
 
 
 def theseus_blocks(num_teacher_layers, num_student_layers):
@@ -42,18 +43,16 @@ class TheseusModel(nnx.Module):
                  deterministic=True, rngs=None):
         """Logits of the mixed model; ``replace`` [L_s] bools (None: all student = the student)."""
         s, t = self.student, self.teacher
-        h = s.bert.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids}
+        h = F.embed(s, batch, deterministic=deterministic, rngs=rngs)
         for i, (start, stop) in enumerate(self.blocks):
-            hs, _ = s.bert.encoder(h, attention_mask, start=i, stop=i + 1,
-                                   deterministic=deterministic, rngs=rngs)
+            hs, _ = F.run_layers(s, h, attention_mask, start=i, stop=i + 1, deterministic=deterministic, rngs=rngs)
             if replace is None:
                 h = hs
                 continue
-            ht, _ = t.bert.encoder(h, attention_mask, start=start, stop=stop,
-                                   deterministic=deterministic, rngs=rngs)
+            ht, _ = F.run_layers(t, h, attention_mask, start=start, stop=stop, deterministic=deterministic, rngs=rngs)
             h = jnp.where(replace[i], hs, ht)
-        pooled = s.dropout(s.bert.pooler(h), deterministic=deterministic, rngs=rngs)
-        return s.classifier(pooled)
+        return F.head(s, h, deterministic=deterministic, rngs=rngs)
 
 
 def make_theseus_loss(replace_rate):

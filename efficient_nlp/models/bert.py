@@ -394,7 +394,8 @@ class BertBackbone(nnx.Module):
                        if add_pooling_layer and config.traits.base_pooler else None)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
-                 deterministic: bool = True, rngs=None) -> BertOutput:
+                 deterministic: bool = True, rngs=None, pool: bool = True) -> BertOutput:
+        """``pool=False`` leaves ``pooler_output`` None (a head that pools computes it once)."""
         _check_rngs(deterministic, rngs)
         want = check_capture(capture)
         emb = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
@@ -402,7 +403,7 @@ class BertBackbone(nnx.Module):
             emb, attention_mask, capture=want, deterministic=deterministic, rngs=rngs)
         if "embedding" in want:
             intermediates["embedding"] = emb
-        pooled = self.pooler(hidden) if self.pooler is not None else None
+        pooled = self.pooler(hidden) if self.pooler is not None and pool else None
         return BertOutput(last_hidden_state=hidden, pooler_output=pooled, logits=None,
                           intermediates=intermediates)
 
@@ -433,15 +434,17 @@ class Encoder(nnx.Module):
         """Layers ``start .. stop-1`` (keywords of `BertEncoder.__call__`) -> (hidden, intermediates)."""
         return self.backbone.encoder(hidden_states, attention_mask, **kwargs)
 
-    def head(self, hidden_states, *, deterministic: bool = True, rngs=None):
-        """The last layer's output [B,T,H] -> logits (None for the bare encoder)."""
+    def head(self, hidden_states, *, deterministic: bool = True, rngs=None, pooled=None):
+        """The last layer's output [B,T,H] -> logits (None for the bare encoder); ``pooled``:
+        the pooler's output when already computed."""
         return None
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
                  deterministic: bool = True, rngs=None) -> BertOutput:
         out = self.backbone(input_ids, attention_mask, token_type_ids, capture=capture,
                             deterministic=deterministic, rngs=rngs)
-        return out.replace(logits=self.head(out.last_hidden_state, deterministic=deterministic, rngs=rngs))
+        return out.replace(logits=self.head(out.last_hidden_state, deterministic=deterministic, rngs=rngs,
+                                            pooled=out.pooler_output))
 
 
 class BertModel(Encoder):
@@ -478,10 +481,10 @@ class BertForSequenceClassification(Encoder):
                                _linear(config, config.hidden_size, config.hidden_size, dtype, param_dtype, rngs))
         self.classifier = _linear(config, config.hidden_size, config.num_labels, dtype, param_dtype, rngs)
 
-    def head(self, hidden_states, *, deterministic: bool = True, rngs=None):
+    def head(self, hidden_states, *, deterministic: bool = True, rngs=None, pooled=None):
         traits = self.config.traits
         if self.pre_classifier is None:
-            pooled = self.backbone.pooler(hidden_states)
+            pooled = self.backbone.pooler(hidden_states) if pooled is None else pooled
         else:
             x = hidden_states[:, 0]
             if traits.classifier_in_dropout:
@@ -518,7 +521,7 @@ class BertForMaskedLM(Encoder):
         self._init_backbone(config, False, dtype, param_dtype, rngs)
         self.lm_head = BertLMHead(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def head(self, hidden_states, *, deterministic: bool = True, rngs=None):
+    def head(self, hidden_states, *, deterministic: bool = True, rngs=None, pooled=None):
         embedding = self.backbone.embeddings.word_embeddings.embedding[...]
         return self.lm_head(hidden_states, embedding)
 

@@ -7,7 +7,7 @@
 
 Modules: `aps` (affine-shared layers, P/Q initialisations), `sharing` (Phi, its gradient, the
 projected annealing step), `controller` (LSTM policy, REINFORCE, beam search), `flops` (FLOPs
-model), `spaces` (digits ResNet, BERT widths), `search` (the two-stage loop), `plots`.
+model), `spaces` (digits ResNet, encoder widths), `search` (the two-stage loop), `plots`.
 The recipe is `efficient_nlp.recipes.nas`.
 """
 from efficient_nlp.nas.aps import (
@@ -32,7 +32,7 @@ from efficient_nlp.nas.controller import (
     sample,
     update_baseline,
 )
-from efficient_nlp.nas.flops import FlopsModel, bert_flops_model, resnet_flops_model
+from efficient_nlp.nas.flops import FlopsModel, bert_flops_model, encoder_flops_model, resnet_flops_model
 from efficient_nlp.nas.search import Searcher, choose, default_search_config
 from efficient_nlp.nas.sharing import (
     anneal_step,
@@ -42,12 +42,23 @@ from efficient_nlp.nas.sharing import (
     sharing_level,
     sharing_level_grad,
 )
-from efficient_nlp.nas.spaces import SPACES, ApsBert, ApsResNet, SearchSpace, bert_child, build_space, register_space
+from efficient_nlp.nas.spaces import (
+    SPACES,
+    ApsBert,
+    ApsEncoder,
+    ApsResNet,
+    SearchSpace,
+    bert_child,
+    build_space,
+    encoder_child,
+    register_space,
+)
 
 __all__ = [
-    "SHARING_KINDS", "SPACES", "register_space", "ApsBert", "ApsConv", "ApsDense", "ApsLayer", "ApsResNet", "Controller",
+    "SHARING_KINDS", "SPACES", "register_space", "ApsBert", "ApsConv", "ApsEncoder", "ApsDense", "ApsLayer", "ApsResNet", "Controller",
     "FlopsModel", "SearchSpace", "Searcher", "Transform", "WidthBatchNorm", "anneal_step",
     "aps_layers", "beam_search", "bert_child", "bert_flops_model", "build_space", "choose",
+    "encoder_child", "encoder_flops_model",
     "default_search_config", "independent_transforms", "init_transforms", "log_prob",
     "model_sharing_level", "normalize_columns", "ordinal_transforms", "pair_sum",
     "projected_step", "reinforce_loss", "resnet_flops_model", "reward", "sample",

@@ -109,9 +109,11 @@ def resnet_flops_model(candidates: Sequence[Sequence[int]], *, blocks_per_stage:
 
 def bert_flops_model(candidates: Sequence[Sequence[int]], *, num_layers: int, hidden_size: int,
                      head_dim: int, seq_len: int) -> FlopsModel:
-    """FLOPs of a BERT encoder + pooler for ONE sequence of ``seq_len`` tokens, with decisions
-    (per layer: number of heads, FFN width), exactly as `efficient_nlp.prune.shrink.flops` counts
-    (Q/K/V/O projections, attention scores and context, the two FFN matrices, the pooler)."""
+    """FLOPs of an encoder's layers and the ``hidden x hidden`` dense before its classifier
+    (BERT's pooler, the other families' ``pre_classifier``) for ONE sequence of ``seq_len``
+    tokens, with decisions (per layer: number of heads, FFN width), exactly as
+    `efficient_nlp.prune.shrink.flops` counts (Q/K/V/O projections, attention scores and
+    context, the two FFN matrices, that dense)."""
     t, h, d = seq_len, hidden_size, head_dim
     terms = []
     for layer in range(num_layers):
@@ -119,5 +121,12 @@ def bert_flops_model(candidates: Sequence[Sequence[int]], *, num_layers: int, hi
         terms.append((2.0 * t * h * d * 4, heads, None))   # Q, K, V, O projections
         terms.append((2.0 * t * t * d * 2, heads, None))   # scores and context
         terms.append((2.0 * t * h * 2, ffn, None))         # FFN
-    terms.append((2.0 * h * h, None, None))                # pooler
+    terms.append((2.0 * h * h, None, None))                # dense before the classifier
     return FlopsModel(tuple(tuple(int(w) for w in c) for c in candidates), tuple(terms))
+
+
+def encoder_flops_model(candidates: Sequence[Sequence[int]], config, *, seq_len: int) -> FlopsModel:
+    """`bert_flops_model` with the sizes (layers, hidden size, head width) read from a model
+    ``config`` (`efficient_nlp.models.BertConfig`, any encoder family)."""
+    return bert_flops_model(candidates, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                            head_dim=config.attention_head_dim, seq_len=seq_len)

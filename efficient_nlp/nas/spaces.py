@@ -4,12 +4,14 @@
   at full width) on the offline digits images (`efficient_nlp.data.load_digits`); decisions: each
   stage's width (the residual stream, shared by the blocks of the stage) and each block's inner
   width.  Retraining builds the same network with one candidate per decision (physically narrow).
-* ``bert``: the heads and the FFN width of every layer of a pretrained BERT (default: the
-  embedded MiniLM) on a text task (default: the built-in task).  The supernet's meta weights are
-  the pretrained kernels; with ordinal (or the start of transitional) sharing the widest
-  candidate *is* the pretrained model.  The chosen architecture becomes a physically smaller
-  `models.BertForSequenceClassification` (per-layer head counts / FFN sizes) whose weights are
-  the candidate kernels ``W^{i,o}`` (``retrain.init = "inherit"``) or fresh (``"scratch"``).
+* ``encoder`` (also ``bert``): the heads and the FFN width of every layer of a pretrained
+  encoder classifier of any post-LayerNorm family (BERT, RoBERTa, DistilBERT, ELECTRA; default:
+  the embedded MiniLM) on a text task (default: the built-in task).  The supernet's meta weights
+  are the pretrained kernels of the layers' sites (found through the model's family
+  description); with ordinal (or the start of transitional) sharing the widest candidate *is*
+  the pretrained model.  The chosen architecture becomes a physically smaller model of the same
+  class (per-layer head counts / FFN sizes) whose weights are the candidate kernels ``W^{i,o}``
+  (``retrain.init = "inherit"``) or fresh (``"scratch"``).
 
 A `SearchSpace` gives: ``decisions`` (names), ``candidates`` (widths per decision, ascending),
 ``flops`` (`FlopsModel`), ``supernet(sharing, seed)``, ``supernet_logits(model, batch, arch,
@@ -28,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_nlp.models import family as F
 from efficient_nlp.nas.aps import ApsConv, ApsDense, WidthBatchNorm
-from efficient_nlp.nas.flops import FlopsModel, bert_flops_model, resnet_flops_model
+from efficient_nlp.nas.flops import FlopsModel, encoder_flops_model, resnet_flops_model
 
 
 @dataclasses.dataclass
@@ -170,9 +173,14 @@ def cnn_space(cfg, seed: int = 0) -> SearchSpace:
                        child_logits, data)
 
 
-# ----------------------------------------------------------------------------- BERT
-class ApsBertLayer(nnx.Module):
-    """A post-LayerNorm BERT layer whose head count and FFN width are chosen per call."""
+# ----------------------------------------------------------------------------- encoders
+#: The searched matmul sites of an encoder layer (family roles) -> the `ApsEncoderLayer` attribute.
+APS_SITES = {"q": "query", "k": "key", "v": "value", "o": "output", "ffn_in": "intermediate",
+             "ffn_out": "ffn_output"}
+
+
+class ApsEncoderLayer(nnx.Module):
+    """A post-LayerNorm encoder layer whose head count and FFN width are chosen per call."""
 
     def __init__(self, hidden: int, heads: tuple, ffn: tuple, head_dim: int, *, sharing, act,
                  dropout: float, eps: float, rngs: nnx.Rngs):
@@ -212,84 +220,110 @@ class ApsBertLayer(nnx.Module):
         return self.ffn_norm(out + x)
 
 
-class ApsBert(nnx.Module):
-    """Embeddings + APS layers + pooler + classifier, built from a pretrained classifier."""
+def _check_family(model):
+    """The model's family, if its layers are what `ApsEncoderLayer` computes, else `FamilyError`."""
+    fam = F.family_of(model)
+    fam.require(*APS_SITES, what="the encoder width space")
+    if "ffn_gate" in fam.layer_sites:
+        raise F.FamilyError(f"the encoder width space searches a plain FFN; family {fam.name!r} has a "
+                            "gated one (role 'ffn_gate')")
+    return fam
+
+
+def layer_norm_paths(model, i: int) -> tuple[str, str]:
+    """Paths of layer ``i``'s LayerNorms after the attention block and after the FFN: the one
+    beside the ``o`` site and the one beside the ``ffn_out`` site (post-LayerNorm layers)."""
+    out = []
+    for role in ("o", "ffn_out"):
+        parent = F.site_path(model, i, role).rpartition(".")[0]
+        norms = [f"{parent}.{name}" for name, m in vars(F.get_module(model, parent)).items()
+                 if isinstance(m, nnx.LayerNorm)]
+        if len(norms) != 1:
+            raise F.FamilyError(f"the encoder width space needs post-LayerNorm layers (one LayerNorm beside "
+                                f"the {role!r} site); {parent} of family {F.family_of(model).name!r} has "
+                                f"{len(norms)}")
+        out.append(norms[0])
+    return tuple(out)
+
+
+class ApsEncoder(nnx.Module):
+    """A pretrained classifier's embeddings and head around APS layers holding its layer weights.
+
+    ``model`` is a copy of ``pretrained`` without its layers (`efficient_nlp.models.family`
+    finds the embeddings and runs the head, so any post-LayerNorm encoder family works);
+    ``layers`` are `ApsEncoderLayer` whose meta weights are the pretrained site kernels.
+    ``pretrained`` itself is left unchanged.
+    """
 
     def __init__(self, pretrained, head_cands, ffn_cands, *, sharing: str = "ordinal"):
+        fam = _check_family(pretrained)
         cfg = pretrained.config
         self.config = cfg
         self.head_cands, self.ffn_cands = tuple(head_cands), tuple(ffn_cands)
-        self.embeddings = pretrained.bert.embeddings
-        self.pooler = pretrained.bert.pooler
-        self.classifier = pretrained.classifier
-        self.dropout = pretrained.dropout
+        self.model = nnx.clone(pretrained)
         layers = []
-        for i, src in enumerate(pretrained.bert.encoder.layers):
-            layer = ApsBertLayer(cfg.hidden_size, self.head_cands[i], self.ffn_cands[i],
-                                 cfg.attention_head_dim, sharing=sharing, act=cfg.hidden_act,
-                                 dropout=cfg.hidden_dropout_prob, eps=cfg.layer_norm_eps,
-                                 rngs=nnx.Rngs(0))
-            pairs = [(layer.query, src.attention.query), (layer.key, src.attention.key),
-                     (layer.value, src.attention.value), (layer.output, src.attention.output),
-                     (layer.intermediate, src.ffn.intermediate), (layer.ffn_output, src.ffn.output)]
-            for dst, s in pairs:
-                dst.kernel.set_value(s.kernel[...])
-                dst.bias.set_value(s.bias[...])
-            layer.attn_norm = src.attention.layer_norm
-            layer.ffn_norm = src.ffn.layer_norm
+        for i in range(F.num_layers(self.model)):
+            layer = ApsEncoderLayer(cfg.hidden_size, self.head_cands[i], self.ffn_cands[i],
+                                    cfg.attention_head_dim, sharing=sharing, act=cfg.hidden_act,
+                                    dropout=cfg.hidden_dropout_prob, eps=cfg.layer_norm_eps,
+                                    rngs=nnx.Rngs(0))
+            for role, attr in APS_SITES.items():
+                src = F.get_module(self.model, F.site_path(self.model, i, role))
+                getattr(layer, attr).kernel.set_value(src.kernel[...])
+                getattr(layer, attr).bias.set_value(src.bias[...])
+            layer.attn_norm, layer.ffn_norm = (F.get_module(self.model, p) for p in layer_norm_paths(self.model, i))
             layers.append(layer)
+        F.set_module(self.model, fam.path(fam.layers), nnx.List([]))
         self.layers = nnx.List(layers)
 
     def __call__(self, input_ids, attention_mask, token_type_ids, arch, *, deterministic=True,
                  rngs=None):
         from efficient_nlp.models import attention_bias
-        x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic, rngs=rngs)
+        batch = {"input_ids": input_ids, "token_type_ids": token_type_ids}
+        x = F.embed(self.model, batch, deterministic=deterministic, rngs=rngs)
         bias = attention_bias(attention_mask)
         for i, layer in enumerate(self.layers):
             h_idx = None if len(self.head_cands[i]) == 1 else arch[2 * i]
             f_idx = None if len(self.ffn_cands[i]) == 1 else arch[2 * i + 1]
             x = layer(x, bias, h_idx, f_idx, deterministic=deterministic, rngs=rngs)
-        pooled = self.dropout(self.pooler(x), deterministic=deterministic, rngs=rngs)
-        return self.classifier(pooled)
+        return F.head(self.model, x, deterministic=deterministic, rngs=rngs)
 
 
-def bert_child(supernet: ApsBert, arch, *, init: str = "inherit", seed: int = 0):
-    """A physically smaller `BertForSequenceClassification` for ``arch``; ``inherit`` copies the
-    candidate kernels ``W^{i,o}`` (and everything unsearched) from ``supernet``."""
-    from efficient_nlp import models
+def encoder_child(supernet: ApsEncoder, arch, *, init: str = "inherit", seed: int = 0):
+    """A physically smaller model of the pretrained model's class for ``arch`` (per-layer head
+    counts and FFN widths); ``inherit`` copies the candidate kernels ``W^{i,o}`` of every site
+    (and the embeddings, LayerNorms and head) from ``supernet``, ``scratch`` keeps a fresh init."""
     cfg = supernet.config
     n = cfg.num_hidden_layers
     heads = tuple(int(supernet.head_cands[i][arch[2 * i]]) for i in range(n))
     ffn = tuple(int(supernet.ffn_cands[i][arch[2 * i + 1]]) for i in range(n))
     new_cfg = cfg.replace(head_dim=cfg.attention_head_dim, layer_num_attention_heads=heads,
                           layer_intermediate_sizes=ffn)
-    child = models.BertForSequenceClassification(new_cfg, rngs=nnx.Rngs(seed))
+    child = type(supernet.model)(new_cfg, rngs=nnx.Rngs(seed))
     if init == "scratch":
         return child
     if init != "inherit":
         raise ValueError(f"retrain.init must be 'inherit' or 'scratch', got {init!r}")
-    child.bert.embeddings = supernet.embeddings
-    child.bert.pooler = supernet.pooler
-    child.classifier = supernet.classifier
-    for i, (dst, src) in enumerate(zip(child.bert.encoder.layers, supernet.layers)):
+    for path in (F.embeddings_path(child), *F.head_paths(child)):
+        F.set_module(child, path, F.get_module(supernet.model, path))
+    for i, src in enumerate(supernet.layers):
         hi = None if len(supernet.head_cands[i]) == 1 else int(arch[2 * i])
         fi = None if len(supernet.ffn_cands[i]) == 1 else int(arch[2 * i + 1])
-        for d, s, i_idx, o_idx in ((dst.attention.query, src.query, None, hi),
-                                   (dst.attention.key, src.key, None, hi),
-                                   (dst.attention.value, src.value, None, hi),
-                                   (dst.attention.output, src.output, hi, None),
-                                   (dst.ffn.intermediate, src.intermediate, None, fi),
-                                   (dst.ffn.output, src.ffn_output, fi, None)):
-            d.kernel.set_value(s.candidate_kernel(i_idx, o_idx))
-            d.bias.set_value(s.candidate_bias(o_idx))
-        dst.attention.layer_norm = src.attn_norm
-        dst.ffn.layer_norm = src.ffn_norm
+        for role, attr in APS_SITES.items():
+            unit = hi if role in F.HEAD_ROLES else fi
+            i_idx, o_idx = (None, unit) if role in F.OUTPUT_UNIT_ROLES else (unit, None)
+            dst, aps = F.get_module(child, F.site_path(child, i, role)), getattr(src, attr)
+            dst.kernel.set_value(aps.candidate_kernel(i_idx, o_idx))
+            dst.bias.set_value(aps.candidate_bias(o_idx))
+        for path, norm in zip(layer_norm_paths(child, i), (src.attn_norm, src.ffn_norm)):
+            F.set_module(child, path, norm)
     return child
 
 
-def bert_space(cfg, seed: int = 0) -> SearchSpace:
-    """Width space of a pretrained BERT (``config.space``: model_dir, task, max_length,
-    max_train_examples, head_ratios, ffn_ratios, val_fraction, retrain_init)."""
+def encoder_space(cfg, seed: int = 0) -> SearchSpace:
+    """Width space of a pretrained encoder classifier (``config.space``: kind, model_dir, task,
+    max_length, max_train_examples, head_ratios, ffn_ratios, val_fraction, retrain_init); the
+    space is named after ``kind`` (``encoder`` or ``bert``)."""
     from efficient_nlp import data as data_lib
     from efficient_nlp import models
 
@@ -304,8 +338,7 @@ def bert_space(cfg, seed: int = 0) -> SearchSpace:
     for i in range(mcfg.num_hidden_layers):
         names += [f"layer{i}.heads", f"layer{i}.ffn"]
         cands += [head_c, ffn_c]
-    flops = bert_flops_model(cands, num_layers=mcfg.num_hidden_layers, hidden_size=mcfg.hidden_size,
-                             head_dim=mcfg.attention_head_dim, seq_len=int(cfg.max_length))
+    flops = encoder_flops_model(cands, mcfg, seq_len=int(cfg.max_length))
     train = td.train
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(train["labels"]))
@@ -316,8 +349,8 @@ def bert_space(cfg, seed: int = 0) -> SearchSpace:
 
     def supernet(sharing, seed_):
         pre = models.from_pretrained(model_dir, num_labels=td.spec.num_labels, seed=seed_)
-        return ApsBert(pre, [head_c] * mcfg.num_hidden_layers, [ffn_c] * mcfg.num_hidden_layers,
-                       sharing=sharing)
+        return ApsEncoder(pre, [head_c] * mcfg.num_hidden_layers, [ffn_c] * mcfg.num_hidden_layers,
+                          sharing=sharing)
 
     def supernet_logits(model, batch, arch, train=False, rngs=None):
         return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], arch,
@@ -326,18 +359,23 @@ def bert_space(cfg, seed: int = 0) -> SearchSpace:
     def child(arch, supernet_model=None, seed_=0):
         if supernet_model is None:
             supernet_model = supernet("ordinal", seed_)
-        return bert_child(supernet_model, arch, init=cfg.retrain_init, seed=seed_)
+        return encoder_child(supernet_model, arch, init=cfg.retrain_init, seed=seed_)
 
     def child_logits(model, batch, train=False, rngs=None):
         return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                      deterministic=not train, rngs=rngs).logits
 
-    return SearchSpace("bert", tuple(names), tuple(cands), flops, supernet, supernet_logits,
-                       child, child_logits, data, extra={"tokenizer": td.tokenizer, "spec": td.spec})
+    return SearchSpace(str(cfg.get("kind", "encoder")), tuple(names), tuple(cands), flops, supernet,
+                       supernet_logits, child, child_logits, data,
+                       extra={"tokenizer": td.tokenizer, "spec": td.spec})
+
+
+#: Earlier names of the encoder space's pieces.
+ApsBertLayer, ApsBert, bert_child, bert_space = ApsEncoderLayer, ApsEncoder, encoder_child, encoder_space
 
 
 #: Search spaces by ``config.space.kind``: name -> ``fn(space_config, seed) -> SearchSpace``.
-SPACES: dict[str, Callable] = {"cnn": cnn_space, "bert": bert_space}
+SPACES: dict[str, Callable] = {"cnn": cnn_space, "encoder": encoder_space, "bert": encoder_space}
 
 
 def register_space(name: str, fn: Callable) -> None:
@@ -358,7 +396,7 @@ def register_space(name: str, fn: Callable) -> None:
 
 
 def build_space(config) -> SearchSpace:
-    """The space ``config.space.kind`` names in `SPACES` ("cnn", "bert" or a registered one)."""
+    """The space ``config.space.kind`` names in `SPACES` ("cnn", "encoder" / "bert" or a registered one)."""
     kind = config.space.kind
     if kind not in SPACES:
         raise ValueError(f"unknown config.space.kind {kind!r}; choose one of {sorted(SPACES)}")

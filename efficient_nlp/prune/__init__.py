@@ -1,5 +1,5 @@
 """Pruning (METHODS.md section 2.1): scores, patterns, distributions, schedules, an optax wrapper
-keeping masks in the optimizer state, proximal operators, physical shrink of BERT.
+keeping masks in the optimizer state, proximal operators, physical shrink of a model.
 
     from efficient_nlp import prune
     rules = [prune.rule(r"layers\\.\\d+\\.(attention|ffn)\\..*kernel$", "unstructured", 0.9)]
@@ -10,7 +10,9 @@ keeping masks in the optimizer state, proximal operators, physical shrink of BER
     small, structure = prune.shrink(model)           # remove zeroed heads / FFN neurons for real
 
 Everything that only zeroes weights is a *simulation* of sparsity; `shrink` is the real removal
-of heads / neurons / layers that makes inference faster.
+of heads / neurons / layers that makes inference faster.  Heads, FFN neurons and layers are read
+from the model's family description (`efficient_nlp.models.family`), so every transform here
+works on each model family; `site_regex(model, roles)` writes a rule regex for given site roles.
 
 More procedures on the same pieces: `lottery_ticket` (iterative magnitude pruning with
 rewinding), `earlybert_search` / `Slimming` (gates on heads and FFN neurons with L1, pruned once
@@ -41,6 +43,7 @@ from efficient_nlp.prune.patterns import (
     neurons,
     nm_mask,
     rows,
+    site_regex,
     topk_mask,
     unstructured,
 )
@@ -77,6 +80,7 @@ from efficient_nlp.prune.shrink import (
     shrunk_config,
     structure_masks,
     structure_of,
+    unit_params,
 )
 from efficient_nlp.prune.summary import format_summary, layer_summary, plot_summary, sparsity_summary
 from efficient_nlp.prune.lottery import LotteryResult, imp_masks, lottery_ticket, rewind, round_rules, round_sparsity

@@ -1,58 +1,50 @@
 """Structured head + FFN-neuron pruning to a FLOPs budget (instead of a sparsity).
 
-Units are attention heads (a head's Q/K/V columns and biases and its O rows, the `heads`
-pattern) and FFN neurons (intermediate column and bias, output row, `ffn_neurons`).  Each unit
-gets a score (`unit_scores`: magnitude ``sum |w|`` or Taylor saliency ``sum |w * grad|`` over the
-unit's weights); within each layer's heads and each layer's neurons the scores are divided by
-their mean (per-group normalisation, as the ``global`` distribution does), then units are removed
-lowest score first until the FLOPs per example of the SHRUNK model (`shrink.flops` of
-`shrink.shrunk_config`, exact: FLOPs are linear in the head count and FFN width of each layer)
-are at or below the target (`flops_structure`).  The result is a `shrink` structure; its masks
-(`shrink.structure_masks`) can be kept fixed while fine-tuning (`pruning(masks=...)`).
+Units are attention heads (a head's q/k/v columns and biases and its o rows, the `heads`
+pattern) and FFN neurons (ffn_in column and bias, ffn_out row, `ffn_neurons`), read from the
+model's family description (`shrink.unit_params`).  Each unit gets a score (`unit_scores`:
+magnitude ``sum |w|`` or Taylor saliency ``sum |w * grad|`` over the unit's weights); within each
+layer's heads and each layer's neurons the scores are divided by their mean (per-group
+normalisation, as the ``global`` distribution does), then units are removed lowest score first
+until the FLOPs per example of the SHRUNK model (`shrink.flops` of `shrink.shrunk_config`, exact:
+FLOPs are linear in the head count and FFN width of each layer) are at or below the target
+(`flops_structure`).  The result is a `shrink` structure; its masks (`shrink.structure_masks`)
+can be kept fixed while fine-tuning (`pruning(masks=...)`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from efficient_nlp import models
-from efficient_nlp.prune.shrink import flops, full_structure, shrunk_config
-
-_HEAD_PARAMS = ("attention.query.kernel", "attention.key.kernel", "attention.value.kernel",
-                "attention.query.bias", "attention.key.bias", "attention.value.bias", "attention.output.kernel")
-_NEURON_PARAMS = ("ffn.intermediate.kernel", "ffn.intermediate.bias", "ffn.output.kernel")
-
-
-def _unit_axis(rest):
-    if rest in ("attention.output.kernel", "ffn.output.kernel") or rest.endswith(".bias"):
-        return 0
-    return 1
+from efficient_nlp.models import family as F
+from efficient_nlp.prune.shrink import flops, full_structure, gated_ffn, shrunk_config, unit_params
 
 
 def unit_scores(model, element_scores=None) -> dict:
     """``{"heads": [per layer array [N_i]], "neurons": [per layer array [I_i]]}``: the sum over each
     unit's weights of ``|w|`` (magnitude) or of ``element_scores`` (``{parameter name: array}``,
     e.g. the accumulated Taylor saliency ``sum_t |w * g_t|`` of `taylor_scores`)."""
-    d = model.config.attention_head_dim
     params = {k: np.asarray(v.get_value(), np.float64) for k, v in models.named_params(model).items()}
     out = {"heads": [], "neurons": []}
-    for i in range(len(model.bert.encoder.layers)):
-        p = f"bert.encoder.layers.{i}."
-        for kind, names, unit in (("heads", _HEAD_PARAMS, d), ("neurons", _NEURON_PARAMS, 1)):
+    for i in range(F.num_layers(model)):
+        unit = {"heads": F.head_layout(model, i).head_dim, "neurons": 1}
+        for kind, members in unit_params(model, i).items():
             total = 0.0
-            for rest in names:
-                w = params[p + rest]
-                s = np.abs(w) if element_scores is None else np.abs(np.asarray(element_scores[p + rest], np.float64))
-                axis = _unit_axis(rest)
+            for name, axis in members:
+                s = np.abs(params[name]) if element_scores is None else np.abs(
+                    np.asarray(element_scores[name], np.float64))
                 per = s.sum(axis=tuple(a for a in range(s.ndim) if a != axis))
-                total = total + per.reshape(-1, unit).sum(-1)
+                total = total + per.reshape(-1, unit[kind]).sum(-1)
             out[kind].append(total)
     return out
 
 
-def unit_flops(config, seq_len: int = 128) -> tuple[int, int]:
-    """FLOPs per example removed with one head / one FFN neuron (as counted by `shrink.flops`)."""
+def unit_flops(config, seq_len: int = 128, gated: bool | None = None) -> tuple[int, int]:
+    """FLOPs per example removed with one head / one FFN neuron (as counted by `shrink.flops`;
+    ``gated`` as there)."""
     t, h, d = seq_len, config.hidden_size, config.attention_head_dim
-    return 2 * t * h * d * 4 + 2 * t * t * d * 2, 2 * t * h * 2
+    ffn_matmuls = 3 if (gated_ffn(config) if gated is None else gated) else 2
+    return 2 * t * h * d * 4 + 2 * t * t * d * 2, 2 * t * h * ffn_matmuls
 
 
 def flops_structure(model, target, *, seq_len: int = 128, scores=None, normalize: bool = True):
@@ -61,7 +53,7 @@ def flops_structure(model, target, *, seq_len: int = 128, scores=None, normalize
     ``target``: a fraction of the dense FLOPs (``0 < target <= 1``) or an absolute count (> 1).
     ``scores``: `unit_scores` output (default: magnitude).  Returns ``(structure, flops_after)``;
     removing one unit fewer would exceed the target.  Raises ValueError for a target below the
-    FLOPs with every head and neuron removed (embeddings-only layers + pooler).
+    FLOPs with every head and neuron removed (layers of LayerNorms only + the dense after them).
     """
     cfg = model.config
     dense = flops(cfg, seq_len)

@@ -1,6 +1,7 @@
 """Few-shot pruning (METHODS.md 2.2): layer-wise cross distillation and its baselines.
 
-    adapter = fewshot.cnn_adapter(model, fewshot.cnn_rules("unstructured"))   # or bert_adapter
+    adapter = fewshot.cnn_adapter(model, fewshot.cnn_rules("unstructured"))
+    # or, for a model of efficient_nlp.models: fewshot.encoder_adapter(model, fewshot.encoder_rules(model))
     student, info = fewshot.prune_layerwise(teacher, adapter, shots, loss="cd", mu=0.6,
                                             sparsity=0.9, sparsifier="topk", steps=1000)
 
@@ -23,14 +24,14 @@ Baselines: `l1_prune` (data-free L1-norm pruning), `l1_prune` + `finetune` with 
 pruned layer's input plus the logits).
 
 An adapter (`Adapter`) tells the algorithm which layers to prune (`LayerSpec`: parameter path,
-layer function, sparsity pattern, activation) and how to capture their inputs.  The full batch
-of few-shot data is used at every step (it is small by definition).
+layer function, sparsity pattern, activation) and how to capture their inputs; rules
+``[(regex, Pattern)]`` pick the layers and their patterns (`efficient_nlp.tree`, first matching
+rule wins).  The full batch of few-shot data is used at every step (it is small by definition).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Callable
 
 import jax
@@ -39,8 +40,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from efficient_nlp import tree as tree_lib
+from efficient_nlp.models import family as F
 from efficient_nlp.prune import cross_distillation as cd
-from efficient_nlp.prune.patterns import Pattern, heads, neurons, rows, topk_mask, unstructured
+from efficient_nlp.prune.patterns import Pattern, heads, neurons, rows, site_regex, topk_mask, unstructured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,8 @@ class LayerSpec:
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """``features(model, data) -> {layer name: input}`` (jittable, unflattened), ``logits(model,
-    data)`` (jittable), ``flatten(x, data)`` -> rows for the layer loss (outside jit; e.g. BERT's
-    valid tokens), ``weights(data)`` -> broadcastable feature weights for hints (or None)."""
+    data)`` (jittable), ``flatten(x, data)`` -> rows for the layer loss (outside jit; e.g. an
+    encoder's valid tokens), ``weights(data)`` -> broadcastable feature weights for hints (or None)."""
 
     layers: tuple
     features: Callable
@@ -100,78 +103,67 @@ def cnn_rules(structure: str = "unstructured", *, first_conv: bool = False, dens
     return out + ([("|".join(names), rows())] if names else [])
 
 
+def _specs(names, rules, make) -> tuple:
+    """``make(name, pattern)`` for each of ``names`` (in order) that a rule selects."""
+    found = tree_lib.match({n: 0 for n in names}, rules, allow_unused=True)
+    return tuple(make(n, found[n].payload) for n in names if n in found)
+
+
 def cnn_adapter(model, rules) -> Adapter:
     """Adapter for `efficient_nlp.models.cnn.SmallCNN` (data: ``{"images", "labels"}``)."""
-    specs = []
-    for name in model.layer_names():
-        pat = next((p for rx, p in rules if re.search(rx, name)), None)
-        if pat is None:
-            continue
+    def spec(name, pat):
         if name.startswith("convs."):
-            specs.append(LayerSpec(name, cd.conv_layer, pat, _relu))
-        else:
-            specs.append(LayerSpec(name, cd.dense_layer, pat, _relu if name == "dense" else None))
-    return Adapter(tuple(specs), _cnn_features, _cnn_logits)
+            return LayerSpec(name, cd.conv_layer, pat, _relu)
+        return LayerSpec(name, cd.dense_layer, pat, _relu if name == "dense" else None)
+
+    return Adapter(_specs(model.layer_names(), rules, spec), _cnn_features, _cnn_logits)
 
 
-_BERT_SOURCE = {"attention.query": "hidden_states", "attention.key": "hidden_states",
-                "attention.value": "hidden_states", "attention.output": "context",
-                "ffn.intermediate": "mha_out", "ffn.output": "ffn_intermediate"}
-_BERT_ORDER = tuple(_BERT_SOURCE)
+def _encoder_features(model, data):
+    sites = F.sites(model)
+    inputs = {s.role: F.site_input(model, s.role) for s in sites}
+    out = F.forward(model, data, capture=tuple(sorted(set(inputs.values()))))
+    return {s.path: out.intermediates[inputs[s.role]][s.layer] for s in sites}
 
 
-def _bert_features(model, data):
-    out = model(data["input_ids"], data["attention_mask"], data["token_type_ids"],
-                capture=("hidden_states", "context", "mha_out", "ffn_intermediate"))
-    feats = {}
-    for i in range(len(model.bert.encoder.layers)):
-        for sub, src in _BERT_SOURCE.items():
-            feats[f"bert.encoder.layers.{i}.{sub}"] = out.intermediates[src][i]
-    return feats
+def _encoder_logits(model, data):
+    return F.forward(model, data).logits
 
 
-def _bert_logits(model, data):
-    return model(data["input_ids"], data["attention_mask"], data["token_type_ids"]).logits
-
-
-def _bert_flatten(x, data):
+def _token_flatten(x, data):
     return jnp.asarray(np.asarray(x)[np.asarray(data["attention_mask"]) > 0])
 
 
-def _bert_weights(data):
+def _token_weights(data):
     return jnp.asarray(data["attention_mask"], jnp.float32)[..., None]
 
 
-def bert_rules(structure: str = "unstructured", head_dim: int = 64):
-    """``[(regex, Pattern)]`` over ``<layer>.<sub>`` names of a BERT: unstructured (all six
-    dense layers of every encoder layer) or structured (heads = row blocks of
-    ``attention.output``, FFN neurons = rows of ``ffn.output``: what `prune.shrink` removes)."""
+def encoder_rules(model, structure: str = "unstructured"):
+    """``[(regex, Pattern)]`` over the layer-site module paths of a model of
+    `efficient_nlp.models` (its family description): unstructured (every matmul site of every
+    layer) or structured (heads = row blocks of the ``o`` site, FFN neurons = rows of the
+    ``ffn_out`` site: what `prune.shrink` removes)."""
     if structure == "unstructured":
-        return [(r"layers\.\d+\.(attention\.(query|key|value|output)|ffn\.(intermediate|output))$",
-                 unstructured())]
+        return [(site_regex(model, leaves=None), unstructured())]
     if structure == "structured":
-        return [(r"layers\.\d+\.attention\.output$", heads(head_dim)), (r"layers\.\d+\.ffn\.output$", rows())]
+        F.family_of(model).require("o", "ffn_out", what="structured few-shot pruning")
+        return [(site_regex(model, ("o",), leaves=None), heads(family=model)),
+                (site_regex(model, ("ffn_out",), leaves=None), rows())]
     raise ValueError(f"structure must be 'unstructured' or 'structured', got {structure!r}")
 
 
-def bert_adapter(model, rules) -> Adapter:
-    """Adapter for a `BertForSequenceClassification` (data: tokenised arrays with labels)."""
-    specs = []
-    for i in range(len(model.bert.encoder.layers)):
-        for sub in _BERT_ORDER:
-            name = f"bert.encoder.layers.{i}.{sub}"
-            pat = next((p for rx, p in rules if re.search(rx, name)), None)
-            if pat is not None:
-                specs.append(LayerSpec(name, cd.dense_layer, pat, None))
-    return Adapter(tuple(specs), _bert_features, _bert_logits, _bert_flatten, _bert_weights)
+def encoder_adapter(model, rules) -> Adapter:
+    """Adapter for a sequence classifier of `efficient_nlp.models` (any family; data: tokenised
+    arrays with labels): its layer sites (`efficient_nlp.models.family.sites`), each fed the
+    capture its family names (`family.site_input`), valid tokens only."""
+    specs = _specs([s.path for s in F.sites(model)], rules, lambda n, pat: LayerSpec(n, cd.dense_layer, pat, None))
+    return Adapter(specs, _encoder_features, _encoder_logits, _token_flatten, _token_weights)
 
 
 # ----------------------------------------------------------------------------- model access
 def get_layer(model, name: str) -> dict:
     """``{"kernel", "bias"}`` arrays of the layer at ``name`` (a dotted module path)."""
-    mod = model
-    for part in name.split("."):
-        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    mod = F.get_module(model, name)
     out = {"kernel": mod.kernel.get_value()}
     if getattr(mod, "bias", None) is not None:
         out["bias"] = mod.bias.get_value()
@@ -179,9 +171,7 @@ def get_layer(model, name: str) -> dict:
 
 
 def set_layer(model, name: str, w: dict) -> None:
-    mod = model
-    for part in name.split("."):
-        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    mod = F.get_module(model, name)
     for key, value in w.items():
         var = getattr(mod, key)
         if hasattr(var, "set_value"):

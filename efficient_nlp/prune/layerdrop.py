@@ -1,27 +1,40 @@
 """LayerDrop (Fan et al. 2020; METHODS.md 2.1): drop whole layers at random while training, then
 remove layers on demand.
 
-Training: `with_layer_drop` sets the encoder's ``layer_drop`` rate (`models.bert.BertEncoder`
-draws one Bernoulli per layer from the ``dropout`` stream and passes a dropped layer's input
-through), so any loss that calls the model with ``deterministic=False`` (e.g. the fine-tuning
-``task_loss``) trains with LayerDrop; evaluation (``deterministic=True``) runs every layer.
+Training: `with_layer_drop` sets the ``layer_drop`` rate of the module that runs the model's
+layer stack (the owner of the family's `Family.layers`, e.g. the encoder, which draws one
+Bernoulli per layer from the ``dropout`` stream and passes a dropped layer's input through), so
+any loss that calls the model with ``deterministic=False`` (e.g. the fine-tuning ``task_loss``)
+trains with LayerDrop; evaluation (``deterministic=True``) runs every layer.
 
 Pruning: `remove_layers` keeps a given set of layers (`every_other`: the layers ``offset,
-offset + k, ...``, the paper's "every other layer" strategy) and builds a smaller `BertConfig` +
-params with `shrink` (layer removal is part of its structure).  The smaller model computes
+offset + k, ...``, the paper's "every other layer" strategy) and builds a smaller model of the
+same family with `shrink` (layer removal is part of its structure).  The smaller model computes
 exactly what the full model computes with the removed layers skipped
 (``layer_drop`` = 1 on them, 0 elsewhere).
 """
 from __future__ import annotations
 
+from efficient_nlp.models import family as F
 from efficient_nlp.prune.shrink import full_structure, shrink
 
 
+def _stack_owner(model):
+    """The module holding the model's layer stack (it runs the layers and reads ``layer_drop``)."""
+    fam = F.family_of(model)
+    owner = F.get_module(model, fam.path(fam.layers).rpartition(".")[0])
+    if not hasattr(owner, "layer_drop"):
+        raise F.FamilyError(f"family {fam.name!r}: the owner of its layer stack ({type(owner).__name__}) "
+                            "has no layer_drop rate, so LayerDrop cannot be set")
+    return owner
+
+
 def with_layer_drop(model, rate):
-    """Sets LayerDrop ``rate`` (float, or one per layer) on ``model``'s encoder; returns ``model``."""
-    encoder = model.bert.encoder
-    encoder._drop_rates(rate, len(encoder.layers))  # validates
-    encoder.layer_drop = float(rate) if isinstance(rate, (int, float)) else tuple(float(r) for r in rate)
+    """Sets LayerDrop ``rate`` (float, or one per layer) on the module that runs ``model``'s
+    layers; returns ``model``."""
+    owner = _stack_owner(model)
+    owner._drop_rates(rate, F.num_layers(model))  # validates
+    owner.layer_drop = float(rate) if isinstance(rate, (int, float)) else tuple(float(r) for r in rate)
     return model
 
 

@@ -12,25 +12,114 @@ The pure pattern in the DESIGN.md sense, ``scores -> mask``, is `topk_mask` (kee
 its sparsity is ``1 - N/M`` by construction).
 
 Patterns: `unstructured`, `n_m` (N:M along an axis), `block`, `neurons` (rows/columns of a
-kernel: one unit per index along ``axis``), `ffn_neurons` (intermediate column + output row of
-a BERT FFN neuron), `heads` (Q/K/V columns and O rows of a head), `layers` (every tensor of a
-layer).  Kernels of `efficient_nlp.models` are ``[in, out]``.
+kernel: one unit per index along ``axis``), `ffn_neurons` (an FFN neuron's ``ffn_in`` /
+``ffn_gate`` column and its ``ffn_out`` row), `heads` (a head's ``q`` / ``k`` / ``v`` columns and
+``o`` rows), `layers` (every tensor of a layer).  Kernels of `efficient_nlp.models` are
+``[in, out]``.
+
+`heads`, `ffn_neurons` and `layers` read the model family description
+(`efficient_nlp.models.family`): a parameter's role is the layer site its module path ends with
+(`param_site`), so the same pattern works on every family.  ``family=None`` accepts the sites of
+every registered family; a family name (or a model) restricts them to that family.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from efficient_nlp.models import family as F
 from efficient_nlp.prune._registry import resolve
-
-_LAYER = re.compile(r"^(.*?layers\.\d+)\.")
 
 
 class PatternError(ValueError):
     """A pattern cannot be applied to a selected tensor (wrong shape or name)."""
+
+
+# ----------------------------------------------------------------------------- family sites by name
+def family_name(family) -> str | None:
+    """``None``, a family name, a `Family` or a model -> the family's name (None: every family)."""
+    if family is None:
+        return None
+    if isinstance(family, str):
+        return F.get_family(family).name
+    if isinstance(family, F.Family):
+        return family.name
+    return F.family_of(family).name
+
+
+def _families(family):
+    return [F.get_family(family)] if family is not None else list(F.families().values())
+
+
+class ParamSite(NamedTuple):
+    """A parameter ``<prefix>.<site module>.<leaf>`` of a layer site (see `param_site`)."""
+
+    prefix: str   # the module path before the site (a layer's path, e.g. ``...layers.3``)
+    role: str     # its role (`efficient_nlp.models.family.LAYER_ROLES`)
+    leaf: str     # ``kernel`` / ``bias``
+    family: F.Family
+
+
+def param_site(name: str, family: str | None = None) -> ParamSite | None:
+    """The layer site a parameter path belongs to, by its module path ending with a site's path
+    inside a layer (`Family.layer_sites`), else None.  Works on bare parameter pytrees (no model
+    needed); raises `PatternError` when two families read the name as different roles."""
+    module, _, leaf = name.rpartition(".")
+    found = {}
+    for fam in _families(family):
+        for role, sub in fam.layer_sites.items():
+            if module == sub or module.endswith("." + sub):
+                found.setdefault((module[: -len(sub)].rstrip("."), role), fam)
+    if len(found) > 1:
+        raise PatternError(f"{name} matches several layer sites ({sorted(r for _, r in found)}) of the "
+                           "registered model families; give the pattern family=...")
+    if not found:
+        return None
+    (prefix, role), fam = next(iter(found.items()))
+    return ParamSite(prefix, role, leaf, fam)
+
+
+def _sites_text(family, roles) -> str:
+    """The module paths of ``roles`` in ``family`` (or every family), for error messages."""
+    subs = sorted({fam.layer_sites[r] for fam in _families(family) for r in roles if r in fam.layer_sites})
+    return ", ".join(subs) or "none"
+
+
+def _unit_group(site: ParamSite, roles, kind: str) -> str:
+    """Group key of a unit pattern: the site's prefix plus the common parent module of the
+    family's ``roles`` (``...layers.3.attention``), or ``kind`` when they share none."""
+    subs = [site.family.layer_sites[r].split(".") for r in roles if r in site.family.layer_sites]
+    common = []
+    for parts in zip(*subs):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    common = common[: min(len(s) for s in subs) - 1]  # a parent, never a site itself
+    key = ".".join(common) or kind
+    return f"{site.prefix}.{key}" if site.prefix else key
+
+
+def layer_regex(family: str | None = None) -> re.Pattern:
+    """``^(<path to a layer>)\\.``: the prefix of a parameter inside a layer of the stack
+    (`Family.layers`) of ``family`` (None: any family)."""
+    stacks = sorted({re.escape(fam.layers.rpartition(".")[2]) for fam in _families(family)})
+    return re.compile(rf"^(.*?(?:{'|'.join(stacks)})\.\d+)\.")
+
+
+def site_regex(model, roles=F.LAYER_ROLES, leaves="kernel") -> str:
+    """A rule regex selecting the ``leaves`` parameters (a regex: ``kernel``, ``(kernel|bias)``,
+    or None for the module paths themselves) of ``model``'s layer sites whose role is in
+    ``roles`` (roles the family lacks are skipped)."""
+    fam = F.family_of(model)
+    subs = [re.escape(fam.layer_sites[r]) for r in F.LAYER_ROLES if r in roles and r in fam.layer_sites]
+    if not subs:
+        raise F.FamilyError(f"family {fam.name!r} has none of the roles {list(roles)}")
+    tail = rf"\.{leaves}" if leaves else ""
+    return rf"^{re.escape(fam.path(fam.layers))}\.\d+\.({'|'.join(subs)}){tail}$"
 
 
 def _axis_units(x, axis, unit):
@@ -116,26 +205,43 @@ class Neurons(Pattern):
         return _axis_expand(unit_mask, self.axis, 1, shape)
 
 
+def _unit_site(name, family, roles, what) -> ParamSite:
+    """The site of a parameter a unit pattern ties: kernels and biases of the ``roles`` whose
+    units lie along the output columns, kernels of the others."""
+    site = param_site(name, family)
+    if site is None or site.role not in roles or site.leaf not in ("kernel", "bias") or (
+            site.leaf == "bias" and site.role not in F.OUTPUT_UNIT_ROLES):
+        out_roles = [r for r in roles if r in F.OUTPUT_UNIT_ROLES]
+        in_roles = [r for r in roles if r not in F.OUTPUT_UNIT_ROLES]
+        raise PatternError(
+            f"{what} pattern applies to the kernels and biases of the {'/'.join(out_roles)} sites "
+            f"({_sites_text(family, out_roles)}) and the kernels of the {'/'.join(in_roles)} sites "
+            f"({_sites_text(family, in_roles)}) only, not {name} (exclude it from the rule)")
+    return site
+
+
+def _unit_axis(site: ParamSite) -> int:
+    """Axis of a site's parameter along which its units lie (bias: 0; kernel ``[in, out]``)."""
+    if site.leaf == "bias":
+        return 0
+    return -1 if site.role in F.OUTPUT_UNIT_ROLES else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Heads(Pattern):
-    """Attention heads: head ``h`` = columns ``h*D:(h+1)*D`` of the query/key/value kernels (and
-    biases) and the same rows of the output kernel, all pruned together (one group per layer)."""
+    """Attention heads: head ``h`` = columns ``h*D:(h+1)*D`` of the ``q`` / ``k`` / ``v`` kernels
+    (and biases) and the same rows of the ``o`` kernel, all pruned together (one group per
+    layer).  ``family``: a family name (None: the sites of any registered family)."""
 
     head_dim: int = 64
+    family: str | None = None
     name = "heads"
 
     def _axis(self, name):
-        m = re.search(r"\.(query|key|value|output)\.(kernel|bias)$", name)
-        if m is None or (m.group(1) == "output" and m.group(2) == "bias"):
-            raise PatternError(
-                f"heads pattern applies to attention.{{query,key,value}}.{{kernel,bias}} and "
-                f"attention.output.kernel only, not {name} (exclude it from the rule)")
-        if m.group(2) == "bias":
-            return 0
-        return 0 if m.group(1) == "output" else 1
+        return _unit_axis(_unit_site(name, self.family, F.HEAD_ROLES, "heads"))
 
     def group_key(self, name, shape):
-        return name[: name.rfind(".", 0, name.rfind("."))]  # '...attention'
+        return _unit_group(_unit_site(name, self.family, F.HEAD_ROLES, "heads"), F.HEAD_ROLES, "heads")
 
     def check(self, name, shape):
         axis = self._axis(name)
@@ -152,21 +258,18 @@ class Heads(Pattern):
 
 @dataclasses.dataclass(frozen=True)
 class FFNNeurons(Pattern):
-    """BERT FFN neurons: neuron ``j`` = column ``j`` of ``ffn.intermediate.kernel`` (and its bias)
-    and row ``j`` of ``ffn.output.kernel``, pruned together (one group per layer)."""
+    """FFN neurons: neuron ``j`` = column ``j`` of the ``ffn_in`` (and ``ffn_gate``) kernel and
+    bias and row ``j`` of the ``ffn_out`` kernel, pruned together (one group per layer)."""
 
+    family: str | None = None
     name = "ffn_neurons"
 
     def _axis(self, name):
-        if re.search(r"\.intermediate\.kernel$", name):
-            return 1
-        if re.search(r"\.intermediate\.bias$|\.output\.kernel$", name) and ".ffn." in name + ".":
-            return 0
-        raise PatternError(f"ffn_neurons applies to ffn.intermediate.{{kernel,bias}} and ffn.output.kernel "
-                           f"only, not {name}")
+        return _unit_axis(_unit_site(name, self.family, F.NEURON_ROLES, "ffn_neurons"))
 
     def group_key(self, name, shape):
-        return name[: name.rfind(".", 0, name.rfind("."))]  # '...ffn'
+        site = _unit_site(name, self.family, F.NEURON_ROLES, "ffn_neurons")
+        return _unit_group(site, F.NEURON_ROLES, "ffn")
 
     def check(self, name, shape):
         self._axis(name)
@@ -180,17 +283,20 @@ class FFNNeurons(Pattern):
 
 @dataclasses.dataclass(frozen=True)
 class Layers(Pattern):
-    """Whole layers: every selected tensor of ``...layers.<i>.`` is one unit.
+    """Whole layers: every selected tensor of one layer of the stack (``...layers.<i>.``, the
+    family's `Family.layers`) is one unit.
 
-    A zeroed post-LayerNorm BERT layer is NOT the identity, so a layer mask is a simulation;
+    A zeroed post-LayerNorm layer is NOT the identity, so a layer mask is a simulation;
     `efficient_nlp.prune.shrink` removes such layers for real (outputs then differ)."""
 
+    family: str | None = None
     name = "layers"
 
     def group_key(self, name, shape):
-        m = _LAYER.match(name)
+        m = layer_regex(self.family).match(name)
         if m is None:
-            raise PatternError(f"layers pattern: {name} is not inside a '...layers.<i>.' module")
+            raise PatternError(f"layers pattern: {name} is not inside a layer of the stack "
+                               f"({layer_regex(self.family).pattern})")
         return m.group(1)
 
     def check(self, name, shape):
@@ -306,16 +412,22 @@ def rows() -> Pattern:
     return Neurons(0)
 
 
-def heads(head_dim: int) -> Pattern:
-    return Heads(int(head_dim))
+def heads(head_dim: int | None = None, family=None) -> Pattern:
+    """Attention heads of width ``head_dim``; ``family``: a family name, `Family` or model (a
+    model also gives the default ``head_dim``, `efficient_nlp.models.family.head_layout`)."""
+    if head_dim is None:
+        if family is None or isinstance(family, (str, F.Family)):
+            raise ValueError("heads() needs head_dim (or a model as family to read it from)")
+        head_dim = F.head_layout(family).head_dim
+    return Heads(int(head_dim), family_name(family))
 
 
-def ffn_neurons() -> Pattern:
-    return FFNNeurons()
+def ffn_neurons(family=None) -> Pattern:
+    return FFNNeurons(family_name(family))
 
 
-def layers() -> Pattern:
-    return Layers()
+def layers(family=None) -> Pattern:
+    return Layers(family_name(family))
 
 
 def n_m(n: int = 2, m: int = 4, axis: int = -1) -> Pattern:

@@ -1,16 +1,21 @@
-"""Physical shrink: a head/neuron/layer-pruned BERT -> a smaller BERT (METHODS.md 2.1: "structured
-pruning only speeds up inference if the pruned units are physically removed").
+"""Physical shrink: a head/neuron/layer-pruned model -> a smaller model of the same family
+(METHODS.md 2.1: "structured pruning only speeds up inference if the pruned units are
+physically removed").
 
-`structure_of` reads what survives from the (masked) weights: head ``h`` of layer ``i`` survives
-iff some weight in its rows of ``attention.output.kernel`` is non-zero; FFN neuron ``j`` iff row
-``j`` of ``ffn.output.kernel`` is; a layer is dropped iff all six of its kernels are zero (the
-`layers` pattern).  Removing a head (neuron) whose output rows are zero changes nothing, so the
-shrunk model gives the same outputs as the masked one; dropping a zeroed post-LayerNorm layer is
-not the identity, so with dropped layers outputs differ (that is what layer pruning means).
+Units are read from the model's family description (`efficient_nlp.models.family`): head ``h``
+of layer ``i`` is the ``head_dim`` columns of the ``q`` / ``k`` / ``v`` kernels and biases and the
+same rows of the ``o`` kernel; FFN neuron ``j`` is column ``j`` of the ``ffn_in`` (and
+``ffn_gate``) kernel and bias and row ``j`` of the ``ffn_out`` kernel.  `structure_of` reads what
+survives from the (masked) weights: a head survives iff some weight in its rows of the ``o``
+kernel is non-zero, a neuron iff its row of the ``ffn_out`` kernel is; a layer is dropped iff
+every site kernel of it is zero (the `layers` pattern).  Removing a head (neuron) whose output
+rows are zero changes nothing, so the shrunk model gives the same outputs as the masked one;
+dropping a zeroed post-LayerNorm layer is not the identity, so with dropped layers outputs
+differ (that is what layer pruning means).
 
-`shrink` builds the smaller model with per-layer head counts / FFN widths in its `BertConfig`
-(``layer_num_attention_heads``, ``layer_intermediate_sizes``), so it saves with
-`models.save_hf_checkpoint` and loads with `models.from_pretrained` on its own.
+`shrink` builds the smaller model (`efficient_nlp.models.family.resized`) with per-layer head
+counts / FFN widths in its config (``layer_num_attention_heads``, ``layer_intermediate_sizes``),
+so it saves with `models.save_hf_checkpoint` and loads with `models.from_pretrained` on its own.
 """
 from __future__ import annotations
 
@@ -23,9 +28,9 @@ import numpy as np
 from flax import nnx
 
 from efficient_nlp import models
+from efficient_nlp.models import family as F
 
-_KERNELS = ("attention.query", "attention.key", "attention.value", "attention.output",
-            "ffn.intermediate", "ffn.output")
+_UNIT_ROLES = {"heads": F.HEAD_ROLES, "neurons": F.NEURON_ROLES}
 
 
 def _arrays(model, masks=None):
@@ -39,129 +44,88 @@ def _arrays(model, masks=None):
     return params
 
 
+def unit_params(model, i: int) -> dict:
+    """``{"heads": [(param path, unit axis)], "neurons": [...]}``: the parameters of layer ``i``
+    that hold its heads / FFN neurons and the axis their units lie along (the kernels of the
+    output-unit roles, then their biases, then the other kernels; see the module docstring)."""
+    fam = F.family_of(model)
+    fam.require("q", "k", "v", "o", "ffn_in", "ffn_out", what="structured pruning of heads and FFN neurons")
+    out = {}
+    for kind, roles in _UNIT_ROLES.items():
+        paths = [(r, F.site_path(model, i, r)) for r in roles if r in fam.layer_sites]
+        out[kind] = ([(p + ".kernel", 1) for r, p in paths if r in F.OUTPUT_UNIT_ROLES]
+                     + [(p + ".bias", 0) for r, p in paths
+                        if r in F.OUTPUT_UNIT_ROLES and getattr(F.get_module(model, p), "bias", None) is not None]
+                     + [(p + ".kernel", 0) for r, p in paths if r not in F.OUTPUT_UNIT_ROLES])
+    return out
+
+
 def structure_of(model, masks=None) -> dict:
     """``{"layers": kept layer indices, "heads": [kept heads per kept layer], "neurons": [kept
     FFN neurons per kept layer]}`` from the weights of ``model`` (times ``masks`` if given)."""
+    F.family_of(model).require("o", "ffn_out", what="structure_of")
     params = _arrays(model, masks)
-    d = model.config.attention_head_dim
+    sites = F.sites(model)
     out = {"layers": [], "heads": [], "neurons": []}
-    for i in range(len(model.bert.encoder.layers)):
-        p = f"bert.encoder.layers.{i}."
-        if all(not np.any(params[p + k + ".kernel"]) for k in _KERNELS):
+    for i in range(F.num_layers(model)):
+        if all(not np.any(params[s.path + ".kernel"]) for s in sites if s.layer == i):
             continue
-        o = params[p + "attention.output.kernel"]
-        n_heads = o.shape[0] // d
+        d = F.head_layout(model, i).head_dim
+        o = params[F.site_path(model, i, "o") + ".kernel"]
         out["layers"].append(i)
-        out["heads"].append([h for h in range(n_heads) if np.any(o[h * d:(h + 1) * d])])
-        out["neurons"].append([int(j) for j in np.flatnonzero(np.any(params[p + "ffn.output.kernel"], axis=1))])
+        out["heads"].append([h for h in range(o.shape[0] // d) if np.any(o[h * d:(h + 1) * d])])
+        ffn_out = params[F.site_path(model, i, "ffn_out") + ".kernel"]
+        out["neurons"].append([int(j) for j in np.flatnonzero(np.any(ffn_out, axis=1))])
     return out
 
 
 def full_structure(model) -> dict:
     """The structure of ``model`` with nothing removed (every layer, head and FFN neuron)."""
-    d = model.config.attention_head_dim
-    layers = model.bert.encoder.layers
-    return {"layers": list(range(len(layers))),
-            "heads": [list(range(np.shape(l.attention.output.kernel.get_value())[0] // d)) for l in layers],
-            "neurons": [list(range(np.shape(l.ffn.output.kernel.get_value())[0])) for l in layers]}
+    n = F.num_layers(model)
+    return {"layers": list(range(n)),
+            "heads": [list(range(F.head_layout(model, i).num_heads)) for i in range(n)],
+            "neurons": [list(range(F.num_neurons(model, i))) for i in range(n)]}
 
 
 def structure_masks(model, structure) -> dict:
     """``{parameter name: bool keep mask}`` that zeroes what ``structure`` removes: a head's
-    Q/K/V columns and biases and its O rows, a neuron's intermediate column and bias and its
-    output row, every kernel of a removed layer.  ``apply`` them (`apply_masks`) and
+    q/k/v columns and biases and its o rows, a neuron's ffn_in (ffn_gate) column and bias and its
+    ffn_out row, every unit parameter of a removed layer.  ``apply`` them (`apply_masks`) and
     `structure_of` reads ``structure`` back; `shrink(model, structure=...)` removes the same
     units for real (the inverse pair: simulation vs removal)."""
-    d = model.config.attention_head_dim
     full = full_structure(model)
     where = dict(zip(structure["layers"], zip(structure["heads"], structure["neurons"])))
+    shapes = {k: np.shape(v.get_value()) for k, v in models.named_params(model).items()}
     out = {}
     for i in full["layers"]:
-        p = f"bert.encoder.layers.{i}."
-        kept = i in where
         heads, neurons = where.get(i, ([], []))
-        hm = np.zeros(len(full["heads"][i]), bool)
-        hm[list(heads)] = True
-        nm = np.zeros(len(full["neurons"][i]), bool)
-        nm[list(neurons)] = True
-        cols = np.repeat(hm, d)
-        h = model.config.hidden_size
-        for k in ("query", "key", "value"):
-            out[p + f"attention.{k}.kernel"] = np.broadcast_to(cols[None, :], (h, cols.size))
-            out[p + f"attention.{k}.bias"] = cols
-        out[p + "attention.output.kernel"] = np.broadcast_to(cols[:, None], (cols.size, h))
-        out[p + "ffn.intermediate.kernel"] = np.broadcast_to(nm[None, :], (h, nm.size))
-        out[p + "ffn.intermediate.bias"] = nm
-        out[p + "ffn.output.kernel"] = np.broadcast_to(nm[:, None], (nm.size, h))
-        if not kept:
-            out = {k: (np.zeros(np.shape(v), bool) if k.startswith(p) else v) for k, v in out.items()}
+        keep = {"heads": np.zeros(len(full["heads"][i]), bool), "neurons": np.zeros(len(full["neurons"][i]), bool)}
+        keep["heads"][list(heads)] = True
+        keep["neurons"][list(neurons)] = True
+        keep["heads"] = np.repeat(keep["heads"], F.head_layout(model, i).head_dim)
+        for kind, members in unit_params(model, i).items():
+            for name, axis in members:
+                view = [1] * len(shapes[name])
+                view[axis] = -1
+                m = np.broadcast_to(keep[kind].reshape(view), shapes[name])
+                out[name] = m if i in where else np.zeros(shapes[name], bool)
     return {k: np.array(v) for k, v in out.items()}
 
 
 def shrunk_config(config, structure):
-    """The `BertConfig` of the model `shrink` builds for ``structure`` (per-layer head counts and
-    FFN widths); ``flops(shrunk_config(config, st))`` is the exact FLOPs count after removal."""
-    return config.replace(
-        num_hidden_layers=len(structure["layers"]), head_dim=config.attention_head_dim,
-        layer_num_attention_heads=tuple(len(h) for h in structure["heads"]),
-        layer_intermediate_sizes=tuple(len(n) for n in structure["neurons"]))
-
-
-def _set(var, value):
-    if hasattr(var, "set_value"):
-        var.set_value(value)
-    else:  # pragma: no cover - older flax
-        var.value = value
+    """The config of the model `shrink` builds for ``structure`` (per-layer head counts and FFN
+    widths); ``flops(shrunk_config(config, st))`` is the exact FLOPs count after removal."""
+    return F.resized_config(config, structure["layers"], structure["heads"], structure["neurons"])
 
 
 def shrink(model, masks=None, structure=None):
     """Returns ``(smaller_model, structure)``; ``structure`` (see `structure_of`) is read from the
     weights (times ``masks``) unless given.  ``model`` is left unchanged."""
-    params = _arrays(model, masks)
-    cfg = model.config
-    d = cfg.attention_head_dim
     st = structure if structure is not None else structure_of(model, masks)
     if not st["layers"]:
-        raise ValueError("shrink: every layer is pruned; a BERT needs at least one layer")
-    new_cfg = shrunk_config(cfg, st)
-    kwargs = {}
-    if isinstance(model, models.BertModel) and model.bert.pooler is None:
-        kwargs["add_pooling_layer"] = False
-    dtype = next(iter(models.named_params(model).values())).get_value().dtype
-    # Abstract construction (no random init): every parameter is then set from ``model``.
-    small = nnx.eval_shape(lambda: type(model)(new_cfg, rngs=nnx.Rngs(0), param_dtype=dtype, **kwargs))
-    for name, var in models.named_params(small).items():
-        src = name
-        value = None
-        if name.startswith("bert.encoder.layers."):
-            parts = name.split(".")
-            new_i = int(parts[3])
-            old_i = st["layers"][new_i]
-            parts[3] = str(old_i)
-            src = ".".join(parts)
-            rest = ".".join(parts[4:])
-            cols = np.concatenate([np.arange(h * d, (h + 1) * d) for h in st["heads"][new_i]] or
-                                  [np.zeros(0, int)]).astype(int)
-            neu = np.asarray(st["neurons"][new_i], int)
-            a = params[src]
-            if rest in ("attention.query.kernel", "attention.key.kernel", "attention.value.kernel"):
-                value = a[:, cols]
-            elif rest in ("attention.query.bias", "attention.key.bias", "attention.value.bias"):
-                value = a[cols]
-            elif rest == "attention.output.kernel":
-                value = a[cols, :]
-            elif rest == "ffn.intermediate.kernel":
-                value = a[:, neu]
-            elif rest == "ffn.intermediate.bias":
-                value = a[neu]
-            elif rest == "ffn.output.kernel":
-                value = a[neu, :]
-        if value is None:
-            value = params[src]
-        want = tuple(var.get_value().shape)
-        if tuple(value.shape) != want:  # pragma: no cover - internal consistency
-            raise AssertionError(f"shrink: {name} has shape {value.shape}, expected {want}")
-        _set(var, jnp.asarray(value))
+        raise ValueError("shrink: every layer is pruned; a model needs at least one layer")
+    params = _arrays(model, masks) if masks is not None else None
+    small = F.resized(model, layers=st["layers"], heads=st["heads"], neurons=st["neurons"], params=params)
     return small, st
 
 
@@ -171,19 +135,31 @@ def count_params(model) -> int:
     return int(sum(np.prod(v.get_value().shape) for v in models.named_params(model).values()))
 
 
-def flops(config, seq_len: int = 128) -> int:
-    """Forward FLOPs (2 per multiply-add) of the encoder + pooler for ONE sequence of ``seq_len``
-    tokens, from a `BertConfig` (per-layer sizes included); embeddings lookups and the small
-    element-wise ops are not counted."""
+def gated_ffn(config) -> bool:
+    """Whether the family of ``config.model_type`` has a gated FFN (an ``ffn_gate`` site); False
+    when no registered family describes it."""
+    try:
+        return "ffn_gate" in F.family_for_config({"model_type": getattr(config, "model_type", None)}).layer_sites
+    except F.FamilyError:
+        return False
+
+
+def flops(config, seq_len: int = 128, gated: bool | None = None) -> int:
+    """Forward FLOPs (2 per multiply-add) of the layer stack + the hidden-size dense after it
+    (BERT's pooler, RoBERTa's pre_classifier) for ONE sequence of ``seq_len`` tokens, from the
+    config's per-layer head counts and FFN widths; embeddings lookups and the small element-wise
+    ops are not counted.  ``gated``: the FFN has a gate matmul (``ffn_gate``; default: read from
+    the config's family, `gated_ffn`)."""
     t, h, d = seq_len, config.hidden_size, config.attention_head_dim
+    ffn_matmuls = 3 if (gated_ffn(config) if gated is None else gated) else 2
     total = 0
     for i in range(config.num_hidden_layers):
         w = config.layer_num_heads(i) * d
         inter = config.layer_intermediate_size(i)
         total += 2 * t * h * w * 4          # Q, K, V, O projections
         total += 2 * t * t * w * 2          # scores and context
-        total += 2 * t * h * inter * 2      # FFN
-    total += 2 * h * h                      # pooler
+        total += 2 * t * h * inter * ffn_matmuls
+    total += 2 * h * h                      # the dense after the stack
     return int(total)
 
 

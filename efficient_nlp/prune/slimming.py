@@ -2,13 +2,13 @@
 attention head and every FFN neuron, an L1 penalty on the gates, and pruning of the units with
 the smallest gates once the gate mask has stabilised (the "early-bird" ticket).
 
-Gates act on the parameters, not on the modules (BertAttention is untouched): the output dense
-of attention is linear in the concatenated head contexts, ``out = sum_h ctx_h @ W_O[rows of h]``,
-so scaling head ``h``'s context by ``g_h`` equals scaling the ``head_dim`` rows of
-``attention.output.kernel`` that belong to ``h``; likewise an FFN neuron gate scales its row of
-``ffn.output.kernel``.  `apply_gates` is therefore a pure function of ``(params, gates)`` usable
-inside any loss, and `Slimming` wraps a model with the gates as extra ``nnx.Param`` so that the
-one training loop trains weights and gates together.
+Gates act on the parameters, not on the modules (the attention module is untouched): the
+attention output dense (the ``o`` site of the model family) is linear in the concatenated head
+contexts, ``out = sum_h ctx_h @ W_O[rows of h]``, so scaling head ``h``'s context by ``g_h``
+equals scaling the ``head_dim`` rows of the ``o`` kernel that belong to ``h``; likewise an FFN
+neuron gate scales its row of the ``ffn_out`` kernel.  `apply_gates` is therefore a pure
+function of ``(params, gates)`` usable inside any loss, and `Slimming` wraps a model with the
+gates as extra ``nnx.Param`` so that the one training loop trains weights and gates together.
 
 Gates pytree: ``{"heads": {"<layer>": [num_heads]}, "ffn": {"<layer>": [intermediate]}}``
 (either part may be absent).  The search (`earlybert_search`): every ``check_every`` updates the
@@ -21,7 +21,6 @@ that `efficient_nlp.prune.shrink` removes for real.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import jax
@@ -30,41 +29,42 @@ import numpy as np
 from flax import nnx
 
 from efficient_nlp import tree as tree_lib
+from efficient_nlp.models import family as F
 from efficient_nlp.prune import masks as masks_lib
-from efficient_nlp.prune.patterns import get_pattern
-
-_HEAD_ROWS = re.compile(r"layers\.(\d+)\.attention\.output\.kernel$")
-_FFN_ROWS = re.compile(r"layers\.(\d+)\.ffn\.output\.kernel$")
+from efficient_nlp.prune.patterns import family_name, get_pattern, param_site
 
 
 def init_gates(model, *, heads: bool = True, ffn: bool = True, value: float = 1.0) -> dict:
-    """Gates of ``model`` (a BERT of `efficient_nlp.models`), all equal to ``value``."""
-    d = model.config.attention_head_dim
+    """Gates of ``model`` (a model of `efficient_nlp.models` whose family has the ``o`` and
+    ``ffn_out`` sites), all equal to ``value``."""
+    F.family_of(model).require("o", "ffn_out", what="slimming gates")
+    n = F.num_layers(model)
     out = {}
-    layers = model.bert.encoder.layers
     if heads:
-        out["heads"] = {str(i): jnp.full((np.shape(l.attention.output.kernel.get_value())[0] // d,), value,
-                                         jnp.float32) for i, l in enumerate(layers)}
+        out["heads"] = {str(i): jnp.full((F.head_layout(model, i).num_heads,), value, jnp.float32) for i in range(n)}
     if ffn:
-        out["ffn"] = {str(i): jnp.full((np.shape(l.ffn.output.kernel.get_value())[0],), value, jnp.float32)
-                      for i, l in enumerate(layers)}
+        out["ffn"] = {str(i): jnp.full((F.num_neurons(model, i),), value, jnp.float32) for i in range(n)}
     return out
 
 
-def apply_gates(params, gates, head_dim: int):
-    """``params`` with the rows of each head of ``attention.output.kernel`` scaled by its head gate
-    and each row of ``ffn.output.kernel`` by its neuron gate (equal to scaling the head context /
-    the FFN activation; see the module docstring).  Pure; differentiable in params and gates."""
+def apply_gates(params, gates, head_dim: int, family=None):
+    """``params`` with the rows of each head of the ``o`` kernel scaled by its head gate and each
+    row of the ``ffn_out`` kernel by its neuron gate (equal to scaling the head context / the FFN
+    activation; see the module docstring).  The layer of a kernel is the last index of its
+    path before the site; ``family``: a family name (None: the sites of any family, as for
+    `patterns.param_site`).  Pure; differentiable in params and gates."""
     head_g, ffn_g = gates.get("heads", {}), gates.get("ffn", {})
+    family = family_name(family)
 
     def leaf(path, w):
-        name = tree_lib.path_str(path)
-        m = _HEAD_ROWS.search(name)
-        if m and m.group(1) in head_g:
-            return w * jnp.repeat(head_g[m.group(1)], head_dim).astype(w.dtype)[:, None]
-        m = _FFN_ROWS.search(name)
-        if m and m.group(1) in ffn_g:
-            return w * ffn_g[m.group(1)].astype(w.dtype)[:, None]
+        site = param_site(tree_lib.path_str(path), family)
+        if site is None or site.leaf != "kernel":
+            return w
+        layer = site.prefix.rpartition(".")[2]
+        if site.role == "o" and layer in head_g:
+            return w * jnp.repeat(head_g[layer], head_dim).astype(w.dtype)[:, None]
+        if site.role == "ffn_out" and layer in ffn_g:
+            return w * ffn_g[layer].astype(w.dtype)[:, None]
         return w
 
     return jax.tree_util.tree_map_with_path(leaf, params)
@@ -85,7 +85,8 @@ class Slimming(nnx.Module):
 
     def __init__(self, model, *, heads: bool = True, ffn: bool = True, value: float = 1.0):
         self.model = model
-        self.head_dim = int(model.config.attention_head_dim)
+        self.head_dim = int(F.head_layout(model).head_dim)
+        self.family = F.family_of(model).name
         g = init_gates(model, heads=heads, ffn=ffn, value=value)
         self.head_gates = nnx.List([nnx.Param(v) for _, v in sorted(g.get("heads", {}).items(), key=_idx)])
         self.ffn_gates = nnx.List([nnx.Param(v) for _, v in sorted(g.get("ffn", {}).items(), key=_idx)])
@@ -101,7 +102,7 @@ class Slimming(nnx.Module):
 
     def gated(self):
         graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
-        return nnx.merge(graphdef, apply_gates(params, self.gates, self.head_dim), rest)
+        return nnx.merge(graphdef, apply_gates(params, self.gates, self.head_dim, self.family), rest)
 
     def __call__(self, *args, **kwargs):
         return self.gated()(*args, **kwargs)

@@ -7,13 +7,10 @@ exactly 0.  `plot_summary` draws with matplotlib (a declared dependency) through
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from efficient_nlp import tree as tree_lib
-
-_LAYER = re.compile(r"layers\.(\d+)\.")
+from efficient_nlp.prune.patterns import layer_regex
 
 
 def sparsity_summary(params, rules=r"kernel$") -> list[dict]:
@@ -31,11 +28,13 @@ def sparsity_summary(params, rules=r"kernel$") -> list[dict]:
 
 
 def layer_summary(rows) -> dict:
-    """``{"layer <i>" or "other": sparsity}`` aggregated (by element count) from `sparsity_summary`."""
+    """``{"layer <i>" or "other": sparsity}`` aggregated (by element count) from `sparsity_summary`
+    (a parameter's layer: its index in the layer stack of any model family, `patterns.layer_regex`)."""
     acc: dict[str, list[int]] = {}
+    layer = layer_regex()
     for r in rows:
-        m = _LAYER.search(r["name"])
-        key = f"layer {int(m.group(1)):02d}" if m else "other"
+        m = layer.match(r["name"])
+        key = f"layer {int(m.group(1).rpartition('.')[2]):02d}" if m else "other"
         z, s = acc.setdefault(key, [0, 0])
         acc[key] = [z + r["zeros"], s + r["size"]]
     return {k: z / max(s, 1) for k, (z, s) in sorted(acc.items())}

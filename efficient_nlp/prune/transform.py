@@ -17,6 +17,11 @@ checkpointing (orbax) and replication over the mesh cover them with nothing extr
 Proximal operators (chain them AFTER the base optimizer, they need ``params``):
 `l1_soft_threshold` (``w <- sign(w) max(|w| - lr*lambda, 0)``) and `group_soft_threshold`
 (``w_g <- w_g max(0, 1 - lr*lambda / ||w_g||)`` over rows / heads / neurons of a pattern).
+
+Every transform here takes its arguments in one order: the wrapped optimizer (if any), then
+``rules`` (regexes over parameter paths, selected through `efficient_nlp.tree`), then the
+hyper-parameters: ``pruning(inner, rules, ...)``, ``l1_soft_threshold(rules, strength, ...)``,
+``group_soft_threshold(rules, strength, ...)``.
 """
 from __future__ import annotations
 
@@ -46,6 +51,11 @@ class PruningState(NamedTuple):
 def _need_params(params, what):
     if params is None:
         raise ValueError(f"{what} needs params: call tx.update(grads, state, params)")
+
+
+def _check_rules(rules, what):
+    if isinstance(rules, (int, float)):
+        raise TypeError(f"{what}(rules, strength, learning_rate): rules come first, got the number {rules!r}")
 
 
 def _has_stats(stats):
@@ -181,10 +191,12 @@ def group_shrink(members, pattern: Pattern, t):
     return {n: w * pattern.expand(n, factor, jnp.shape(w)).astype(w.dtype) for n, w in members.items()}
 
 
-def l1_soft_threshold(strength: float, learning_rate=1.0, rules=r"kernel$") -> optax.GradientTransformation:
-    """Proximal L1 step on the leaves ``rules`` select: after the base update ``w' = w + u``,
-    ``w <- sign(w') max(|w'| - lr * strength, 0)`` (ISTA).  ``learning_rate``: float or schedule
-    of the count; chain after the base optimizer."""
+def l1_soft_threshold(rules, strength: float, learning_rate=1.0) -> optax.GradientTransformation:
+    """Proximal L1 step on the leaves ``rules`` select (e.g. ``r"kernel$"``): after the base
+    update ``w' = w + u``, ``w <- sign(w') max(|w'| - lr * strength, 0)`` (ISTA).
+    ``learning_rate``: float or schedule of the count; chain after the base optimizer."""
+    _check_rules(rules, "l1_soft_threshold")
+    tree_lib.compile_rules(rules)  # validate early
 
     def init(params):
         return ProxState(jnp.zeros((), jnp.int32))
@@ -199,10 +211,11 @@ def l1_soft_threshold(strength: float, learning_rate=1.0, rules=r"kernel$") -> o
     return optax.GradientTransformation(init, update)
 
 
-def group_soft_threshold(strength: float, rules, learning_rate=1.0) -> optax.GradientTransformation:
+def group_soft_threshold(rules, strength: float, learning_rate=1.0) -> optax.GradientTransformation:
     """Proximal group-lasso step (``t * sum_g ||w_g||_2``): ``w_g <- w_g max(0, 1 - t / ||w_g||)``
     with ``t = lr * strength``; groups are the units of a pattern, ``rules = [(regex, Pattern)]``
-    (e.g. ``heads(D)`` groups a head's Q/K/V columns and O rows, ``neurons()`` kernel columns)."""
+    (e.g. ``heads(D)`` groups a head's q/k/v columns and o rows, ``neurons()`` kernel columns)."""
+    _check_rules(rules, "group_soft_threshold")
     if isinstance(rules, tuple) and len(rules) == 2 and isinstance(rules[0], str):
         rules = [rules]
     prune_rules = []

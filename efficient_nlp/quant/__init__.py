@@ -10,7 +10,9 @@ transform, packed integer export, integer inference, cost accounting.
     binary, _ = quant.split_model(qmodel)                # TWN -> two BWN halves, same function (BinaryBERT)
 
 Post-training quantization by reconstruction (METHODS.md 1.4): `ptq` (calibration_set,
-partition, rem, layer_errors) and `mrem` (mrem_s); see those modules.
+partition, rem, layer_errors), `mrem` (mrem_s) and `mrem_parallel` (mrem_p), all three returning
+a `ptq.Reconstruction` ``(model, report, info)``; see those modules.  Every transform reads the
+model's layout from its family (`efficient_nlp.models.family`).
 """
 from efficient_nlp.quant.cost import CostReport, cost_report, cost_table
 from efficient_nlp.quant.export import (

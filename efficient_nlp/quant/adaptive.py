@@ -16,9 +16,11 @@ Terms (one meaning throughout):
   A *split* site is ternary-then-split (`split_model`): two binary halves computing ``TWN(w)``;
   an *unsplit* site computes ``BWN(w)`` of the same latent weight.
 * A *group* is a set of sites decided together: a Transformer part (``qk`` = query and key,
-  ``v``, ``o`` = attention output, ``ffn_in``, ``ffn_out``) of one layer (``by="part_layer"``),
-  a whole layer (``by="layer"``) or one part across all layers (``by="part"``).  Sites outside
-  the Transformer layers (word embedding, pooler) are one group each in every mode.
+  ``v``, ``o`` = attention output, ``ffn_in`` (with ``ffn_gate`` in a gated FFN), ``ffn_out``)
+  of one layer (``by="part_layer"``), a whole layer (``by="layer"``) or one part across all
+  layers (``by="part"``).  A site's part and layer come from its role in the model family's
+  layout (`efficient_nlp.models.family`, `site_part`).  Sites outside the Transformer layers
+  (word embedding, head modules) are one group each in every mode.
 * *Sensitivity* of a group: the gain ``score(group split, rest binary) - score(all binary)`` of
   a higher-is-better ``score_fn`` on held-out data (e.g. minus a loss, or accuracy), and its
   *value* ``u = gain / parameter count`` (METHODS.md: "gain ... divided by its parameter
@@ -42,30 +44,44 @@ import jax
 import numpy as np
 from flax import nnx
 
+from efficient_nlp.models import family as F
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.cost import _scale_groups
 from efficient_nlp.quant.export import quantized_weights
-from efficient_nlp.quant.transform import _dotted, _replace
+from efficient_nlp.quant.transform import _attention_paths, _dotted, _replace, family_or_none
 
 #: Transformer parts in the order of a layer's computation.
 PARTS = ("qk", "v", "o", "ffn_in", "ffn_out")
-_PART_OF = {"attention.query": "qk", "attention.key": "qk", "attention.value": "v",
-            "attention.output": "o", "ffn.intermediate": "ffn_in", "ffn.output": "ffn_out"}
-_LAYER_SITE = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention\.(?:query|key|value|output)|ffn\.(?:intermediate|output))$")
+#: The part of each layer role (`efficient_nlp.models.family.LAYER_ROLES`); a gated FFN's
+#: ``ffn_gate`` goes with ``ffn_in`` (both hold the neurons along their outputs).
+PART_OF_ROLE = {"q": "qk", "k": "qk", "v": "v", "o": "o", "ffn_in": "ffn_in", "ffn_gate": "ffn_in",
+                "ffn_out": "ffn_out"}
 GROUPINGS = ("part_layer", "layer", "part")
 COST_KINDS = ("size_mb", "flops", "bops")
 METHODS = ("knapsack", "random", "uniform")
 
 
 # ----------------------------------------------------------------------------- groups
+def layer_site(site: str) -> F.Site | None:
+    """The `efficient_nlp.models.family.Site` (layer, role) of a module path in the layout of
+    any registered family (site names carry no model, so every family's layer stack is tried),
+    else None (embeddings, head modules, a model no family describes)."""
+    for fam in F.families().values():
+        m = re.fullmatch(rf"{re.escape(fam.path(fam.layers))}\.(\d+)\.(.+)", site)
+        if m is None:
+            continue
+        for role, sub in fam.layer_sites.items():
+            if sub == m.group(2):
+                return F.Site(int(m.group(1)), role, site)
+    return None
+
+
 def site_part(site: str) -> tuple[str | None, int | None]:
-    """``(part, layer)`` of a site name (``("qk", 3)`` for ``...layers.3.attention.key``);
-    ``(None, None)`` outside the Transformer layers' matmuls (embeddings, pooler)."""
-    m = _LAYER_SITE.search(site)
-    if m is None:
-        return None, None
-    return _PART_OF[m.group(2)], int(m.group(1))
+    """``(part, layer)`` of a site name from its family role (``("qk", 3)`` for layer 3's ``k``
+    site); ``(None, None)`` outside the Transformer layers' matmuls (embeddings, head modules)."""
+    s = layer_site(site)
+    return (None, None) if s is None else (PART_OF_ROLE[s.role], s.layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,19 +211,19 @@ def sensitivity(qmodel, groups, score_fn, *, reference: str = "binary") -> tuple
 def _matmul_records(qmodel, inputs):
     """One record per matmul of a forward pass traced abstractly (`modules.recording`)."""
     model = nnx.clone(qmodel)
+    attention = _attention_paths(model, family_or_none(model))
     floats = []
     for path, mod in nnx.iter_modules(model):
         if isinstance(mod, M.QuantizerModule):
             mod.calibrated = True  # abstract trace only: values do not matter
         elif isinstance(mod, nnx.Linear):
             floats.append((path, mod))
-        elif hasattr(mod, "matmul_quant") and mod.matmul_quant is None:
+        elif _dotted(path) in attention and mod.matmul_quant is None:
             mod.matmul_quant = nnx.data(M.AttentionQuant(_dotted(path), None, None, None, None))
     for path, mod in floats:     # float matmuls count too (as cost_report's keep_float_sites)
         _replace(model, path, M.QuantLinear(mod, _dotted(path), None, None))
     with M.recording() as records:
-        jax.eval_shape(lambda: model(inputs["input_ids"], inputs.get("attention_mask"),
-                                     inputs.get("token_type_ids")))
+        jax.eval_shape(lambda: F.forward(model, inputs))
     return records, int(np.shape(inputs["input_ids"])[0])
 
 
@@ -395,5 +411,6 @@ def choose_split(groups, values, costs, budget, *, base: float = 0.0, method: st
     return Choice(method, tuple(sorted(chosen)), tuple(n for n, _ in units), group_cost(chosen), value)
 
 
-__all__ = ["PARTS", "REFERENCES", "Group", "site_part", "group_sites", "assignment_scorer", "Sensitivity", "sensitivity",
-           "split_costs", "discretise", "knapsack", "Choice", "choose_split"]
+__all__ = ["PARTS", "PART_OF_ROLE", "REFERENCES", "Group", "layer_site", "site_part", "group_sites",
+           "assignment_scorer", "Sensitivity", "sensitivity", "split_costs", "discretise", "knapsack", "Choice",
+           "choose_split"]

@@ -3,8 +3,8 @@
 * Stored size: every quantized weight at its bit width plus one float32 scale per scale group
   (per tensor or per channel); everything else (LayerNorm, biases, position / token-type
   embeddings, classifier, learned quantizer state) at 32 bits.
-* FLOPs per example: ``2 x MACs`` of every matmul (Linear layers and BERT's two attention
-  matmuls), found by tracing one forward pass abstractly (``jax.eval_shape``, nothing runs).
+* FLOPs per example: ``2 x MACs`` of every matmul (Linear layers and the two attention
+  matmuls of each layer), found by tracing one forward pass abstractly (``jax.eval_shape``, nothing runs).
 * BOPs (METHODS.md 1.2): a matmul whose two operands are both quantized to m and n <= 8 bits
   counts ``FLOPs * m * n / 64``; a matmul with a float operand counts its full FLOPs.  This is
   the convention of the BinaryBERT / TernaryBERT tables (full-precision BERT-base: 22.5 G).
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_nlp.models import family as F
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant.spec import QuantSpec, make_spec
 from efficient_nlp.quant.splitting import SPLIT_MODULES, split_model
@@ -57,7 +58,7 @@ def _bops(flops, w_bits, a_bits):
 
 def _default_forward(inputs):
     def run(model):
-        return model(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("token_type_ids"))
+        return F.forward(model, inputs)
     return run
 
 
@@ -70,8 +71,8 @@ def cost_report(model, spec: QuantSpec | None, inputs: dict[str, Any] | Callable
                 split: bool | Sequence[str] = False) -> CostReport:
     """Cost of ``model`` (a float model) quantized by ``spec`` (None = full precision).
 
-    ``inputs``: one example batch for BERT models (``input_ids`` [B,T] ...; costs are divided by
-    B), or a callable ``fn(model) -> output`` (then B = 1).  ``split`` (ternary weight splitting,
+    ``inputs``: one example batch for the models of `efficient_nlp.models` (``input_ids``
+    [B,T] ...; costs are divided by B), or a callable ``fn(model) -> output`` (then B = 1).  ``split`` (ternary weight splitting,
     METHODS.md 1.5; needs TWN weights in ``spec``): True splits every TWN matrix, a list of sites
     only those (`efficient_nlp.quant.split_model`): a split matrix stores two 1-bit weights and
     two sets of scales and its matmul counts the BOPs of both binary halves; TWN matrices not

@@ -24,7 +24,7 @@ The result differs from the fake-quant float matmul only by float rounding (the 
 float products; here the sum is exact), so logits agree to ~1e-5 relative and predictions agree
 except on rounding ties.  `QuantLinear` sites with float inputs (weight-only) keep their int8
 codes and dequantize them per call (`DequantLinear`); `QuantEmbed` tables become int8 codes whose
-gathered rows are dequantized (`IntEmbed`), exactly the fake-quant values.  BERT attention's
+gathered rows are dequantized (`IntEmbed`), exactly the fake-quant values.  The attention's
 activation-activation matmuls (``q.k^T``, ``probs.v``) run the same int8 products batched over
 (batch, head) (`IntAttention`) when all four operands are quantized.  Unsigned (asymmetric)
 weight grids stay fake-quantized.
@@ -144,7 +144,7 @@ def _int_product(x, xq: M.QuantizerModule, w, wq: M.QuantizerModule, dims):
 
 
 class IntAttention(nnx.Module):
-    """BERT attention's ``q.k^T`` and ``probs.v`` as int8 x int8 -> int32 batched matmuls (the
+    """The attention's ``q.k^T`` and ``probs.v`` as int8 x int8 -> int32 batched matmuls (the
     ``matmul_quant`` hook), with the same quantizers as the fake-quant `AttentionQuant`."""
 
     def __init__(self, aq: M.AttentionQuant):

@@ -4,7 +4,7 @@
 Variable objects, same names: ``...query.kernel`` stays ``...query.kernel``) and quantize the
 weight (and the Linear's input) with straight-through gradients on every call, so the latent
 full-precision weights are what the optimizer updates (QAT, METHODS.md 1.3).  `AttentionQuant`
-is plugged into BERT attention's ``matmul_quant`` hook and quantizes the inputs of the two
+is plugged into the attention module's ``matmul_quant`` hook and quantizes the inputs of the two
 activation-activation matmuls (q.k^T and probs.v).  Learned quantizer state (LSQ step and
 offset, PACT clip values) are ``nnx.Param`` under ``<module>.weight_quant`` /
 ``<module>.input_quant``.
@@ -163,7 +163,7 @@ class QuantEmbed(nnx.Module):
 
 
 class AttentionQuant(nnx.Module):
-    """BERT attention's ``q.k^T`` and ``probs.v`` with quantized inputs (the ``matmul_quant`` hook)."""
+    """The attention's ``q.k^T`` and ``probs.v`` with quantized inputs (the ``matmul_quant`` hook)."""
 
     def __init__(self, site: str, q: Quantizer | None, k: Quantizer | None, v: Quantizer | None,
                  probs: Quantizer | None):

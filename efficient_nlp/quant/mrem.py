@@ -1,24 +1,26 @@
 """Module-wise reconstruction error minimisation, sequential (MREM-S, METHODS.md 1.4).
 
     parts = ptq.partition(num_layers, 4)                   # [(0, 2), (2, 4), (4, 5), (5, 6)]
-    qmodel, report = mrem.mrem_s(qmodel, teacher, calib, num_modules=4, steps=2000)
+    qmodel, report, info = mrem.mrem_s(qmodel, teacher, calib, num_modules=4, steps=2000)
 
 The model is cut into N modules of consecutive Transformer layers (`ptq.partition`); the
-embeddings join module 0, the pooler and classifier the last module.  Module n minimises
+embeddings join module 0, the head modules (`efficient_nlp.models.family.head_paths`) the last
+module.  Module n minimises
 
     l_n = sum_{l in module n} || f_hat_l - f_l ||^2  (+ ||E_hat - E||^2 if n = 0)
                                                       (+ ||z_hat - z||^2 if n = N-1)
 
 where ``f_l`` are FFN outputs (layer outputs, capture ``ffn_out``), ``E`` the embedding output
-and ``z`` the logits; hats are the quantized module fed by the *already quantized*
-predecessors (the quantized stream), plain symbols the full-precision module fed by the
-full-precision predecessors (the full-precision stream).  Squared errors are means over real
-tokens and features per example (per example and label for the logits), averaged over the
-batch.  Only module n's latent weights and learned quantizer parameters train
-(`ptq.trainable_names`); Adam, ``lr`` decaying linearly to 0 over ``steps``
-(defaults 1e-4, 2,000), batches drawn from the calibration set only.  Modules run one after
-another: after module n is trained, both streams are pushed through it once over the whole
-calibration set and cached on the host ([K, T, H] each) as module n+1's inputs.
+and ``z`` the logits (of a model with a head); hats are the quantized module fed by the
+*already quantized* predecessors (the quantized stream), plain symbols the full-precision
+module fed by the full-precision predecessors (the full-precision stream).  Squared errors
+are means over real tokens and features per example (per example and label for sequence
+logits, per real token and vocabulary entry for token logits), averaged over the batch.  Only
+module n's latent weights and learned quantizer parameters train (`ptq.trainable_names`);
+Adam, ``lr`` decaying linearly to 0 over ``steps`` (defaults 1e-4, 2,000), batches drawn from
+the calibration set only.  Modules run one after another: after module n is trained, both
+streams are pushed through it once over the whole calibration set and cached on the host
+([K, T, H] each) as module n+1's inputs.
 """
 from __future__ import annotations
 
@@ -30,29 +32,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_nlp.quant.ptq import (Pair, masked_mse, mean_over, name_filter, optimize, partition, run_probe,
-                                     trainable_names)
-
-_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+from efficient_nlp.models import family as F
+from efficient_nlp.quant.ptq import (TOKEN_KEYS, Pair, Reconstruction, masked_mse, mean_over, name_filter, optimize,
+                                     partition, run_probe, token_arrays, trainable_names)
 
 
 @dataclasses.dataclass(frozen=True)
 class Module:
     """Module ``index`` of a partition: layers ``start .. stop-1`` (``first`` holds the
-    embeddings, ``last`` the pooler and classifier)."""
+    embeddings, ``last`` the head modules)."""
     index: int
     start: int
     stop: int
     first: bool
     last: bool
 
-    def prefixes(self) -> tuple[str, ...]:
-        """Path prefixes of the model's submodules that belong to this module."""
-        out = tuple(f"bert.encoder.layers.{i}." for i in range(self.start, self.stop))
+    def prefixes(self, model) -> tuple[str, ...]:
+        """Path prefixes of ``model``'s submodules that belong to this module (its layers, then
+        the embeddings for the first module, the head modules for the last)."""
+        out = tuple(f"{F.layer_path(model, i)}." for i in range(self.start, self.stop))
         if self.first:
-            out += ("bert.embeddings.",)
+            out += (f"{F.embeddings_path(model)}.",)
         if self.last:
-            out += ("bert.pooler.", "classifier.")
+            out += tuple(f"{p}." for p in F.head_paths(model))
         return out
 
 
@@ -65,15 +67,15 @@ def modules(num_layers: int, num_modules: int = 4) -> list[Module]:
 def module_forward(model, mod: Module, batch, h=None) -> dict:
     """Runs module ``mod`` of ``model``: from the token ids (first module) or the hidden state
     ``h`` [B,T,H].  Returns ``{"out", "ffn_out"}`` plus ``"embedding"`` (first module) and
-    ``"logits"`` (last module of a model with a classifier)."""
-    bert, mask = model.bert, batch["attention_mask"]
+    ``"logits"`` (last module of a model with a head)."""
     out = {}
     if mod.first:
-        h = out["embedding"] = bert.embeddings(batch["input_ids"], batch["token_type_ids"])
-    h, inter = bert.encoder(h, mask, start=mod.start, stop=mod.stop, capture=("ffn_out",))
+        h = out["embedding"] = F.embed(model, batch)
+    h, inter = F.run_layers(model, h, batch["attention_mask"], start=mod.start, stop=mod.stop, capture=("ffn_out",))
     out["out"], out["ffn_out"] = h, inter["ffn_out"]
-    if mod.last and bert.pooler is not None and hasattr(model, "classifier"):
-        out["logits"] = model.classifier(bert.pooler(h))
+    logits = F.head(model, h) if mod.last else None
+    if logits is not None:
+        out["logits"] = logits
     return out
 
 
@@ -89,7 +91,10 @@ def compare(pair, mod: Module, batch):
     if "embedding" in q:
         loss = loss + masked_mse(q["embedding"], f["embedding"], mask)
     if "logits" in q:
-        loss = loss + jnp.mean(jnp.square(q["logits"] - f["logits"]), axis=-1)
+        if q["logits"].ndim == 3:   # token logits (a masked-LM head): real tokens only
+            loss = loss + masked_mse(q["logits"], f["logits"], mask)
+        else:
+            loss = loss + jnp.mean(jnp.square(q["logits"] - f["logits"]), axis=-1)
     return loss, q["out"], f["out"]
 
 
@@ -134,7 +139,7 @@ def module_loss(qmodel, teacher, mod: Module, arrays, batch_size: int = 64) -> f
 def next_inputs(qmodel, teacher, mod: Module, arrays, batch_size: int = 64) -> dict:
     """``arrays`` for the module after ``mod``: the token arrays plus ``q_in`` / ``fp_in``, both
     streams pushed through module ``mod`` of ``qmodel`` / ``teacher`` over every row (host)."""
-    return {**{k: arrays[k] for k in _KEYS},
+    return {**{k: arrays[k] for k in TOKEN_KEYS if k in arrays},
             **run_probe(Pair(qmodel, teacher), _Boundary(mod), arrays, batch_size)}
 
 
@@ -154,7 +159,7 @@ def train_module(qmodel, teacher, mod: Module, arrays, *, steps: int, learning_r
     """Trains module ``mod`` of ``qmodel`` (its latent weights and quantizer parameters only;
     everything else, and ``qmodel`` itself, untouched) on l_n over batches of ``arrays``.
     Returns ``(new qmodel, per-step losses, number of trained leaves)``."""
-    names = trainable_names(qmodel, mod.prefixes(), root="q")
+    names = trainable_names(qmodel, mod.prefixes(qmodel), root="q")
     if not names:
         raise ValueError(f"module {mod.index} (layers {mod.start}..{mod.stop - 1}) has nothing quantized to train")
     trained, losses = optimize(Pair(qmodel, teacher), ModuleLoss(mod), arrays, trainable=name_filter(names),
@@ -164,18 +169,21 @@ def train_module(qmodel, teacher, mod: Module, arrays, *, steps: int, learning_r
 
 def mrem_s(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int = 4, steps: int = 2000,
            learning_rate: float = 1e-4, batch_size: int = 32, eval_batch_size: int = 64, seed: int = 0,
-           log: Callable[[str], Any] | None = print):
+           log: Callable[[str], Any] | None = print) -> Reconstruction:
     """MREM-S (see module docstring) of a `quantize_model` copy ``qmodel`` of ``teacher``.
 
-    Returns ``(new qmodel, report)``, report one dict per module: ``index, layers, trainable``
-    (number of trained leaves), ``loss_before`` / ``loss_after`` (l_n over the whole
-    calibration set, same inputs), ``first_loss`` / ``last_loss`` (training batches),
-    ``train_seconds`` (the optimisation alone), ``seconds`` (with the evaluations).  ``qmodel`` itself is not modified.
+    Returns a `ptq.Reconstruction` ``(model, report, info)``: the new qmodel, one report dict per
+    module: ``index, layers, trainable`` (number of trained leaves), ``loss_before`` /
+    ``loss_after`` (l_n over the whole calibration set, same inputs), ``first_loss`` /
+    ``last_loss`` (training batches), ``train_seconds`` (the optimisation alone), ``seconds``
+    (with the evaluations); ``info``: ``seconds`` (the whole call) and ``seconds_train`` (the
+    modules' optimisations).  ``qmodel`` itself is not modified.
     """
-    mods = modules(len(qmodel.bert.encoder.layers), num_modules)
+    start = time.perf_counter()
+    mods = modules(F.num_layers(qmodel), num_modules)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    arrays = {k: np.asarray(calib[k]) for k in _KEYS}
+    arrays = token_arrays(calib)
     if len(arrays["input_ids"]) == 0:
         raise ValueError("the calibration set is empty")
     report = []
@@ -197,7 +205,8 @@ def mrem_s(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
         if log:
             log(f"MREM-S module {mod.index} (layers {mod.start}..{mod.stop - 1}): loss {before:.4g} -> "
                 f"{after:.4g} in {row['seconds']:.1f}s")
-    return qmodel, report
+    info = dict(seconds=time.perf_counter() - start, seconds_train=sum(r["train_seconds"] for r in report))
+    return Reconstruction(qmodel, report, info)
 
 
 __all__ = ["Module", "modules", "module_forward", "compare", "ModuleLoss", "module_loss", "module_losses",

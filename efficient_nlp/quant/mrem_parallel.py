@@ -1,15 +1,15 @@
 """Module-wise reconstruction error minimisation, parallel (MREM-P, METHODS.md 1.4).
 
     from efficient_nlp.quant.mrem_parallel import mrem_p
-    qmodel, report, info = mrem_p(qmodel, teacher, calib, num_modules=4, steps=2000)
+    qmodel, report, info = mrem_p(qmodel, teacher, calib, num_modules=4, steps=2000)   # a ptq.Reconstruction
     info["devices"], info["shared_devices"]     # where the modules ran
 
 The partition, the module loss l_n and its forward are MREM-S's (`efficient_nlp.quant.mrem`:
 ``modules``, ``compare`` / ``ModuleLoss``); what differs is that all N modules train at once:
 
 - Placement: module n lives on device n: its slice of the quantized and of the full-precision
-  model (only its own layers; the embeddings with module 0, pooler and classifier with the
-  last), its Adam state and its input queue are committed to that device, and its update is
+  model (only its own layers; the embeddings with module 0, the head modules with the last),
+  its Adam state and its input queue are committed to that device, and its update is
   a separate jitted step.  JAX's asynchronous dispatch therefore runs the N steps of one time
   step concurrently, one per device.  Explicit ``placement`` (device indices, one per module)
   needing more devices than exist is an error; with ``placement=None`` and fewer devices than
@@ -49,9 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_nlp.models import family as F
 from efficient_nlp.quant import mrem, ptq
-
-_KEYS = mrem._KEYS
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -125,29 +124,33 @@ def place(num_modules: int, placement: Sequence[int] | None = None, devices=None
 
 # ----------------------------------------------------------------------------- module slices
 def _parts(model, mod: mrem.Module) -> list:
-    """The submodules of ``model`` that belong to ``mod`` (layers, then embeddings / pooler /
-    classifier at the ends), in a fixed order."""
-    bert = model.bert
-    out = [bert.encoder.layers[i] for i in range(mod.start, mod.stop)]
+    """The submodules of ``model`` that belong to ``mod`` (layers, then the embeddings / the head
+    modules at the ends), in a fixed order."""
+    layers = F.layer_stack(model)
+    out = [layers[i] for i in range(mod.start, mod.stop)]
     if mod.first:
-        out.append(bert.embeddings)
+        out.append(F.get_module(model, F.embeddings_path(model)))
     if mod.last:
-        out += [m for m in (bert.pooler, getattr(model, "classifier", None)) if m is not None]
+        out += [F.get_module(model, p) for p in F.head_paths(model)]
     return out
+
+
+def _layer_stack_path(model) -> str:
+    fam = F.family_of(model)
+    return fam.path(fam.layers)
 
 
 def module_slice(model, mod: mrem.Module):
     """``(copy of model holding only module mod's parts, the same module renumbered from layer 0)``;
     `mrem.module_forward` on the slice with the renumbered module equals it on ``model``."""
     sub = nnx.clone(model)
-    bert = sub.bert
-    bert.encoder.layers = nnx.List([bert.encoder.layers[i] for i in range(mod.start, mod.stop)])
+    layers = F.layer_stack(sub)
+    F.set_module(sub, _layer_stack_path(sub), nnx.List([layers[i] for i in range(mod.start, mod.stop)]))
     if not mod.first:
-        bert.embeddings = None
+        F.set_module(sub, F.embeddings_path(sub), None)
     if not mod.last:
-        bert.pooler = None
-        if hasattr(sub, "classifier"):
-            sub.classifier = None
+        for path in F.head_paths(sub):
+            F.set_module(sub, path, None)
     return sub, mrem.Module(mod.index, 0, mod.stop - mod.start, mod.first, mod.last)
 
 
@@ -174,7 +177,7 @@ class _Worker:
     def __init__(self, qmodel, teacher, mod: mrem.Module, device, seed: int):
         q, local = module_slice(qmodel, mod)
         fp, _ = module_slice(teacher, mod)
-        names = ptq.trainable_names(q, local.prefixes(), root="q")
+        names = ptq.trainable_names(q, local.prefixes(q), root="q")
         if not names:
             raise ValueError(f"module {mod.index} (layers {mod.start}..{mod.stop - 1}) has nothing quantized to train")
         self.mod, self.local, self.device, self.count = mod, local, device, len(names)
@@ -210,16 +213,18 @@ class _Worker:
 def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int = 4, steps: int = 2000,
            learning_rate: float = 1e-4, batch_size: int = 32, queue_size: int = 8, teacher_forcing: float = 0.4,
            placement: Sequence[int] | None = None, eval_batch_size: int = 64, seed: int = 0,
-           log: Callable[[str], Any] | None = print):
+           log: Callable[[str], Any] | None = print) -> ptq.Reconstruction:
     """MREM-P (see module docstring) of a `quantize_model` copy ``qmodel`` of ``teacher``.
 
-    Returns ``(new qmodel, report, info)``: ``report`` one dict per module like `mrem.mrem_s`'s
-    plus ``device``; ``info``: ``devices`` (one per module), ``shared_devices``, ``queue_size``,
-    ``anneal_steps`` (T0), ``batch_size``, ``seconds_fill`` / ``seconds_parallel`` (wall time
-    of the sequential fill and of the parallel phase), ``seconds_train``.  ``qmodel`` itself
-    is not modified.  ``teacher_forcing``: T0 as a fraction of ``steps`` (0 = none).
+    Returns a `ptq.Reconstruction` ``(model, report, info)``: the new qmodel, ``report`` one
+    dict per module like `mrem.mrem_s`'s plus ``device``; ``info``: ``devices`` (one per
+    module), ``shared_devices``, ``queue_size``, ``anneal_steps`` (T0), ``batch_size``,
+    ``seconds_fill`` / ``seconds_parallel`` (wall time of the sequential fill and of the
+    parallel phase), ``seconds_train``, ``seconds`` (the whole call).  ``qmodel`` itself is not
+    modified.  ``teacher_forcing``: T0 as a fraction of ``steps`` (0 = none).
     """
-    mods = mrem.modules(len(qmodel.bert.encoder.layers), num_modules)
+    start = time.perf_counter()
+    mods = mrem.modules(F.num_layers(qmodel), num_modules)
     steps, queue_size = int(steps), int(queue_size)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -227,7 +232,7 @@ def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
         raise ValueError(f"queue_size (t0) must be >= 1, got {queue_size}")
     if not 0.0 <= float(teacher_forcing) <= 1.0:
         raise ValueError(f"teacher_forcing is T0 as a fraction of the steps, in [0, 1]; got {teacher_forcing}")
-    arrays = {k: np.asarray(calib[k]) for k in _KEYS}
+    arrays = ptq.token_arrays(calib)
     rows = len(arrays["input_ids"])
     if rows == 0:
         raise ValueError("the calibration set is empty")
@@ -289,11 +294,12 @@ def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
             log(f"MREM-P module {w.mod.index} (layers {w.mod.start}..{w.mod.stop - 1}, device {w.device.id}): "
                 f"loss {lb:.4g} -> {la:.4g}")
     info = dict(devices=ids, shared_devices=shared, queue_size=queue_size, anneal_steps=anneal_steps, batch_size=b,
-                seconds_fill=fill_end - t0, seconds_parallel=end - fill_end, seconds_train=train_seconds)
+                seconds_fill=fill_end - t0, seconds_parallel=end - fill_end, seconds_train=train_seconds,
+                seconds=time.perf_counter() - start)
     if log:
         log(f"MREM-P: {steps} steps in {train_seconds:.1f}s (fill {info['seconds_fill']:.1f}s, "
             f"parallel {info['seconds_parallel']:.1f}s)")
-    return out, report, info
+    return ptq.Reconstruction(out, report, info)
 
 
 __all__ = ["mrem_p", "forcing_lambda", "teacher_force", "queue_init", "queue_push", "queue_sample", "place",

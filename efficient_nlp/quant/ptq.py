@@ -2,12 +2,18 @@
 
     calib, rows = ptq.calibration_set(task.train, k=4096, seed=0)    # the only training rows read
     qmodel, report = quant.quantize_model(teacher, spec); quant.calibrate(qmodel, first_batch)
-    qmodel, per_matmul = ptq.rem(qmodel, teacher, calib, steps=200)   # greedy, matmul by matmul
-    ptq.layer_errors(qmodel, teacher, dev, 128)                      # FFN-output MSE per layer
+    result = ptq.rem(qmodel, teacher, calib, steps=200)   # greedy, matmul by matmul
+    result.model, result.report, result.info              # a `Reconstruction`, as MREM-S / MREM-P
+    ptq.layer_errors(result.model, teacher, dev, 128)     # FFN-output MSE per layer
+
+The model's layout comes from its family (`efficient_nlp.models.family`): the matmul sites of
+each layer with their roles, the capture that feeds each site, and the pieces of the forward
+pass (embeddings, a range of layers, the head).
 
 REM (reconstruction error minimisation): for every quantized ``Linear`` in forward order
-(per layer: query, key, value, attention.output, ffn.intermediate, ffn.output; the pooler last)
-minimise ``|| Q(a) Q(w) - a w ||^2`` (mean over real tokens and output features) over that
+(per layer the sites in role order ``q, k, v, o, ffn_in, ffn_gate, ffn_out``; then the
+quantized Linears of the head modules, e.g. BERT's pooler, a RoBERTa / DistilBERT
+``pre_classifier``) minimise ``|| Q(a) Q(w) - a w ||^2`` (mean over real tokens and output features) over that
 Linear's latent weight and its quantizer state (LSQ / PACT step sizes of the weight and of
 its input), with Adam and a linearly decaying learning rate.  ``a`` is the Linear's input
 computed by the partly quantized model (every earlier matmul already reconstructed), read
@@ -25,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +39,27 @@ import numpy as np
 import optax
 from flax import nnx
 
+from efficient_nlp.models import family as F
 from efficient_nlp.quant import modules as M
+
+#: The token arrays a reconstruction reads (``token_type_ids`` optional: not every family has token types).
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class Reconstruction(NamedTuple):
+    """What `rem`, `efficient_nlp.quant.mrem.mrem_s` and `efficient_nlp.quant.mrem_parallel.mrem_p`
+    return: the reconstructed copy ``model``, the ``report`` (one dict per matmul for REM, per
+    module for MREM) and run-level ``info`` (``seconds`` of the whole call, plus what the method
+    adds: MREM-P's devices and phases)."""
+
+    model: Any
+    report: list
+    info: dict
+
+
+def token_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The `TOKEN_KEYS` of ``arrays`` as numpy (``token_type_ids`` only when present)."""
+    return {k: np.asarray(arrays[k]) for k in TOKEN_KEYS if k in arrays or k != "token_type_ids"}
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -63,8 +89,8 @@ def partition(num_layers: int, num_modules: int = 4) -> list[tuple[int, int]]:
     """Consecutive layer ranges ``[(start, stop), ...]`` covering ``0 .. num_layers-1`` once.
 
     Uneven ``L / N``: the first ``L mod N`` modules get one layer more (6 layers, 4 modules ->
-    2, 2, 1, 1).  By convention the embeddings join module 0 and the pooler / classifier the
-    last module (`efficient_nlp.quant.mrem`).
+    2, 2, 1, 1).  By convention the embeddings join module 0 and the head modules
+    (`efficient_nlp.models.family.head_paths`) the last module (`efficient_nlp.quant.mrem`).
     """
     if not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -85,14 +111,6 @@ def partition(num_layers: int, num_modules: int = 4) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- helpers
 def dotted(path) -> str:
     return ".".join(str(p) for p in path)
-
-
-def get_module(model, name: str):
-    """The submodule at dotted path ``name`` (``bert.encoder.layers.0.attention.query``)."""
-    mod = model
-    for part in name.split("."):
-        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
-    return mod
 
 
 def trainable_names(model, prefixes: tuple[str, ...] = ("",), root: str = "") -> set[str]:
@@ -240,43 +258,81 @@ class Pair(nnx.Module):
         self.fp = fp
 
 
+def _layer_outputs(model, batch):
+    """Every layer's output (capture ``ffn_out``) of ``model`` on a token batch."""
+    h = F.embed(model, batch)
+    return F.run_layers(model, h, batch["attention_mask"], capture=("ffn_out",))[1]["ffn_out"]
+
+
 @dataclasses.dataclass(frozen=True)
 class _LayerErrors:
     def __call__(self, pair, batch):
-        ids, mask, tt = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-        q = pair.q.bert(ids, mask, tt, capture=("ffn_out",)).intermediates["ffn_out"]
-        f = pair.fp.bert(ids, mask, tt, capture=("ffn_out",)).intermediates["ffn_out"]
+        mask = batch["attention_mask"]
+        q, f = _layer_outputs(pair.q, batch), _layer_outputs(pair.fp, batch)
         return jnp.stack([masked_mse(a, b, mask) for a, b in zip(q, f)], axis=1)
 
 
 def layer_errors(qmodel, teacher, arrays, batch_size: int = 128) -> list[float]:
-    """Per layer: MSE of the quantized model's FFN output vs the full-precision one's, both fed
+    """Per layer: MSE of the quantized model's layer output vs the full-precision one's, both fed
     end to end from the same inputs (mean over examples of the per-example masked MSE)."""
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    per = run_probe(Pair(qmodel, teacher), _LayerErrors(), {k: arrays[k] for k in keys}, batch_size)
+    per = run_probe(Pair(qmodel, teacher), _LayerErrors(), token_arrays(arrays), batch_size)
     return [float(v) for v in per.mean(axis=0)]
 
 
 # ----------------------------------------------------------------------------- REM
-LAYER_LINEARS = (  # (linear, capture giving its input; "input" = the layer's input)
-    ("attention.query", "input"), ("attention.key", "input"), ("attention.value", "input"),
-    ("attention.output", "context"), ("ffn.intermediate", "mha_out"), ("ffn.output", "ffn_intermediate"))
+#: `Family.site_inputs` value meaning "the layer's input".
+LAYER_INPUT = "hidden_states"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Probe:
-    """Runs one piece of a BERT model on a batch: ``layer == -1`` the embeddings (returns
-    their output), else layer ``layer`` on ``batch["h"]`` (returns its output ``out`` and the
-    inputs of its Linears: ``context``, ``mha_out``, ``ffn_intermediate``)."""
+    """Runs one piece of a model on a batch: ``layer == -1`` the embeddings (returns their
+    output), else layer ``layer`` on ``batch["h"]`` (returns its output ``out`` and the
+    per-layer ``capture`` entries: the inputs of its Linears)."""
     layer: int
+    capture: tuple[str, ...] = ()
 
     def __call__(self, model, batch):
-        bert = model.bert
         if self.layer < 0:
-            return bert.embeddings(batch["input_ids"], batch["token_type_ids"])
-        h, inter = bert.encoder(batch["h"], batch["attention_mask"], start=self.layer, stop=self.layer + 1,
-                                capture=("context", "mha_out", "ffn_intermediate"))
+            return F.embed(model, batch)
+        h, inter = F.run_layers(model, batch["h"], batch["attention_mask"], start=self.layer,
+                                stop=self.layer + 1, capture=self.capture)
         return {"out": h, **{k: v[0] for k, v in inter.items()}}
+
+
+class _Tap(nnx.Module):
+    """Runs ``inner`` and keeps its input in ``seen`` (the input of a head Linear)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.seen = nnx.data(None)
+
+    def __call__(self, x):
+        self.seen = x
+        return self.inner(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HeadInput:
+    """The input of the head's Linear at ``path`` when the head runs on ``batch["h"]`` (None if
+    the head does not run it: a bare encoder computes no logits)."""
+    path: str
+
+    def __call__(self, model, batch):
+        tap = _Tap(F.get_module(model, self.path))
+        F.set_module(model, self.path, tap)
+        F.head(model, batch["h"])
+        return tap.seen
+
+
+def head_linears(model) -> list[str]:
+    """Paths of the quantized Linears inside the model's head modules (`F.head_paths`), in order."""
+    out = []
+    for head in F.head_paths(model):
+        for path, mod in nnx.iter_modules(F.get_module(model, head)):
+            if isinstance(mod, M.QuantLinear):
+                out.append(".".join([head, *map(str, path)]))
+    return out
 
 
 class _RemTarget(nnx.Module):
@@ -320,19 +376,25 @@ def _tokens(x, mask, max_tokens, rng):
 
 def rem(qmodel, teacher, calib: Mapping[str, np.ndarray], *, steps: int = 200, learning_rate: float = 1e-4,
         token_batch_size: int = 2048, max_tokens: int = 0, eval_batch_size: int = 64, seed: int = 0,
-        log: Callable[[str], Any] | None = print):
+        log: Callable[[str], Any] | None = print) -> Reconstruction:
     """REM (see module docstring) on a `quantize_model` copy of ``teacher``; returns a
-    reconstructed copy of ``qmodel`` (not modified) and a report ``[{site, layer, tokens, before, after,
-    seconds}]`` (MSE of the matmul output on the calibration tokens before / after).
+    `Reconstruction`: the reconstructed copy of ``qmodel`` (not modified), the report
+    ``[{site, layer, tokens, before, after, seconds}]`` (MSE of the matmul output on the
+    calibration tokens before / after; ``layer`` is the number of layers for head Linears) and
+    ``info`` ``{"seconds"}``.
 
     ``steps`` Adam updates per matmul on batches of ``token_batch_size`` real-token rows;
-    ``max_tokens`` > 0 caps the token rows per matmul (seeded subset).
+    ``max_tokens`` > 0 caps the token rows per matmul (seeded subset).  Head Linears fed one
+    row per example (e.g. on the first token) train on every example's row.
     """
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    arrays = {k: np.asarray(calib[k]) for k in keys}
+    start = time.perf_counter()
+    arrays = token_arrays(calib)
     if len(arrays["input_ids"]) == 0:
         raise ValueError("the calibration set is empty")
     qmodel = nnx.clone(qmodel)
+    sites = F.sites(qmodel)
+    inputs = {site.role: F.site_input(qmodel, site.role) for site in sites}
+    capture = tuple(sorted(set(inputs.values()) - {LAYER_INPUT}))
     mask = arrays["attention_mask"]
     rng = np.random.default_rng(seed)
 
@@ -341,10 +403,10 @@ def rem(qmodel, teacher, calib: Mapping[str, np.ndarray], *, steps: int = 200, l
         return run_probe(qmodel, probe, feed, eval_batch_size)
 
     def fit_linear(site, a, layer):
-        q = get_module(qmodel, site)
+        q = F.get_module(qmodel, site)
         if not isinstance(q, M.QuantLinear):
             return None
-        target = _RemTarget(q, get_module(teacher, site).kernel[...])
+        target = _RemTarget(q, F.get_module(teacher, site).kernel[...])
         rows = {"a": a}
         t0 = time.perf_counter()
         before = mean_over(target, _RemRowError(), rows, 4096)
@@ -361,20 +423,25 @@ def rem(qmodel, teacher, calib: Mapping[str, np.ndarray], *, steps: int = 200, l
 
     report = []
     h = run(_Probe(-1))
-    for i in range(len(qmodel.bert.encoder.layers)):
-        for name, source in LAYER_LINEARS:
+    num_layers = F.num_layers(qmodel)
+    for i in range(num_layers):
+        for site in (s for s in sites if s.layer == i):
             # the layer is re-run before each of its later Linears: the ones before changed
-            a = h if source == "input" else run(_Probe(i), h)[source]
-            row = fit_linear(f"bert.encoder.layers.{i}.{name}", _tokens(a, mask, max_tokens, rng), i)
+            source = inputs[site.role]
+            a = h if source == LAYER_INPUT else run(_Probe(i, capture), h)[source]
+            row = fit_linear(site.path, _tokens(a, mask, max_tokens, rng), i)
             if row is not None:
                 report.append(row)
-        h = run(_Probe(i), h)["out"]
-    if qmodel.bert.pooler is not None:
-        row = fit_linear("bert.pooler.dense", h[:, 0], len(qmodel.bert.encoder.layers))
+        h = run(_Probe(i, capture), h)["out"]
+    for path in head_linears(qmodel):
+        a = run(_HeadInput(path), h)
+        if a is None:
+            continue
+        row = fit_linear(path, a if np.ndim(a) == 2 else _tokens(a, mask, max_tokens, rng), num_layers)
         if row is not None:
             report.append(row)
-    return qmodel, report
+    return Reconstruction(qmodel, report, {"seconds": time.perf_counter() - start})
 
 
 __all__ = ["calibration_set", "partition", "rem", "rem_loss", "layer_errors", "masked_mse", "optimize",
-           "trainable_names", "name_filter", "Pair", "LAYER_LINEARS"]
+           "trainable_names", "name_filter", "Pair", "Reconstruction", "TOKEN_KEYS", "token_arrays", "head_linears"]

@@ -41,7 +41,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from efficient_nlp.quant.adaptive import group_sites, site_part
+from efficient_nlp.models import family as F
+from efficient_nlp.quant.adaptive import group_sites
 from efficient_nlp.quant.export import quantized_weights
 from efficient_nlp.quant.modules import QuantLinear
 
@@ -111,7 +112,7 @@ def top_eigenvalue(matvec, args, v0, *, tol: float = 1e-3, max_iter: int = 100) 
 # ----------------------------------------------------------------------------- models
 def classification_loss(model, batch):
     """Mean cross-entropy of the model's logits against ``batch["labels"]`` (eval mode)."""
-    logits = model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")).logits
+    logits = F.forward(model, batch).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
 
@@ -128,14 +129,10 @@ def at_quantized_weights(model):
 
 
 def layer_sites(model) -> list[str]:
-    """Module paths of the Transformer layers' Linear layers (float or quantized) that
-    `efficient_nlp.quant.adaptive.site_part` names (Q, K, V, O, FFN-in, FFN-out)."""
-    out = []
-    for path, mod in nnx.iter_modules(model):
-        name = ".".join(str(p) for p in path)
-        if isinstance(mod, (nnx.Linear, QuantLinear)) and site_part(name)[0] is not None:
-            out.append(name)
-    return out
+    """Module paths of the layer stack's matmul sites that are Linear layers (float or
+    quantized), layer by layer in role order (`efficient_nlp.models.family.sites`: Q, K, V, O,
+    FFN-in, FFN-gate, FFN-out)."""
+    return [s.path for s in F.sites(model) if isinstance(F.get_module(model, s.path), (nnx.Linear, QuantLinear))]
 
 
 def _kernel_filter(sites):

@@ -4,12 +4,14 @@ A model has *sites*, each named by a dotted module path plus a suffix:
 
 * ``<linear>``            the weight (kernel) of an ``nnx.Linear``: role ``weight``;
 * ``<linear>.input``      the input activation of that Linear: role ``activation``, or
-                          ``activation_unsigned`` for BERT's FFN output dense (its input is
-                          post-GELU, mostly positive);
+                          ``activation_unsigned`` where the model's family says the input is
+                          mostly non-negative (``Family.unsigned_input_roles``: the FFN
+                          output Linear, fed by GELU / ReLU);
 * ``<embed>``             the table of an ``nnx.Embed``: role ``embedding`` (row-wise scales);
-* ``<attention>.{q,k,v}`` the inputs of the two activation-activation matmuls of BERT
-                          attention (role ``activation``) and ``<attention>.probs`` the
-                          post-softmax probabilities (role ``activation_unsigned``).
+* ``<attention>.{q,k,v}`` the inputs of the two activation-activation matmuls of the
+                          family's attention module (role ``activation``) and
+                          ``<attention>.probs`` the post-softmax probabilities (role
+                          ``activation_unsigned``).
 
 `QuantSpec` gives one `Quantizer` per role (W-E-A bit widths, the literature's defaults) and a
 list of rules ``(regex, payload)`` matched against site names with `efficient_nlp.tree.rules`

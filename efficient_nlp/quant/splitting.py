@@ -233,8 +233,8 @@ def _twn_modules(qmodel):
 
 
 def splittable_sites(qmodel) -> list[str]:
-    """The sites (dotted module paths, e.g. ``bert.encoder.layers.0.attention.query``) of every
-    TWN-quantized Linear / Embed of ``qmodel``: what `split_model` accepts."""
+    """The sites (dotted module paths, e.g. layer 0's ``q`` site, `efficient_nlp.models.family.site_path`)
+    of every TWN-quantized Linear / Embed of ``qmodel``: what `split_model` accepts."""
     return [mod.site for _, mod in _twn_modules(qmodel)]
 
 

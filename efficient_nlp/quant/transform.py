@@ -4,25 +4,23 @@
     print(report)                      # every site, its quantizer and why
     quant.calibrate(qmodel, batch)     # only needed for learned activation quantizers (lsq, pact)
 
-Works on our BERT (Linear, Embed and the attention matmul hook) and on any NNX model built from
-``nnx.Linear`` / ``nnx.Embed``: those modules are replaced in a copy of the model by
-`QuantLinear` / `QuantEmbed` holding the same parameters, so parameter paths do not change
-(a checkpoint of the float model loads into the quantized one and back).
+Works on the models of `efficient_nlp.models` (Linear, Embed and the attention matmul hook,
+with the site roles their family describes, `efficient_nlp.models.family`) and on any NNX model
+built from ``nnx.Linear`` / ``nnx.Embed`` (roles unknown there: every input is signed).  Those
+modules are replaced in a copy of the model by `QuantLinear` / `QuantEmbed` holding the same
+parameters, so parameter paths do not change (a checkpoint of the float model loads into the
+quantized one and back).
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 from flax import nnx
 
+from efficient_nlp.models import family as F
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant.spec import QuantSpec, Quantizer, resolve
-
-#: Linear layers whose input is post-GELU (mostly positive): asymmetric activation role.
-UNSIGNED_INPUT = re.compile(r"(^|\.)ffn\.output$")
-
 
 #: Attribute names of activation quantizers (weights are initialised from the weights).
 ACTIVATION_QUANTIZERS = ("input_quant", "q", "k", "v", "probs")
@@ -32,20 +30,50 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def family_or_none(model) -> F.Family | None:
+    """The model's `Family`, or None for a model no family describes (a plain NNX model)."""
+    try:
+        return F.family_of(model)
+    except F.FamilyError:
+        return None
+
+
+def _attention_paths(model, fam) -> set[str]:
+    """Paths of the attention modules (``matmul_quant`` hook) of a family's layers."""
+    if fam is None:
+        return set()
+    paths = {F.attention_path(model, i) for i in range(F.num_layers(model))}
+    for path in paths:
+        if not hasattr(F.get_module(model, path), "matmul_quant"):
+            raise F.FamilyError(f"family {fam.name!r}: the attention module {path} has no matmul_quant hook")
+    return paths
+
+
+def _unsigned_input(model, fam, name: str) -> bool:
+    """Whether the Linear at ``name`` has a mostly non-negative input (its role is one of the
+    family's ``unsigned_input_roles``: after GELU / ReLU)."""
+    site = None if fam is None else F.site_of(model, name)
+    return site is not None and site.role in fam.unsigned_input_roles
+
+
 def find_sites(model) -> tuple[list, dict[str, str]]:
     """``(modules, sites)``: the quantizable modules ``[(path, module, kind)]`` and every site
-    name with its role (see `efficient_nlp.quant.spec`)."""
+    name with its role (see `efficient_nlp.quant.spec`).  A Linear's input is
+    ``activation_unsigned`` when its family role is one of ``Family.unsigned_input_roles``; the
+    family's attention modules give the ``q / k / v / probs`` sites."""
+    fam = family_or_none(model)
+    attention = _attention_paths(model, fam)
     found, sites = [], {}
     for path, mod in nnx.iter_modules(model):
         name = _dotted(path)
         if isinstance(mod, (nnx.Linear, M.QuantLinear)):
             found.append((path, mod, "linear"))
             sites[name] = "weight"
-            sites[name + ".input"] = "activation_unsigned" if UNSIGNED_INPUT.search(name) else "activation"
+            sites[name + ".input"] = "activation_unsigned" if _unsigned_input(model, fam, name) else "activation"
         elif isinstance(mod, (nnx.Embed, M.QuantEmbed)):
             found.append((path, mod, "embed"))
             sites[name] = "embedding"
-        elif hasattr(mod, "matmul_quant"):
+        elif name in attention:
             found.append((path, mod, "attention"))
             for part in ("q", "k", "v"):
                 sites[f"{name}.{part}"] = "activation"
@@ -87,7 +115,7 @@ def _replace(model, path, new):
 def quantize_model(model, spec: QuantSpec, *, keep_float_sites: bool = False):
     """A fake-quantized copy of ``model`` and a `QuantReport`; ``model`` is not changed.
 
-    Every ``nnx.Linear`` / ``nnx.Embed`` (and BERT attention hook) whose site the spec
+    Every ``nnx.Linear`` / ``nnx.Embed`` (and the family's attention hook) whose site the spec
     quantizes is replaced; ``keep_float_sites`` also wraps the float ones (no quantizer, same
     outputs) so that `efficient_nlp.quant.cost` sees every matmul.  Rules that match no site
     raise `efficient_nlp.tree.RuleError` listing the site names.
@@ -123,7 +151,8 @@ def calibrate(model, batch: dict[str, Any] | Callable) -> int:
     """Initialise learned activation quantizers (LSQ step / offset, PACT clip) from one batch.
 
     ``batch``: a dict with ``input_ids`` (and optionally ``attention_mask``,
-    ``token_type_ids``) for BERT models, or a callable ``fn(model)`` running any forward pass.
+    ``token_type_ids``) for the models of `efficient_nlp.models`, or a callable ``fn(model)``
+    running any forward pass.
     Runs eagerly (not jitted) once; returns how many quantizers were initialised.
     """
     todo = [m for path, m in quantizer_modules(model) if m.quantizer.method in ("lsq", "pact")
@@ -134,7 +163,7 @@ def calibrate(model, batch: dict[str, Any] | Callable) -> int:
         if callable(batch):
             batch(model)
         else:
-            model(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"))
+            F.forward(model, batch)
     finally:
         for m in todo:
             m.calibrating = False
@@ -145,4 +174,4 @@ def calibrate(model, batch: dict[str, Any] | Callable) -> int:
 
 
 __all__ = ["Quantizer", "QuantSpec", "QuantReport", "find_sites", "quantize_model", "calibrate",
-           "quantizer_modules"]
+           "quantizer_modules", "family_or_none"]

@@ -7,8 +7,10 @@
 
 * ``"cnn"``: a `SmallCNN` teacher trained on scikit-learn's digits (train split) in the run
   (seconds), evaluated on the test split;
-* ``"bert"``: a fine-tuned BERT teacher (``config.teacher_dir``; empty: ``config.model_dir`` is
-  fine-tuned on ``config.data`` first, as in the distill recipe), evaluated on the dev split.
+* ``"bert"`` (or ``"encoder"``): a fine-tuned teacher of any family of `efficient_nlp.models`
+  (``config.teacher_dir``; empty: ``config.model_dir`` is fine-tuned on ``config.data`` first, as
+  in the distill recipe), evaluated on the dev split; its layers are read from the model family
+  description (`efficient_nlp.prune.fewshot.encoder_adapter`).
 
 For every sparsity in ``config.sparsities``, K in ``config.shots`` and seed in ``config.seeds``
 the few-shot set holds exactly K training examples per class (`data.sample_k_per_class`) and
@@ -24,7 +26,7 @@ distillation (``mu``); ``scd`` soft CD (``alpha``, ``beta``).  The layer-wise me
 Writes ``results.json`` (every run with per-layer sparsity and estimation errors, plus the
 tables), ``results.md`` (methods x shots, mean +- std of accuracy over seeds, one table per
 sparsity) and ``error_ratio.png`` (per-layer estimation-error ratio CD / w/o CD); with
-``config.save_models`` (BERT only) also every pruned student as a HF directory
+``config.save_models`` (encoders only) also every pruned student as a HF directory
 ``models/<method>_sp<sparsity>_k<K>_seed<seed>`` (its path in the run's ``model_dir``).
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from efficient_nlp.prune import fewshot
 from efficient_nlp.recipes.outputs import save_outputs
 
 METHODS = ("l1", "bp", "fitnet", "wo_cd", "cd", "scd")
+MODEL_KINDS = ("cnn", "bert", "encoder")  # "bert" and "encoder" are the same: any encoder family
 _LAYERWISE = {"wo_cd": "layerwise", "cd": "cd", "scd": "scd"}
 
 
@@ -62,7 +65,7 @@ def _cnn_setup(config):
     return teacher, adapter, train, test, None
 
 
-def _bert_setup(config, workdir):
+def _encoder_setup(config, workdir):
     from efficient_nlp import models
     from efficient_nlp.recipes.common import resolve_teacher
 
@@ -71,8 +74,7 @@ def _bert_setup(config, workdir):
     task = data_lib.load_task_data(d.task, tokenizer_dir=teacher_dir, max_length=d.max_length,
                                    max_train_examples=d.max_train_examples or None)
     teacher = models.from_pretrained(teacher_dir, num_labels=task.spec.num_labels)
-    adapter = fewshot.bert_adapter(teacher, fewshot.bert_rules(config.structure,
-                                                               teacher.config.attention_head_dim))
+    adapter = fewshot.encoder_adapter(teacher, fewshot.encoder_rules(teacher, config.structure))
     dev = dict(task.dev)
     if config.get("max_eval_examples"):
         dev = {k: v[: config.max_eval_examples] for k, v in dev.items()}
@@ -108,14 +110,14 @@ def run(config, workdir):
     for m in config.methods:
         if m not in METHODS:
             raise ValueError(f"config.methods: unknown method {m!r}; choose from {METHODS}")
-    if config.model_kind not in ("cnn", "bert"):
-        raise ValueError(f"config.model_kind must be 'cnn' or 'bert', got {config.model_kind!r}")
+    if config.model_kind not in MODEL_KINDS:
+        raise ValueError(f"config.model_kind must be one of {MODEL_KINDS}, got {config.model_kind!r}")
     save = bool(config.get("save_models", False))
-    if save and config.model_kind != "bert":
-        raise ValueError("config.save_models writes HF directories: only for model_kind='bert'")
+    if save and config.model_kind == "cnn":
+        raise ValueError("config.save_models writes HF directories: only for model_kind='bert' (any encoder)")
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
-    setup = _cnn_setup(config) if config.model_kind == "cnn" else _bert_setup(config, workdir)
+    setup = _cnn_setup(config) if config.model_kind == "cnn" else _encoder_setup(config, workdir)
     teacher, adapter, train, test, tokenizer = setup
     err_data = {k: v[: config.error_examples] for k, v in test.items()}
     results = {"model_kind": config.model_kind, "structure": config.structure,
@@ -201,6 +203,15 @@ def format_tables(results) -> str:
     return "\n".join(lines)
 
 
+def _short(layer: str) -> str:
+    """A plot label: the path up to a layer index becomes ``L<i>`` (``L3.attention.query``)."""
+    parts = layer.split(".")
+    for j, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join([f"L{part}"] + parts[j + 1:])
+    return layer
+
+
 def plot_error_ratios(results, path) -> str:
     """Grouped bars: per layer, estimation-error ratio CD / w/o CD for each K (highest sparsity)."""
     import matplotlib
@@ -217,8 +228,7 @@ def plot_error_ratios(results, path) -> str:
         ax.bar(x + j * width, [ratios[lay] for lay in layers], width, label=f"K={k}")
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks(x + 0.4 - width / 2)
-    ax.set_xticklabels([lay.replace("bert.encoder.layers.", "L") for lay in layers], rotation=60, ha="right",
-                       fontsize=7)
+    ax.set_xticklabels([_short(lay) for lay in layers], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("error ratio CD / w/o CD")
     ax.set_title(f"per-layer estimation error at sparsity {float(s):.0%}")
     ax.legend(fontsize=7)

@@ -6,7 +6,7 @@
    ``workdir/model``); empty means "fine-tune ``config.model_dir`` on ``config.data`` first"
    with ``config.teacher_train`` into ``workdir/teacher`` (reused when already there; about
    10 minutes on 2 CPU cores for the embedded MiniLM on the built-in task).
-2. Student: embeddings, encoder layers ``config.student.layers``, pooler and classifier copied
+2. Student: embeddings, encoder layers ``config.student.layers`` and the classification head copied
    (`efficient_nlp.distill.student_from_teacher`) from the fine-tuned teacher
    (``config.student.init == "teacher"``) or from the pretrained model the teacher was
    fine-tuned from (``"pretrained"``: ``config.model_dir`` or the embedded MiniLM, with a freshly

@@ -2,14 +2,14 @@
 
     python train.py --config configs/aps_cnn_transitional.py --workdir runs/aps_t
 
-1. builds the search space (``config.space``: digits ResNet or a pretrained BERT's widths);
+1. builds the search space (``config.space``: digits ResNet or a pretrained encoder's widths);
 2. runs the two-stage search (``config.search``; `efficient_nlp.nas.Searcher`) in
    ``workdir/search`` (checkpointed, resumable);
 3. beam search for the top-N architectures, picks the one closest to the FLOPs budget;
 4. retrains it (``config.retrain``, the `train.fit` loop, in ``workdir/retrain``): from scratch
-   for the CNN, from the inherited candidate kernels (or scratch) for BERT;
+   for the CNN, from the inherited candidate kernels (or scratch) for an encoder;
 5. writes ``results.json`` and the plots ``decisions.png``, ``sharing.png``, ``accuracy.png``
-   (and, for BERT, the smaller model as a HF directory ``workdir/model``).
+   (and, for an encoder, the smaller model as a HF directory ``workdir/model``).
 """
 import os
 
@@ -107,7 +107,7 @@ def run(config, workdir):
                                          os.path.join(workdir, "retrain"))
         evals = [r for r in retrain_records if "eval/accuracy" in r]
         results["test_accuracy"] = evals[-1]["eval/accuracy"] if evals else None
-        if space.name == "bert" and train_lib.is_main_process():
+        if "tokenizer" in space.extra and train_lib.is_main_process():   # a text model: save it
             from efficient_nlp.recipes.outputs import save_outputs
             save_outputs(workdir, {}, space.extra["tokenizer"], {"model": model})
     if train_lib.is_main_process():

@@ -1,4 +1,5 @@
-"""Pruning recipe (METHODS.md 2.1): prune a BERT while fine-tuning it on a task.
+"""Pruning recipe (METHODS.md 2.1): prune a model (any family of `efficient_nlp.models`) while
+fine-tuning it on a task.
 
 The pruning optimizer is `efficient_nlp.prune.pruning` around the default AdamW, so the masks
 live in the optimizer state and `train.fit` checkpoints / resumes / replicates them as any other
@@ -32,18 +33,20 @@ from efficient_nlp.recipes.outputs import save_outputs
 from efficient_nlp.recipes.finetune import load_model_and_data, task_loss
 
 _PATTERN_KEYS = ("block_shape", "axis", "n", "m")
+_FAMILY_PATTERNS = ("heads", "ffn_neurons", "layers")
 
 
 def build_rules(rules, model):
-    """``[(regex, PruneRule)]`` from config rule dicts; ``heads`` gets the model's head_dim."""
+    """``[(regex, PruneRule)]`` from config rule dicts; the patterns that read the model family
+    (``heads``, ``ffn_neurons``, ``layers``) get the model (``heads`` reads its head width)."""
     out = []
     for r in rules:
         r = dict(r)
         kwargs = {k: r[k] for k in _PATTERN_KEYS if k in r}
         if "block_shape" in kwargs:
             kwargs["block_shape"] = tuple(kwargs["block_shape"])
-        if r.get("pattern") == "heads":
-            kwargs["head_dim"] = model.config.attention_head_dim
+        if r.get("pattern") in _FAMILY_PATTERNS:
+            kwargs["family"] = model
         dist = r.get("distribution", "global")
         if not isinstance(dist, str):
             dist = dict(dist)
@@ -152,7 +155,7 @@ def run(config, workdir):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         params = prune.apply_masks(params, _tree(params, masks))
         model = nnx.merge(graphdef, params, rest)
-        rules = [prune.rule(_UNIT_PARAMS, "unstructured", 0.0)]
+        rules = [prune.rule(_exactly(masks), "unstructured", 0.0)]
         tx = prune.pruning(train_lib.make_optimizer(config, num_steps), rules, masks=masks)
         model, history = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
                                        eval_fn=eval_fn, optimizer=tx,
@@ -165,17 +168,17 @@ def run(config, workdir):
         model, history = train_lib.fit(model, task_loss, batches, config=config, workdir=workdir,
                                        eval_fn=eval_fn)
         after = final_eval(history)
-        n = model.config.num_hidden_layers
+        full = prune.full_structure(model)
+        n = len(full["layers"])
         keep = ld.keep
         if isinstance(keep, str):
             keep = prune.every_other(n) if keep == "every_other" else [int(i) for i in keep.split(",")]
-        full = prune.full_structure(model)
         keep = [int(i) for i in keep]
         structure = {"layers": keep, "heads": [full["heads"][i] for i in keep],
                      "neurons": [full["neurons"][i] for i in keep]}
     results["dev_after"] = after
     weights = {k: v.get_value() for k, v in models.named_params(model).items()}
-    regexes = [regex for regex, _ in rules] if method in ("mask", "lottery") else [r"layers\.\d+\..*kernel$"]
+    regexes = [regex for regex, _ in rules] if method in ("mask", "lottery") else [prune.site_regex(model)]
     rows = prune.sparsity_summary(weights, regexes)
     print(prune.format_summary(rows))
     results["sparsity_per_layer"] = prune.layer_summary(rows)
@@ -202,8 +205,10 @@ def run(config, workdir):
     return results
 
 
-_UNIT_PARAMS = (r"layers\.\d+\.(attention\.(query|key|value)\.(kernel|bias)|attention\.output\.kernel|"
-                r"ffn\.(intermediate\.(kernel|bias)|output\.kernel))$")
+def _exactly(names):
+    """A rule regex selecting exactly the parameters ``names``."""
+    import re
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
 def _tree(params, named):

@@ -123,20 +123,22 @@ def run(config, workdir):
         t0 = time.perf_counter()
         with PeakMemory() as memory:
             if name == "rem":
-                out, rep = ptq.rem(qmodel, teacher, calib, steps=int(p.rem.steps),
-                                   learning_rate=float(p.rem.learning_rate), token_batch_size=int(p.rem.token_batch_size),
-                                   max_tokens=int(p.rem.max_tokens), eval_batch_size=bs, seed=int(p.seed))
+                result = ptq.rem(qmodel, teacher, calib, steps=int(p.rem.steps),
+                                 learning_rate=float(p.rem.learning_rate), token_batch_size=int(p.rem.token_batch_size),
+                                 max_tokens=int(p.rem.max_tokens), eval_batch_size=bs, seed=int(p.seed))
             else:
                 kw = dict(num_modules=int(p.mrem.num_modules), steps=int(p.mrem.steps),
                           learning_rate=float(p.mrem.learning_rate), batch_size=int(p.batch_size),
                           eval_batch_size=bs, seed=int(p.seed))
                 if name == "mrem_s":
-                    out, rep = mrem.mrem_s(qmodel, teacher, calib, **kw)
+                    result = mrem.mrem_s(qmodel, teacher, calib, **kw)
                 else:
-                    out, modules, info = mrem_p(qmodel, teacher, calib, queue_size=int(p.mrem_p.queue_size),
-                                                teacher_forcing=float(p.mrem_p.teacher_forcing),
-                                                placement=list(p.mrem_p.placement), **kw)
-                    rep = {"modules": modules, **info}
+                    result = mrem_p(qmodel, teacher, calib, queue_size=int(p.mrem_p.queue_size),
+                                    teacher_forcing=float(p.mrem_p.teacher_forcing),
+                                    placement=list(p.mrem_p.placement), **kw)
+        out = result.model
+        # MREM-P's report keeps its placement and phase timings next to the module rows.
+        rep = {"modules": result.report, **result.info} if name == "mrem_p" else result.report
         results["wall_seconds"][name] = time.perf_counter() - t0
         results["peak_memory"][name] = memory.summary()
         results["reports"][name] = rep

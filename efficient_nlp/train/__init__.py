@@ -1,9 +1,13 @@
-"""Training: the one loop (``fit``), optimizer, mesh/multi-host, checkpoints, metrics.
+"""Training and evaluation primitives: the one step (``make_step``), the loop with checkpoints
+(``fit``), short loops (``run``), prediction (``predict``), latency, optimizer, mesh/multi-host,
+checkpoints, metrics.
 
     from efficient_nlp import train
     train.init_distributed(config)          # first, before other JAX calls (multi-host)
     model, history = train.fit(model, loss_fn, batches, config=config, workdir=workdir,
                                eval_fn=eval_fn)
+    model, history = train.run(model, loss_fn, optax.adam(1e-3), batches, steps=200)
+    logits = train.predict(model, dev_arrays, batch_size=128)
 
 ``config.train`` keys and defaults: ``default_train_config()``; ``config.distributed``:
 ``default_distributed_config()``.
@@ -21,6 +25,7 @@ from efficient_nlp.train.distributed import (
     init_distributed,
     is_main_process,
     make_mesh,
+    place,
     replicate,
     replicated,
     scalars_to_host,
@@ -28,15 +33,23 @@ from efficient_nlp.train.distributed import (
     to_host,
 )
 from efficient_nlp.train.loop import (
-    NonFiniteLossError,
     StepRunner,
     TrainOptions,
-    TrainState,
     default_train_config,
     fit,
     make_step_runner,
     train_options,
-    train_step,
+)
+from efficient_nlp.train.step import (
+    NonFiniteLossError,
+    Progress,
+    TrainState,
+    compiled_step,
+    copy_model,
+    init_state,
+    make_step,
+    mean_metrics,
+    run,
 )
 from efficient_nlp.train.metrics import MetricsWriter, read_metrics
 from efficient_nlp.train.optim import (
@@ -45,14 +58,16 @@ from efficient_nlp.train.optim import (
     weight_decay_mask,
 )
 
-from efficient_nlp.train.evaluate import make_eval_fn, predict
+from efficient_nlp.train.evaluate import make_eval_fn, predict, predict_logits
+from efficient_nlp.train.latency import compare_latency, measure_latency, token_batch
 
 __all__ = [
     "CheckpointError", "Checkpointer", "CorruptCheckpointError", "DATA_AXIS",
-    "IncompatibleCheckpointError", "MetricsWriter", "NonFiniteLossError", "StepRunner",
-    "TrainOptions", "TrainState", "batch_sharding", "default_distributed_config",
-    "default_train_config", "fit", "init_distributed", "is_main_process",
-    "make_eval_fn", "make_lr_schedule", "make_mesh", "make_optimizer", "make_step_runner",
-    "predict", "read_metrics", "replicate", "replicated", "scalars_to_host", "shard_batch",
-    "to_host", "train_options", "train_step", "weight_decay_mask",
+    "IncompatibleCheckpointError", "MetricsWriter", "NonFiniteLossError", "Progress", "StepRunner",
+    "TrainOptions", "TrainState", "batch_sharding", "compare_latency", "compiled_step", "copy_model",
+    "default_distributed_config", "default_train_config", "fit", "init_distributed", "init_state",
+    "is_main_process", "make_eval_fn", "make_lr_schedule", "make_mesh", "make_optimizer", "make_step",
+    "make_step_runner", "mean_metrics", "measure_latency", "place", "predict", "predict_logits", "read_metrics",
+    "replicate", "replicated", "run", "scalars_to_host", "shard_batch", "to_host", "token_batch",
+    "train_options", "weight_decay_mask",
 ]

@@ -154,18 +154,42 @@ def replicate(tree, mesh):
 
     Every process must pass the same values (numpy, local jax arrays, or global arrays
     that are replicated). Always allocates new buffers (never aliases of the inputs, so
-    the result can be donated safely).
+    the result can be donated safely); `place` skips what is already in place.
     """
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def place(tree, mesh):
+    """`replicate` except that arrays already replicated over ``mesh`` are returned as they
+    are (no copy, no transfer): for read-only uses such as evaluation, never for donation."""
     sharding = replicated(mesh)
 
     def put(x):
-        if is_key_array(x):  # typed PRNG keys: replicate their raw data
-            data = put(jax.random.key_data(x))
-            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        host = host_value(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+        if isinstance(x, jax.Array) and _is_placed(x, sharding):
+            return x
+        return _put(x, sharding)
 
     return jax.tree.map(put, tree)
+
+
+def _is_placed(x, sharding):
+    try:
+        return x.sharding.is_equivalent_to(sharding, x.ndim)
+    except (AttributeError, ValueError):  # pragma: no cover - exotic shardings
+        return False
+
+
+def _put(x, sharding):
+    """A new replicated copy of ``x`` (device to device in a single process)."""
+    local = not isinstance(x, jax.Array) or x.is_fully_addressable
+    if sharding.is_fully_addressable and local:
+        return jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), sharding, may_alias=False)
+    if is_key_array(x):  # typed PRNG keys: replicate their raw data
+        data = _put(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = host_value(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def is_key_array(x):
@@ -202,6 +226,8 @@ def shard_batch(host_batch, mesh):
     n_local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
 
     def put(x):
+        if isinstance(x, jax.Array) and _is_placed(x, data_sharding if x.ndim else rep):
+            return x  # already a global batch array
         x = np.asarray(x)
         if x.ndim == 0:
             return jax.make_array_from_process_local_data(rep, x)

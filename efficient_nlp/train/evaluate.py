@@ -1,16 +1,24 @@
-"""Evaluation shared by every recipe: jitted, data-parallel prediction over a dev split."""
+"""Evaluation shared by every recipe: one jitted, data-parallel prediction over a split.
+
+`predict` runs ``predict_fn(model, batch)`` over every example once.  The compiled step
+depends on the model's structure and on ``predict_fn`` only (pass a module-level function or
+another hashable callable, not a fresh lambda per call), and parameters already on the
+mesh's devices are used where they are: calling it again does not copy them.
+"""
 import functools
 
 import jax
 import numpy as np
 from flax import nnx
 
+from efficient_nlp.models import family as F
 from efficient_nlp.train import distributed
 
 
 def predict_logits(model, batch):
-    """Default prediction: the model's logits on a tokenised batch (eval mode)."""
-    return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
+    """Default prediction: the model's logits on a tokenised batch (eval mode), for any
+    family (`efficient_nlp.models.family.forward`)."""
+    return F.forward(model, batch).logits
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -18,25 +26,32 @@ def _predict_step(graphdef, state, batch, predict):
     return predict(nnx.merge(graphdef, state), batch)
 
 
-def predict(model, arrays, batch_size, *, predict_fn=predict_logits, mesh=None):
-    """Runs ``predict_fn`` over every example of ``arrays`` once; returns numpy outputs.
+def placed_state(model, mesh):
+    """``(graphdef, state)`` of ``model`` with the state replicated over ``mesh``; arrays
+    already there (a single-device model on a one-device mesh, a model trained by ``fit``)
+    are used as they are, so repeated evaluations transfer nothing."""
+    graphdef, state = nnx.split(model)
+    return graphdef, distributed.place(state, mesh)
 
-    Batches are global (sharded over the mesh's ``data`` axis); padding rows of the last
-    batch are dropped, so the result has exactly one row per example, in order.
+
+def predict(model, arrays, batch_size, *, predict_fn=predict_logits, mesh=None):
+    """Runs ``predict_fn(model, batch)`` over every example of ``arrays`` once; returns numpy
+    outputs (an array, or a pytree of arrays) with one row per example, in order.
+
+    Batches are global (sharded over the mesh's ``data`` axis; default mesh: all devices);
+    padding rows of the last batch are dropped.
     """
     from efficient_nlp.data import eval_batches
 
     mesh = mesh or distributed.make_mesh()
-    graphdef, state = nnx.split(model)
-    state = distributed.replicate(state, mesh)
+    graphdef, state = placed_state(model, mesh)
     outputs, weights = [], []
     for host_batch in eval_batches(arrays, batch_size):
         batch = distributed.shard_batch(host_batch, mesh)
-        out = _predict_step(graphdef, state, batch, predict_fn)
-        outputs.append(distributed.host_value(out))
+        outputs.append(distributed.to_host(_predict_step(graphdef, state, batch, predict_fn)))
         weights.append(distributed.host_value(batch["weight"]))
     keep = np.concatenate(weights) > 0
-    return np.concatenate(outputs)[keep]
+    return jax.tree.map(lambda *xs: np.concatenate(xs)[keep], *outputs)
 
 
 def make_eval_fn(arrays, batch_size, metric_fn, *, predict_fn=predict_logits):

@@ -1,8 +1,9 @@
 """The one training loop used by every recipe: ``fit``.
 
 Functional NNX: the model is split into ``graphdef``, trainable state (``nnx.Param`` by
-default) and the rest; a module-level pure ``train_step`` is jitted with the state
-replicated over the mesh, the batch sharded over ``data`` and the state buffers donated.
+default) and the rest; the library's one update (`efficient_nlp.train.step.make_step`) is
+jitted with the state replicated over the mesh, the batch sharded over ``data`` and the
+state buffers donated.
 
 Step numbering: ``step`` counts completed updates. Update ``t`` (1 ... num_steps) uses
 the ``t``-th batch of ``batches(0)`` (batch index ``t - 1``), the learning rate
@@ -16,19 +17,18 @@ import logging
 import os
 import sys
 import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from efficient_nlp.train import distributed
 from efficient_nlp.train.checkpoint import Checkpointer
 from efficient_nlp.train.metrics import MetricsWriter
 from efficient_nlp.train.optim import make_lr_schedule, make_optimizer
+from efficient_nlp.train.step import NonFiniteLossError, init_state, make_step, mean_metrics, step_key
 
 log = logging.getLogger(__name__)
 
@@ -111,80 +111,41 @@ def train_options(config):
     return TrainOptions(**values)
 
 
-class TrainState(NamedTuple):
-    """Everything a checkpoint holds. ``step``: completed updates (int32 scalar)."""
-    step: Any
-    params: Any
-    rest: Any
-    opt_state: Any
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN/inf at ``step``; nothing was saved after it."""
-
-    def __init__(self, step, message):
-        self.step = int(step)
-        super().__init__(message)
-
-
 # ---------------------------------------------------------------------------------------
-# Pure step function (module level; jitted in ``_Setup``).
+# The step of fit: `make_step` plus the step's dropout key and the first non-finite step.
 # ---------------------------------------------------------------------------------------
-def train_step(graphdef, tx, loss_fn, trainable, seed, state, nonfinite_step, batch):
-    """One update. Returns ``(state, nonfinite_step, metrics)``.
-
-    ``nonfinite_step`` is -1 until the first step whose loss or gradient norm is not
-    finite, then that step (kept on device; the host checks it at log/eval/save time).
-    """
-    step = state.step + 1
-    key = jax.random.fold_in(jax.random.key(seed), step)
-
-    def compute(params):
-        # Fresh Variable objects for the non-trainable state, created at this trace level
-        # so the model may update them (batch statistics, counters, RNG streams).
-        rest = jax.tree.map(lambda x: x, state.rest)
-        model = nnx.merge(graphdef, params, rest)
-        rngs = nnx.Rngs(dropout=key)
-        loss, aux = loss_fn(model, batch, rngs)
-        _, _, new_rest = nnx.split(model, trainable, ...)
-        return loss, (aux, new_rest)
-
-    (loss, (aux, rest)), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    nonfinite_step = jnp.where((nonfinite_step < 0) & ~finite, step, nonfinite_step)
-    metrics = {**(aux or {}), "loss": loss, "grad_norm": grad_norm}
-    metrics = jax.tree.map(lambda x: jnp.mean(jnp.asarray(x, jnp.float32)), metrics)
-    new_state = TrainState(step=step, params=params, rest=rest, opt_state=opt_state)
-    return new_state, nonfinite_step.astype(jnp.int32), metrics
+def _fit_step(loss_fn, tx, trainable, seed, graphdef, state, nonfinite_step, batch):
+    """One update; ``nonfinite_step`` is -1 until the first step whose loss or gradient norm
+    is not finite, then that step (kept on device; the host checks it at log/eval/save time)."""
+    t = state.step + 1
+    state, metrics = make_step(loss_fn, tx, trainable)(graphdef, state, batch, step_key(seed, t))
+    metrics = mean_metrics(metrics)
+    bad = metrics.pop("nonfinite")
+    nonfinite_step = jnp.where((nonfinite_step < 0) & bad, t, nonfinite_step).astype(jnp.int32)
+    return state, nonfinite_step, metrics
 
 
 class _Setup:
-    """Splits the model, replicates its state, builds the optimizer and the jitted step."""
+    """Splits the model, replicates its state, builds the optimizer and the step."""
 
     def __init__(self, model, loss_fn, opts, *, mesh=None, optimizer=None, lr_schedule=None,
                  trainable=nnx.Param):
         self.opts = opts
         self.mesh = mesh or distributed.make_mesh()
-        self.rep = distributed.replicated(self.mesh)
+        rep = distributed.replicated(self.mesh)
         if optimizer is None:
             self.tx = make_optimizer(opts, opts.num_steps)
             self.schedule = make_lr_schedule(opts, opts.num_steps)
         else:
             self.tx, self.schedule = optimizer, lr_schedule
-        self.graphdef, params, rest = nnx.split(model, trainable, ...)
+        self.graphdef, state = init_state(model, self.tx, trainable)
         # New buffers (never aliases of the caller's model, which donation would delete).
-        params, rest = distributed.replicate((params, rest), self.mesh)
-        opt_state = jax.jit(self.tx.init, out_shardings=self.rep)(params)
-        step = distributed.replicate(np.zeros((), np.int32), self.mesh)
-        self.state = TrainState(step=step, params=params, rest=rest, opt_state=opt_state)
+        self.state = distributed.replicate(state, self.mesh)
         self.nonfinite = distributed.replicate(np.full((), -1, np.int32), self.mesh)
+        # Jitted per run (not cached across runs: loss_fn may hold a teacher's arrays).
         self.step_fn = jax.jit(
-            functools.partial(train_step, self.graphdef, self.tx, loss_fn, trainable,
-                              int(opts.seed)),
-            donate_argnums=(0, 1), out_shardings=(self.rep, self.rep, self.rep))
+            functools.partial(_fit_step, loss_fn, self.tx, trainable, int(opts.seed), self.graphdef),
+            donate_argnums=(0, 1), out_shardings=(rep, rep, rep))
 
     def run(self, host_batch):
         batch = distributed.shard_batch(host_batch, self.mesh)
