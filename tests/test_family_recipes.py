@@ -1,4 +1,5 @@
-"""Every recipe runs on every encoder family: a few steps on a tiny RoBERTa and a tiny DistilBERT.
+"""Every recipe runs on every encoder family: a few steps on a tiny RoBERTa and a tiny DistilBERT
+(the heavy recipes run one family by default and the other with ``-m slow``).
 
 The tiny configs are the ones the per-recipe tests use on BERT; here each recipe gets a teacher /
 model directory of another family and must produce what it produces for BERT: a saved model of
@@ -26,12 +27,32 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def family_dir(make_tiny_model_dir):
+    """``family_dir(name, layers=2)``: a tiny random sequence classifier of that family (cached)."""
+    made = {}
+
+    def make(name, layers=2):
+        if (name, layers) not in made:
+            made[name, layers] = make_tiny_model_dir(
+                f"tiny_{name}_{layers}l", models.BertForSequenceClassification, hidden_size=16,
+                num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=64, num_labels=9, **FAMILIES[name])
+        return made[name, layers]
+
+    return make
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def teacher_dir(request, make_tiny_model_dir):
-    return make_tiny_model_dir(f"tiny_{request.param}_teacher", models.BertForSequenceClassification,
-                               hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=64, num_labels=9,
-                               **FAMILIES[request.param])
+def teacher_dir(request, family_dir):
+    return family_dir(request.param)
+
+
+def _both(fast: str):
+    """Both families; the one not named ``fast`` runs with the slow tests (keeps the default
+    suite short: the heavy recipes compile many steps)."""
+    return pytest.mark.parametrize("name", [
+        pytest.param(n, marks=() if n == fast else pytest.mark.slow) for n in sorted(FAMILIES)])
 
 
 def _family(model_dir) -> str:
@@ -57,18 +78,22 @@ def test_finetune(teacher_dir, tmp_path):
     assert np.isfinite(results["dev_after"]["accuracy"])
 
 
-def test_distill_and_theseus(teacher_dir, tmp_path):
+@_both(fast="distilbert")
+def test_distill_and_theseus(name, family_dir, tmp_path):
     from test_distill_recipe import tiny_config
     from efficient_nlp.recipes import run_recipe
+    deep_teacher_dir = family_dir(name, layers=4)  # the configs map 2 student layers to 4
     for method in ("kd", "theseus"):
-        results = run_recipe(tiny_config(teacher_dir, method), str(tmp_path / method))
+        results = run_recipe(tiny_config(deep_teacher_dir, method), str(tmp_path / method))
         student = models.from_pretrained(str(tmp_path / method / "student"), num_labels=9)
-        assert student.config.model_type == _family(teacher_dir)
-        assert F.num_layers(student) == 2 if method == "kd" else F.num_layers(student) >= 1
+        assert student.config.model_type == _family(deep_teacher_dir)
+        assert F.num_layers(student) == 2
         assert np.isfinite(results["student"]["accuracy"])
 
 
-def test_qat(teacher_dir, tmp_path):
+@_both(fast="roberta")
+def test_qat(name, family_dir, tmp_path):
+    teacher_dir = family_dir(name)
     from test_qat_recipe import tiny_config
     from efficient_nlp.recipes import run_recipe
     results = run_recipe(tiny_config(teacher_dir, (2, 2, 8)), str(tmp_path))
@@ -77,7 +102,9 @@ def test_qat(teacher_dir, tmp_path):
     assert q["size_mb"] < fp["size_mb"] / 3
 
 
-def test_ptq(teacher_dir, tmp_path):
+@_both(fast="distilbert")
+def test_ptq(name, family_dir, tmp_path):
+    teacher_dir = family_dir(name)
     from test_ptq import tiny_config
     from efficient_nlp.recipes import run_recipe
     results = run_recipe(tiny_config(teacher_dir, method="rem,mrem_s"), str(tmp_path))
@@ -86,7 +113,9 @@ def test_ptq(teacher_dir, tmp_path):
         assert np.isfinite(results["after"][method]["accuracy"])
 
 
-def test_binarybert(teacher_dir, tmp_path):
+@_both(fast="roberta")
+def test_binarybert(name, family_dir, tmp_path):
+    teacher_dir = family_dir(name)
     from test_binarybert_recipe import tiny_config
     from efficient_nlp.recipes import run_recipe
     results = run_recipe(tiny_config(teacher_dir, method="tws"), str(tmp_path))

@@ -112,3 +112,16 @@ def test_encoder_space_end_to_end_on_a_tiny_distilbert(make_tiny_model_dir):
     batch = {k: v[:4] for k, v in space.data["val"].items()}
     np.testing.assert_allclose(space.child_logits(child, batch), space.supernet_logits(sup, batch, arch), atol=1e-5)
     assert space.flops(arch) < space.flops.max()
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "distilbert", "electra"])
+def test_encoder_flops_model_equals_forward_flops_of_the_resized_config(kind):
+    from efficient_nlp.models.flops import forward_flops
+    base = {"bert": BERT, "electra": BERT.replace(model_type="electra", embedding_size=8), **FAMILIES}[kind]
+    fm = flops_lib.encoder_flops_model(HEADS[:1] + FFN[:1] + HEADS[1:] + FFN[1:], base, seq_len=9)
+    for arch in ([0, 0, 0, 0], [0, 1, 1, 0], [1, 1, 1, 1]):
+        widths = fm.widths(arch)
+        heads, neurons = [list(range(widths[0])), list(range(widths[2]))], [list(range(widths[1])),
+                                                                             list(range(widths[3]))]
+        cfg = F.resized_config(base, [0, 1], heads, neurons)
+        assert fm(np.asarray(arch)) == forward_flops(cfg, 9)

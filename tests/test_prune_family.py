@@ -250,3 +250,18 @@ def test_flops_count_a_gated_ffn_and_rules_come_first():
         prune.l1_soft_threshold(0.5, r"kernel$")
     with pytest.raises(TypeError, match="rules come first"):
         prune.group_soft_threshold(0.5, [(OLD_HEADS, prune.heads(D))])
+
+
+def test_flops_and_unit_costs_agree_with_the_one_flops_counter():
+    from efficient_nlp.models.flops import forward_flops, layer_flops
+    t = 8
+    for kind in ("bert", "roberta", "distilbert"):
+        cfg = tiny(kind).config
+        assert prune.flops(cfg, t) == forward_flops(cfg, t, classifier=False)
+        head, neuron = prune.unit_flops(cfg, t)
+        fewer_head = cfg.replace(layer_num_attention_heads=(3, 4), layer_intermediate_sizes=(24, 24))
+        fewer_neuron = cfg.replace(layer_num_attention_heads=(4, 4), layer_intermediate_sizes=(23, 24))
+        assert layer_flops(cfg, 0, t) - layer_flops(fewer_head, 0, t) == head
+        assert layer_flops(cfg, 0, t) - layer_flops(fewer_neuron, 0, t) == neuron
+    electra = tiny().config.replace(model_type="electra", embedding_size=8)
+    assert prune.flops(electra, t) == forward_flops(electra, t)

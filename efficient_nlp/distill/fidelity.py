@@ -6,9 +6,6 @@ next to the task metric by `make_fidelity_eval_fn`.
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import jax
 import numpy as np
 from flax import nnx
@@ -69,18 +66,8 @@ def num_params(model) -> int:
 
 
 def forward_seconds(model, batch, *, repeats=5) -> float:
-    """Median wall time of the jitted eval-mode forward pass on ``batch`` (after one warm-up)."""
-    graphdef, state = nnx.split(model)
+    """Median wall time of the jitted eval-mode forward pass on ``batch`` (after one warm-up):
+    `efficient_nlp.train.measure_latency`."""
+    from efficient_nlp import train
 
-    @jax.jit
-    def forward(state, ids, mask, types):
-        return nnx.merge(graphdef, state)(ids, mask, types).logits
-
-    args = (state, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    jax.block_until_ready(forward(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(forward(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return train.measure_latency(model, batch, repeats=repeats, warmup=1)

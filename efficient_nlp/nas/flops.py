@@ -112,7 +112,7 @@ def bert_flops_model(candidates: Sequence[Sequence[int]], *, num_layers: int, hi
     """FLOPs of an encoder's layers and the ``hidden x hidden`` dense before its classifier
     (BERT's pooler, the other families' ``pre_classifier``) for ONE sequence of ``seq_len``
     tokens, with decisions (per layer: number of heads, FFN width), exactly as
-    `efficient_nlp.prune.shrink.flops` counts (Q/K/V/O projections, attention scores and
+    `efficient_nlp.models.flops.forward_flops` counts (Q/K/V/O projections, attention scores and
     context, the two FFN matrices, that dense)."""
     t, h, d = seq_len, hidden_size, head_dim
     terms = []
@@ -127,6 +127,12 @@ def bert_flops_model(candidates: Sequence[Sequence[int]], *, num_layers: int, hi
 
 def encoder_flops_model(candidates: Sequence[Sequence[int]], config, *, seq_len: int) -> FlopsModel:
     """`bert_flops_model` with the sizes (layers, hidden size, head width) read from a model
-    ``config`` (`efficient_nlp.models.BertConfig`, any encoder family)."""
-    return bert_flops_model(candidates, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                            head_dim=config.attention_head_dim, seq_len=seq_len)
+    ``config`` (`efficient_nlp.models.BertConfig`, any encoder family), plus the embedding
+    projection when the embedding width differs from the hidden size (ELECTRA): the count of
+    `efficient_nlp.models.flops.forward_flops` for the resized config."""
+    fm = bert_flops_model(candidates, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                          head_dim=config.attention_head_dim, seq_len=seq_len)
+    e, h = getattr(config, "embedding_width", config.hidden_size), config.hidden_size
+    if e == h:
+        return fm
+    return dataclasses.replace(fm, terms=fm.terms + ((2.0 * seq_len * e * h, None, None),))

@@ -140,6 +140,7 @@ class Searcher:
         self._warmup = jax.jit(self._warmup_step, donate_argnums=0, out_shardings=out)
         self._search = jax.jit(self._search_step, donate_argnums=0, out_shardings=out)
         self._diag = jax.jit(self._diagnostics, out_shardings=self.rep)
+        self._correct = jax.jit(self._weighted_correct)  # arch traced: one compilation per batch shape
 
     # -- pure pieces ----------------------------------------------------------------------
     def _key(self, step):
@@ -265,16 +266,19 @@ class Searcher:
                 jnp.linalg.norm(flat[0]) * jnp.linalg.norm(flat[1]), 1e-12)
         return out
 
+    def _weighted_correct(self, state, batch, arch):
+        """Weighted number of correct predictions of the supernet with ``arch`` on ``batch``."""
+        acc = self._loss(state.params, state, batch, arch, jax.random.key(0), train=False)[1]
+        return acc * jnp.sum(batch["weight"])
+
     # -- host side --------------------------------------------------------------------------
     def evaluate(self, arch, arrays, batch_size=None):
         """Accuracy of the supernet with ``arch`` on ``arrays`` (every example once)."""
         batch_size = batch_size or int(self.cfg.eval_batch_size)
         arch = train_lib.replicate(np.asarray(arch, np.int32), self.mesh)
-        fn = jax.jit(lambda st, b, a: self._loss(st.params, st, b, a, jax.random.key(0), train=False)[1]
-                     * jnp.sum(b["weight"]))
         correct = total = 0.0
         for b in data_lib.eval_batches(arrays, batch_size):
-            correct += float(fn(self.state, train_lib.shard_batch(b, self.mesh), arch))
+            correct += float(self._correct(self.state, train_lib.shard_batch(b, self.mesh), arch))
             total += float(np.sum(b["weight"]))
         return correct / max(total, 1.0)
 

@@ -6,8 +6,8 @@ model's family description (`shrink.unit_params`).  Each unit gets a score (`uni
 magnitude ``sum |w|`` or Taylor saliency ``sum |w * grad|`` over the unit's weights); within each
 layer's heads and each layer's neurons the scores are divided by their mean (per-group
 normalisation, as the ``global`` distribution does), then units are removed lowest score first
-until the FLOPs per example of the SHRUNK model (`shrink.flops` of `shrink.shrunk_config`, exact:
-FLOPs are linear in the head count and FFN width of each layer) are at or below the target
+until the FLOPs per example of the SHRUNK model (`efficient_nlp.models.flops.forward_flops` of
+`shrink.shrunk_config`, exact: FLOPs are linear in the head count and FFN width of each layer) are at or below the target
 (`flops_structure`).  The result is a `shrink` structure; its masks (`shrink.structure_masks`)
 can be kept fixed while fine-tuning (`pruning(masks=...)`).
 """
@@ -40,8 +40,8 @@ def unit_scores(model, element_scores=None) -> dict:
 
 
 def unit_flops(config, seq_len: int = 128, gated: bool | None = None) -> tuple[int, int]:
-    """FLOPs per example removed with one head / one FFN neuron (as counted by `shrink.flops`;
-    ``gated`` as there)."""
+    """FLOPs per example removed with one head / one FFN neuron (as counted by
+    `efficient_nlp.models.flops.layer_flops`; ``gated`` as in `shrink.flops`)."""
     t, h, d = seq_len, config.hidden_size, config.attention_head_dim
     ffn_matmuls = 3 if (gated_ffn(config) if gated is None else gated) else 2
     return 2 * t * h * d * 4 + 2 * t * t * d * 2, 2 * t * h * ffn_matmuls

@@ -44,6 +44,8 @@ from efficient_nlp import tree as tree_lib
 from efficient_nlp.models import family as F
 from efficient_nlp.prune import cross_distillation as cd
 from efficient_nlp.prune.patterns import Pattern, heads, neurons, rows, site_regex, topk_mask, unstructured
+from efficient_nlp.train.evaluate import predict
+from efficient_nlp.train.step import copy_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +182,6 @@ def set_layer(model, name: str, w: dict) -> None:
             var.value = value
 
 
-def copy_model(model):
-    """An independent copy of ``model`` (``nnx.clone``; ``merge(*split(m))`` would share the
-    Variables, so setting a student weight would change the teacher)."""
-    return nnx.clone(model)
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _apply(fn, graphdef, state, data):
     return fn(nnx.merge(graphdef, state), data)
@@ -197,15 +193,9 @@ def run_model(fn, model, data):
     return _apply(fn, graphdef, state, {k: jnp.asarray(v) for k, v in data.items()})
 
 
-def _batched(fn, model, data, batch_size=256):
-    n = len(next(iter(data.values())))
-    outs = [run_model(fn, model, {k: v[i:i + batch_size] for k, v in data.items()})
-            for i in range(0, n, batch_size)]
-    return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *outs)
-
-
 def accuracy(adapter: Adapter, model, data, batch_size: int = 256) -> float:
-    logits = _batched(adapter.logits, model, _inputs_only(data), batch_size)
+    """Fraction of ``data`` whose argmax of ``adapter.logits`` is its label (`train.predict`)."""
+    logits = predict(model, _inputs_only(data), batch_size, predict_fn=adapter.logits)
     return float(np.mean(np.argmax(logits, -1) == np.asarray(data["labels"])))
 
 

@@ -20,15 +20,13 @@ so it saves with `models.save_hf_checkpoint` and loads with `models.from_pretrai
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from efficient_nlp import models
 from efficient_nlp.models import family as F
+from efficient_nlp.models.flops import forward_flops
 
 _UNIT_ROLES = {"heads": F.HEAD_ROLES, "neurons": F.NEURON_ROLES}
 
@@ -145,45 +143,26 @@ def gated_ffn(config) -> bool:
 
 
 def flops(config, seq_len: int = 128, gated: bool | None = None) -> int:
-    """Forward FLOPs (2 per multiply-add) of the layer stack + the hidden-size dense after it
-    (BERT's pooler, RoBERTa's pre_classifier) for ONE sequence of ``seq_len`` tokens, from the
-    config's per-layer head counts and FFN widths; embeddings lookups and the small element-wise
-    ops are not counted.  ``gated``: the FFN has a gate matmul (``ffn_gate``; default: read from
-    the config's family, `gated_ffn`)."""
-    t, h, d = seq_len, config.hidden_size, config.attention_head_dim
-    ffn_matmuls = 3 if (gated_ffn(config) if gated is None else gated) else 2
-    total = 0
-    for i in range(config.num_hidden_layers):
-        w = config.layer_num_heads(i) * d
-        inter = config.layer_intermediate_size(i)
-        total += 2 * t * h * w * 4          # Q, K, V, O projections
-        total += 2 * t * t * w * 2          # scores and context
-        total += 2 * t * h * inter * ffn_matmuls
-    total += 2 * h * h                      # the dense after the stack
+    """Forward FLOPs of ONE sequence of ``seq_len`` tokens through the layer stack and the
+    hidden-size dense after it (`efficient_nlp.models.flops.forward_flops` without the
+    classifier), from the config's per-layer head counts and FFN widths.  ``gated``: count the
+    FFN with (True) or without (False) a gate matmul (``ffn_gate``) instead of as the config's
+    family has it (`gated_ffn`)."""
+    total = forward_flops(config, seq_len, classifier=False)
+    if gated is not None and bool(gated) != gated_ffn(config):
+        gate = sum(2 * seq_len * config.hidden_size * config.layer_intermediate_size(i)
+                   for i in range(config.num_hidden_layers))
+        total += gate if gated else -gate
     return int(total)
 
 
 def measure_latency(model, batch_size: int = 8, seq_len: int = 128, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock seconds of one jitted forward pass on random tokens (current backend)."""
-    graphdef, state = nnx.split(model)
+    """Median wall-clock seconds of one jitted forward pass on random tokens (current backend;
+    `efficient_nlp.train.measure_latency` on `efficient_nlp.train.token_batch`)."""
+    from efficient_nlp import train
 
-    @jax.jit
-    def forward(state, ids, mask):
-        m = nnx.merge(graphdef, state)
-        out = m(ids, mask)
-        return out.logits if out.logits is not None else out.last_hidden_state
-
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1, model.config.vocab_size, (batch_size, seq_len)), jnp.int32)
-    mask = jnp.ones((batch_size, seq_len), jnp.int32)
-    for _ in range(warmup):
-        forward(state, ids, mask).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        forward(state, ids, mask).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return train.measure_latency(model, train.token_batch(model.config.vocab_size, batch_size, seq_len),
+                                 repeats, warmup)
 
 
 @dataclasses.dataclass
@@ -221,9 +200,9 @@ def shrink_report(before, after, *, seq_len: int = 128, batch_size: int = 8, mea
     rep = ShrinkReport(count_params(before), count_params(after),
                        flops(before.config, seq_len), flops(after.config, seq_len))
     if measure:
-        a, b = [], []
-        for _ in range(3):
-            a.append(measure_latency(before, batch_size, seq_len, repeats=max(repeats // 3, 1)))
-            b.append(measure_latency(after, batch_size, seq_len, repeats=max(repeats // 3, 1)))
-        rep.latency_before_s, rep.latency_after_s = float(np.median(a)), float(np.median(b))
+        from efficient_nlp import train
+
+        batch = train.token_batch(before.config.vocab_size, batch_size, seq_len)
+        rep.latency_before_s, rep.latency_after_s = train.compare_latency(
+            [before, after], batch, repeats=max(repeats // 3, 1), rounds=3)
     return rep

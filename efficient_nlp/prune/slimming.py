@@ -8,7 +8,7 @@ contexts, ``out = sum_h ctx_h @ W_O[rows of h]``, so scaling head ``h``'s contex
 equals scaling the ``head_dim`` rows of the ``o`` kernel that belong to ``h``; likewise an FFN
 neuron gate scales its row of the ``ffn_out`` kernel.  `apply_gates` is therefore a pure
 function of ``(params, gates)`` usable inside any loss, and `Slimming` wraps a model with the
-gates as extra ``nnx.Param`` so that the one training loop trains weights and gates together.
+gates as extra ``nnx.Param`` so that the one training step trains weights and gates together.
 
 Gates pytree: ``{"heads": {"<layer>": [num_heads]}, "ffn": {"<layer>": [intermediate]}}``
 (either part may be absent).  The search (`earlybert_search`): every ``check_every`` updates the
@@ -80,7 +80,7 @@ def l1_penalty(gates, l1_heads: float = 0.0, l1_ffn: float = 0.0):
 
 
 class Slimming(nnx.Module):
-    """``model`` plus its gates as ``nnx.Param`` (``.gates``), so `train.fit` / `StepRunner`
+    """``model`` plus its gates as ``nnx.Param`` (``.gates``), so `train.fit` / `train.run`
     train both.  ``gated()`` is the model with the gates folded into its parameters."""
 
     def __init__(self, model, *, heads: bool = True, ffn: bool = True, value: float = 1.0):
@@ -182,9 +182,11 @@ def earlybert_search(model, loss_fn, batches, *, config, head_sparsity: float = 
                      window: int = 3, max_steps: int | None = None, optimizer=None) -> SearchResult:
     """Trains ``model`` with gates + L1 and stops once the gate mask stabilises.
 
-    One compiled step (`train.StepRunner`) runs all updates; every ``check_every`` updates the
-    masks are recomputed and compared with the previous ones.  ``max_steps`` (default
-    ``config.train.num_steps``) bounds the search.  ``batches(0)`` feeds it.
+    One compiled step (`train.run`) runs all updates; every ``check_every`` updates its
+    callback recomputes the masks, compares them with the previous ones and stops the run once
+    they have stabilised.  ``max_steps`` (default ``config.train.num_steps``) bounds the
+    search.  ``batches(0)`` feeds it; update ``t`` uses the dropout key of ``config.train.seed``
+    and ``t``, as in ``train.fit``.
     """
     from efficient_nlp import train as train_lib
 
@@ -196,24 +198,21 @@ def earlybert_search(model, loss_fn, batches, *, config, head_sparsity: float = 
     if not slim.gates:
         raise ValueError("earlybert_search: head_sparsity and ffn_sparsity are both 0: nothing to prune")
     tx = optimizer or train_lib.make_optimizer(config, max_steps)
-    runner = train_lib.StepRunner(slim, slimming_loss(loss_fn, l1_heads, l1_ffn), config=config, optimizer=tx)
-    it = iter(batches(0))
-    prev, distances, losses, step, stable = None, [], [], 0, False
-    while step < max_steps:
-        losses.append(float(runner(next(it))))
-        step += 1
-        if step % check_every and step != max_steps:
-            continue
-        gates = runner.model.gates
-        masks = jax.device_get(gate_masks(gates, head_sparsity, ffn_sparsity, distribution))
-        if prev is not None:
-            distances.append(mask_distance(prev, masks))
-            if stabilized(distances, threshold, window):
-                stable = True
-                break
-        prev = masks
-    final = runner.model
+    distances, last = [], {"masks": None, "stable": False}
+
+    def check(progress):
+        if progress.step % check_every and progress.step != max_steps:
+            return False
+        masks = jax.device_get(gate_masks(progress.model().gates, head_sparsity, ffn_sparsity, distribution))
+        if last["masks"] is not None:
+            distances.append(mask_distance(last["masks"], masks))
+            last["stable"] = stabilized(distances, threshold, window)
+        last["masks"] = masks
+        return last["stable"]
+
+    final, history = train_lib.run(slim, slimming_loss(loss_fn, l1_heads, l1_ffn), tx, batches(0),
+                                   steps=max_steps, seed=opts.seed, mesh=train_lib.make_mesh(), callback=check)
     gates = jax.device_get(final.gates)
     masks = jax.device_get(gate_masks(gates, head_sparsity, ffn_sparsity, distribution))
-    return SearchResult(gate_structure(model, masks), masks, gates, step, distances, stable,
-                        final.model, losses)
+    return SearchResult(gate_structure(model, masks), masks, gates, len(history), distances, last["stable"],
+                        final.model, [r["loss"] for r in history])

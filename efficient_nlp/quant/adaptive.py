@@ -44,6 +44,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from efficient_nlp import train
 from efficient_nlp.models import family as F
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
@@ -146,7 +147,7 @@ def assignment_scorer(qmodel, sites, score_fn):
     written already quantized), so every assignment has the same graph: a jitted ``score_fn``
     (e.g. one built on `efficient_nlp.train.predict`) compiles once.
     """
-    model = nnx.clone(qmodel)
+    model = train.copy_model(qmodel)
     weights = _twn_weights(model, list(sites))
     values = {}
     for site, (mod, var) in weights.items():
@@ -210,7 +211,7 @@ def sensitivity(qmodel, groups, score_fn, *, reference: str = "binary") -> tuple
 # ----------------------------------------------------------------------------- costs
 def _matmul_records(qmodel, inputs):
     """One record per matmul of a forward pass traced abstractly (`modules.recording`)."""
-    model = nnx.clone(qmodel)
+    model = train.copy_model(qmodel)
     attention = _attention_paths(model, family_or_none(model))
     floats = []
     for path, mod in nnx.iter_modules(model):

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_nlp import tree
+from efficient_nlp import train, tree
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.packing import pack, unpack
@@ -354,7 +354,7 @@ def restore(artifact: dict, template, *, frozen: bool = True):
     """
     _check_artifact(artifact)
     manifest, t = artifact["manifest"], artifact["tensors"]
-    model = nnx.clone(template)
+    model = train.copy_model(template)
     mods = {key: wq for key, _, _, wq, _ in _packed_weights(model)}
     want = manifest["weights"]
     if set(mods) != set(want):

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_nlp import train
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.export import dequantize_weight, weight_codes
@@ -300,7 +301,7 @@ def to_integer_model(qmodel):
                          f"only): {registered[:4]}; the integer model knows the built-in methods {METHODS}")
     from efficient_nlp.quant.splitting import SplitEmbed, SplitLinear
 
-    model = nnx.clone(qmodel)
+    model = train.copy_model(qmodel)
     rows = []
     for path, mod in [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, (SplitLinear, SplitEmbed))]:
         if isinstance(mod, SplitEmbed):

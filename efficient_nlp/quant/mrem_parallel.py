@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from efficient_nlp import train
 from efficient_nlp.models import family as F
 from efficient_nlp.quant import mrem, ptq
 
@@ -143,7 +144,7 @@ def _layer_stack_path(model) -> str:
 def module_slice(model, mod: mrem.Module):
     """``(copy of model holding only module mod's parts, the same module renumbered from layer 0)``;
     `mrem.module_forward` on the slice with the renumbered module equals it on ``model``."""
-    sub = nnx.clone(model)
+    sub = train.copy_model(model)
     layers = F.layer_stack(sub)
     F.set_module(sub, _layer_stack_path(sub), nnx.List([layers[i] for i in range(mod.start, mod.stop)]))
     if not mod.first:
@@ -155,45 +156,46 @@ def module_slice(model, mod: mrem.Module):
 
 
 # ----------------------------------------------------------------------------- the step
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _module_step(graphdef, loss_fn, params, rest, opt_state, feed, key, t, lam, lr):
-    """One Adam update of one module on ``feed`` (a calibration batch for module 0, else its
-    input queue, sampled with ``fold_in(key, t)``); returns the new state, the loss and the
-    module's outputs on both streams (the next module's queue entry; ``None`` for the last)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _module_step(graphdef, loss_fn, optimizer, trainable, state, feed, key, t, lam):
+    """One update of one module (`efficient_nlp.train.make_step`) on ``feed`` (a calibration
+    batch for module 0, else its input queue, sampled with ``fold_in(key, t)``); returns the new
+    state, the loss and the module's outputs on both streams (the next module's queue entry;
+    ``None`` for the last)."""
+    key = jax.random.fold_in(key, t)
     if "count" in feed:
-        batch = queue_sample(feed, jax.random.fold_in(key, t))
+        batch = queue_sample(feed, key)
         batch["q_in"] = teacher_force(batch["fp_in"], batch["q_in"], lam)
     else:
         batch = dict(feed)
-    params, opt_state, loss, aux = ptq._adam_step(graphdef, loss_fn, params, rest, opt_state, batch, lr)
-    out = None if not aux else {"attention_mask": batch["attention_mask"], "fp_in": aux["fp_out"],
-                                "q_in": aux["q_out"]}
-    return params, opt_state, loss, out
+    state, metrics = train.make_step(loss_fn, optimizer, trainable)(graphdef, state, batch, key)
+    out = None if "q_out" not in metrics else {"attention_mask": batch["attention_mask"],
+                                               "fp_in": metrics["fp_out"], "q_in": metrics["q_out"]}
+    return state, metrics["loss"], out
 
 
 class _Worker:
     """Module n's state, committed to its device."""
 
-    def __init__(self, qmodel, teacher, mod: mrem.Module, device, seed: int):
+    def __init__(self, qmodel, teacher, mod: mrem.Module, device, seed: int, optimizer):
         q, local = module_slice(qmodel, mod)
         fp, _ = module_slice(teacher, mod)
         names = ptq.trainable_names(q, local.prefixes(q), root="q")
         if not names:
             raise ValueError(f"module {mod.index} (layers {mod.start}..{mod.stop - 1}) has nothing quantized to train")
         self.mod, self.local, self.device, self.count = mod, local, device, len(names)
-        self.graphdef, params, rest = nnx.split(ptq.Pair(q, fp), ptq.name_filter(names), ...)
-        self.params, self.rest = jax.device_put((params, rest), device)
-        self.opt_state = jax.device_put(ptq._ADAM.init(self.params), device)
+        self.optimizer, self.trainable = optimizer, ptq.name_filter(names)
+        self.graphdef, state = train.init_state(ptq.Pair(q, fp), optimizer, self.trainable)
+        self.state = jax.device_put(state, device)
         self.loss_fn = mrem.ModuleLoss(local, outputs=not mod.last)
         self.key = jax.device_put(jax.random.fold_in(jax.random.key(seed), mod.index), device)
         self.queue = None   # input queue (modules after the first), created at the first push
         self.losses = []
 
-    def step(self, feed, t: int, lam: float, lr: float):
+    def step(self, feed, t: int, lam: float):
         put = functools.partial(jax.device_put, device=self.device)
-        self.params, self.opt_state, loss, out = _module_step(
-            self.graphdef, self.loss_fn, self.params, self.rest, self.opt_state, feed, self.key,
-            put(np.int32(t)), put(np.float32(lam)), put(np.float32(lr)))
+        self.state, loss, out = _module_step(self.graphdef, self.loss_fn, self.optimizer, self.trainable, self.state,
+                                             feed, self.key, put(np.int32(t)), put(np.float32(lam)))
         self.losses.append(loss)
         return out
 
@@ -205,7 +207,7 @@ class _Worker:
 
     def write_back(self, qmodel):
         """Copies the trained parts (host round trip) into ``qmodel``'s matching submodules."""
-        trained = nnx.merge(self.graphdef, jax.device_get(self.params), jax.device_get(self.rest)).q
+        trained = nnx.merge(self.graphdef, jax.device_get(self.state.params), jax.device_get(self.state.rest)).q
         for dst, src in zip(_parts(qmodel, self.mod), _parts(trained, self.local)):
             nnx.update(dst, jax.tree.map(jnp.asarray, nnx.state(src)))
 
@@ -247,9 +249,9 @@ def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
     before = mrem.module_losses(qmodel, teacher, mods, arrays, eval_batch_size)
 
     from efficient_nlp import data as data_lib
-    workers = [_Worker(qmodel, teacher, mod, dev, seed) for mod, dev in zip(mods, devices)]
+    optimizer = ptq.adam_linear_decay(float(learning_rate), max(steps, 1))
+    workers = [_Worker(qmodel, teacher, mod, dev, seed, optimizer) for mod, dev in zip(mods, devices)]
     batches = data_lib.train_batches(arrays, b, seed=seed)
-    lr = learning_rate * (1.0 - np.arange(steps) / max(steps, 1))
     lam = np.asarray(forcing_lambda(np.arange(steps), anneal_steps), np.float32)
     t0 = time.perf_counter()
     fill_end = t0
@@ -261,7 +263,7 @@ def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
         pending = []
         for n, w in enumerate(workers):
             feed = jax.device_put(next(batches), w.device) if n == 0 else w.queue
-            out = w.step(feed, t, lam[t], lr[t])
+            out = w.step(feed, t, lam[t])
             if out is None:
                 continue
             if parallel:
@@ -278,7 +280,7 @@ def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
     if steps <= queue_size:
         fill_end = end
 
-    out = nnx.clone(qmodel)
+    out = train.copy_model(qmodel)
     for w in workers:
         w.write_back(out)
     after = mrem.module_losses(out, teacher, mods, arrays, eval_batch_size)

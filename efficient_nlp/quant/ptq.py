@@ -23,8 +23,8 @@ activation-activation matmuls are not reconstructed (their quantizers keep the c
 
 MREM-S (module-wise reconstruction) is in `efficient_nlp.quant.mrem`; this file holds what both
 share: the calibration sample, the partition into modules, the per-layer error and the inner
-optimisation loop (`optimize`: Adam with linear decay, a small jitted loop on the
-`efficient_nlp.train` mesh helpers; see its docstring for why not ``fit``).
+optimisation (`optimize`: Adam with linear decay run by `efficient_nlp.train.run`, short
+loops without checkpoints) and the probes (`run_probe`: `efficient_nlp.train.predict`).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from efficient_nlp import train
 from efficient_nlp.models import family as F
 from efficient_nlp.quant import modules as M
 
@@ -134,14 +135,18 @@ def trainable_names(model, prefixes: tuple[str, ...] = ("",), root: str = "") ->
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Names:
+    names: frozenset
+
+    def __call__(self, path, value):
+        return isinstance(value, nnx.Param) and dotted(path) in self.names
+
+
 def name_filter(names: set[str]):
-    """An NNX filter selecting the ``nnx.Param`` leaves at the dotted paths ``names``."""
-    names = frozenset(names)
-
-    def select(path, value):
-        return isinstance(value, nnx.Param) and dotted(path) in names
-
-    return select
+    """An NNX filter selecting the ``nnx.Param`` leaves at the dotted paths ``names`` (hashable,
+    equal for equal ``names``: a compiled step is reused across calls)."""
+    return _Names(frozenset(names))
 
 
 def masked_mse(x, y, mask):
@@ -160,88 +165,51 @@ def usable_batch_size(batch_size: int, rows: int) -> int:
     return b
 
 
-_ADAM = optax.scale_by_adam()  # one object: the jitted step below is cached across calls
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _adam_step(graphdef, loss_fn, params, rest, opt_state, batch, lr):
-    """One Adam update of ``params`` on ``loss_fn``; returns ``(params, opt_state, loss, aux)``."""
-    def compute(p):
-        return loss_fn(nnx.merge(graphdef, p, rest), batch, None)
-
-    (loss, aux), grads = jax.value_and_grad(compute, has_aux=True)(params)
-    updates, opt_state = _ADAM.update(grads, opt_state, params)
-    params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-    return params, opt_state, loss, aux
+@functools.lru_cache(maxsize=None)
+def adam_linear_decay(learning_rate: float, steps: int) -> optax.GradientTransformation:
+    """Adam with the learning rate decaying linearly from ``learning_rate`` to 0 over ``steps``
+    updates (update ``t = 0, 1, ...`` is scaled by ``learning_rate * (1 - t / steps)``).  One
+    object per ``(learning_rate, steps)``: every `optimize` call with the same settings reuses
+    one compiled step (`efficient_nlp.train.compiled_step`)."""
+    schedule = optax.linear_schedule(float(learning_rate), 0.0, int(steps))
+    return optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(schedule))
 
 
 def optimize(model, loss_fn: Callable, arrays: Mapping[str, np.ndarray], *, trainable, steps: int,
              learning_rate: float, batch_size: int, seed: int = 0):
-    """Adam with a linear decay from ``learning_rate`` to 0 over ``steps`` updates of the
-    ``trainable`` leaves of ``model`` (everything else frozen), on batches of ``arrays`` drawn
-    with `efficient_nlp.data.train_batches` (seeded), data-parallel over all devices (state
-    replicated, batch sharded: the `efficient_nlp.train` mesh helpers).  ``loss_fn(model,
-    batch, rngs) -> (loss, aux)`` as for ``fit`` (``rngs`` is None: no dropout).
+    """`adam_linear_decay` for ``steps`` updates of the ``trainable`` leaves of ``model``
+    (everything else frozen) on batches of ``arrays`` drawn with
+    `efficient_nlp.data.train_batches` (seeded), data-parallel over all devices:
+    `efficient_nlp.train.run` (no checkpoints; the step is compiled once per loss, optimizer,
+    filter and model structure, so matmuls of one shape compile once).  ``loss_fn(model,
+    batch, rngs) -> (loss, aux)`` as for ``train.run``; pass hashable ``loss_fn`` and
+    ``trainable`` (e.g. `name_filter`) to reuse the compilation.
 
-    A small jitted loop rather than ``train.fit``: a PTQ objective lives for a few hundred
-    steps, REM runs one per matmul, and ``fit`` would checkpoint and recompile each (the step
-    here is cached on (graphdef, loss_fn), so matmuls of one shape compile once).
     Returns ``(trained copy of model, per-step losses)``; ``model`` is not modified.
     """
     from efficient_nlp import data as data_lib
-    from efficient_nlp.train import distributed
 
     steps = int(steps)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    graphdef, params, rest = nnx.split(model, trainable, ...)
     if steps == 0:
-        return nnx.merge(graphdef, params, rest), []
-    if not jax.tree.leaves(params):
-        raise ValueError("nothing to train: the trainable filter selects no parameter")
-    mesh = distributed.make_mesh()
-    params, rest = distributed.replicate((params, rest), mesh)  # new buffers, never the model's
-    opt_state = distributed.replicate(_ADAM.init(params), mesh)  # same shardings as the step's outputs
+        return train.copy_model(model), []
     b = usable_batch_size(batch_size, len(next(iter(arrays.values()))))
-    batches = data_lib.train_batches(arrays, b, seed=seed)
-    lr = np.asarray(learning_rate, np.float32) * (1.0 - np.arange(steps, dtype=np.float32) / steps)
-    losses = []
-    for t in range(steps):
-        batch = distributed.shard_batch(next(batches), mesh)
-        params, opt_state, loss, _ = _adam_step(graphdef, loss_fn, params, rest, opt_state, batch, lr[t])
-        losses.append(loss)
-    losses = [float(x) for x in jax.device_get(losses)]
-    if not np.all(np.isfinite(losses)):
-        raise FloatingPointError(f"reconstruction diverged (non-finite loss at step "
-                                 f"{int(np.argmin(np.isfinite(losses))) + 1}); lower the learning rate")
-    return nnx.merge(graphdef, params, rest), losses
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _probe_step(graphdef, probe, state, batch):
-    return probe(nnx.merge(graphdef, state), batch)
+    try:
+        trained, history = train.run(model, loss_fn, adam_linear_decay(float(learning_rate), steps),
+                                     data_lib.train_batches(arrays, b, seed=seed), steps=steps,
+                                     trainable=trainable, seed=seed, mesh=train.make_mesh())
+    except train.NonFiniteLossError as e:
+        raise FloatingPointError(f"reconstruction diverged (non-finite loss at step {e.step}); "
+                                 "lower the learning rate") from e
+    return trained, [h["loss"] for h in history]
 
 
 def run_probe(model, probe: Callable, arrays: Mapping[str, np.ndarray], batch_size: int = 64):
     """``probe(model, batch)`` (a hashable callable returning an array or a dict of arrays
-    with a leading batch axis) over every row of ``arrays`` once, jitted and data-parallel
-    like `efficient_nlp.train.predict`; returns numpy arrays with one row per example.  The
-    compiled step depends on the model's structure only, so calling again after training
-    (new parameter values) does not recompile."""
-    from efficient_nlp import data as data_lib
-    from efficient_nlp.train import distributed
-
-    mesh = distributed.make_mesh()
-    graphdef, state = nnx.split(model)
-    state = distributed.replicate(state, mesh)
-    b = usable_batch_size(batch_size, 10**9)
-    outs, weights = [], []
-    for host_batch in data_lib.eval_batches(arrays, b):
-        batch = distributed.shard_batch(host_batch, mesh)
-        outs.append(distributed.to_host(_probe_step(graphdef, probe, state, batch)))
-        weights.append(np.asarray(host_batch["weight"]))
-    keep = np.concatenate(weights) > 0
-    return jax.tree.map(lambda *xs: np.concatenate(xs)[keep], *outs)
+    with a leading batch axis) over every row of ``arrays`` once: `efficient_nlp.train.predict`
+    with the batch size rounded down to a multiple of the device count."""
+    return train.predict(model, arrays, usable_batch_size(batch_size, 10**9), predict_fn=probe)
 
 
 def mean_over(model, probe, arrays, batch_size=64) -> float:
@@ -342,7 +310,7 @@ class _RemTarget(nnx.Module):
     def __init__(self, q: M.QuantLinear, w):
         wq = None if q.weight_quant is None else q.weight_quant.quantizer
         aq = None if q.input_quant is None else q.input_quant.quantizer
-        self.q = M.QuantLinear(nnx.clone(q), "", wq, aq)
+        self.q = M.QuantLinear(train.copy_model(q), "", wq, aq)
         nnx.update(self.q, nnx.clone(nnx.state(q)))
         if self.q.input_quant is not None:
             self.q.input_quant.calibrated = q.input_quant.calibrated
@@ -391,7 +359,7 @@ def rem(qmodel, teacher, calib: Mapping[str, np.ndarray], *, steps: int = 200, l
     arrays = token_arrays(calib)
     if len(arrays["input_ids"]) == 0:
         raise ValueError("the calibration set is empty")
-    qmodel = nnx.clone(qmodel)
+    qmodel = train.copy_model(qmodel)
     sites = F.sites(qmodel)
     inputs = {site.role: F.site_input(qmodel, site.role) for site in sites}
     capture = tuple(sorted(set(inputs.values()) - {LAYER_INPUT}))
@@ -444,4 +412,5 @@ def rem(qmodel, teacher, calib: Mapping[str, np.ndarray], *, steps: int = 200, l
 
 
 __all__ = ["calibration_set", "partition", "rem", "rem_loss", "layer_errors", "masked_mse", "optimize",
-           "trainable_names", "name_filter", "Pair", "Reconstruction", "TOKEN_KEYS", "token_arrays", "head_linears"]
+           "adam_linear_decay", "run_probe", "trainable_names", "name_filter", "Pair", "Reconstruction", "TOKEN_KEYS",
+           "token_arrays", "head_linears"]

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from efficient_nlp import train
 from efficient_nlp.models import family as F
 from efficient_nlp.quant.adaptive import group_sites
 from efficient_nlp.quant.export import quantized_weights
@@ -120,7 +121,7 @@ def at_quantized_weights(model):
     """A copy of ``model`` whose quantized weights hold their dequantized values ``Q(w)`` and
     whose weight quantizers are frozen (pass-through): the same function, now differentiable
     in ``Q(w)`` (module docstring).  A model without quantized weights is just copied."""
-    model = nnx.clone(model)
+    model = train.copy_model(model)
     for _, mod, attr in quantized_weights(model):
         var = getattr(mod, attr)
         var[...] = mod.weight_quant(var[...])

@@ -74,6 +74,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_nlp import train
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.spec import Quantizer
@@ -272,7 +273,7 @@ def split_model(qmodel, sites=None):
     if isinstance(sites, str) or unknown:
         raise ValueError(f"split_model: sites must be a list of splittable site names; unknown "
                          f"{unknown if unknown else sites!r}; valid: {valid}")
-    model = nnx.clone(qmodel)
+    model = train.copy_model(qmodel)
     rows, split, binarized = [], [], []
     for path, mod in _twn_modules(model):
         wq = mod.weight_quant

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from efficient_nlp import train
 from efficient_nlp.models import family as F
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant.spec import QuantSpec, Quantizer, resolve
@@ -120,7 +121,7 @@ def quantize_model(model, spec: QuantSpec, *, keep_float_sites: bool = False):
     outputs) so that `efficient_nlp.quant.cost` sees every matmul.  Rules that match no site
     raise `efficient_nlp.tree.RuleError` listing the site names.
     """
-    model = nnx.clone(model)
+    model = train.copy_model(model)
     found, sites = find_sites(model)
     chosen = resolve(spec, sites)
     rows = [(site, "float" if q is None else q.name, why) for site, (q, why) in chosen.items()]

@@ -121,10 +121,10 @@ class Context:
         return quant.cost_report(model, spec, self.sample).summary()
 
     def latency_ms(self, model) -> float:
-        from efficient_nlp import prune
+        from efficient_nlp import train
         s = self.settings
-        return 1e3 * prune.measure_latency(model, batch_size=s.latency_batch, seq_len=s.max_length,
-                                           repeats=s.latency_repeats)
+        batch = train.token_batch(model.config.vocab_size, s.latency_batch, s.max_length)
+        return 1e3 * train.measure_latency(model, batch, repeats=s.latency_repeats)
 
     def float_row(self, row: Row, model, model_dir=None) -> Row:
         """Size (safetensors file, else float32 parameters), nonzero params, FLOPs, latency."""

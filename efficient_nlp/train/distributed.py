@@ -184,6 +184,8 @@ def _put(x, sharding):
     """A new replicated copy of ``x`` (device to device in a single process)."""
     local = not isinstance(x, jax.Array) or x.is_fully_addressable
     if sharding.is_fully_addressable and local:
+        if isinstance(x, jax.Array) and len(sharding.device_set) > 1:
+            x = x.copy()  # to several devices, device_put keeps x's own buffer on its device
         return jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), sharding, may_alias=False)
     if is_key_array(x):  # typed PRNG keys: replicate their raw data
         data = _put(jax.random.key_data(x), sharding)
