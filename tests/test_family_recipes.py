@@ -48,9 +48,10 @@ def teacher_dir(request, family_dir):
     return family_dir(request.param)
 
 
-def _both(fast: str):
-    """Both families; the one not named ``fast`` runs with the slow tests (keeps the default
-    suite short: the heavy recipes compile many steps)."""
+def _both(fast: str | None):
+    """Both families; those not named ``fast`` run with the slow tests (keeps the default suite
+    short: the heavy recipes compile many steps; tests/test_quant_family.py covers REM / MREM and
+    the integer path on both families in the default suite)."""
     return pytest.mark.parametrize("name", [
         pytest.param(n, marks=() if n == fast else pytest.mark.slow) for n in sorted(FAMILIES)])
 
@@ -102,7 +103,7 @@ def test_qat(name, family_dir, tmp_path):
     assert q["size_mb"] < fp["size_mb"] / 3
 
 
-@_both(fast="distilbert")
+@_both(fast=None)
 def test_ptq(name, family_dir, tmp_path):
     teacher_dir = family_dir(name)
     from test_ptq import tiny_config
@@ -113,7 +114,7 @@ def test_ptq(name, family_dir, tmp_path):
         assert np.isfinite(results["after"][method]["accuracy"])
 
 
-@_both(fast="roberta")
+@_both(fast=None)
 def test_binarybert(name, family_dir, tmp_path):
     teacher_dir = family_dir(name)
     from test_binarybert_recipe import tiny_config

@@ -42,6 +42,20 @@ def norm(m: dict, hf: str, ours: str) -> None:
     m[hf + ".bias"] = (ours + ".bias", False)
 
 
+def heads(m: dict, model, *, classifier: str, pre_classifier: str | None = None, lm=None) -> None:
+    """Map the heads ``model`` has: ``classifier`` (and ``pre_classifier``) are HF names of those
+    Linears; ``lm`` the HF names ``(dense, LayerNorm, bias)`` of the masked-LM head."""
+    if getattr(model, "classifier", None) is not None:
+        if pre_classifier is not None:
+            linear(m, pre_classifier, "pre_classifier")
+        linear(m, classifier, "classifier")
+    if getattr(model, "lm_head", None) is not None:
+        dense, layer_norm, bias = lm
+        linear(m, dense, "lm_head.dense")
+        norm(m, layer_norm, "lm_head.layer_norm")
+        m[bias] = ("lm_head.bias", False)
+
+
 def bert_layers(m: dict, model, backbone: str) -> None:
     """BERT's per-layer names (``encoder.layer.i...``), shared with RoBERTa and ELECTRA."""
     for i in range(len(getattr(model, backbone).encoder.layers)):
@@ -69,12 +83,8 @@ def _hf_map(model) -> dict:
     bert_layers(m, model, "bert")
     if model.bert.pooler is not None:
         linear(m, "pooler.dense", "bert.pooler.dense")
-    if getattr(model, "classifier", None) is not None:
-        linear(m, "classifier", "classifier")
-    if getattr(model, "lm_head", None) is not None:
-        linear(m, "cls.predictions.transform.dense", "lm_head.dense")
-        norm(m, "cls.predictions.transform.LayerNorm", "lm_head.layer_norm")
-        m["cls.predictions.bias"] = ("lm_head.bias", False)
+    heads(m, model, classifier="classifier", lm=("cls.predictions.transform.dense",
+                                                 "cls.predictions.transform.LayerNorm", "cls.predictions.bias"))
     return m
 
 

@@ -10,7 +10,7 @@ position table is stored in the checkpoint all the same, so it loads as a learne
 from __future__ import annotations
 
 from efficient_nlp.models.config import label_maps
-from efficient_nlp.models.families.bert import encoder_family, linear, norm
+from efficient_nlp.models.families.bert import encoder_family, heads, linear, norm
 from efficient_nlp.models.family import register
 
 _NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
@@ -31,13 +31,8 @@ def _hf_map(model) -> dict:
         linear(m, f"{hf}.ffn.lin1", f"{ours}.ffn.intermediate")
         linear(m, f"{hf}.ffn.lin2", f"{ours}.ffn.output")
         norm(m, f"{hf}.output_layer_norm", f"{ours}.ffn.layer_norm")
-    if getattr(model, "classifier", None) is not None:
-        linear(m, "pre_classifier", "pre_classifier")
-        linear(m, "classifier", "classifier")
-    if getattr(model, "lm_head", None) is not None:
-        linear(m, "vocab_transform", "lm_head.dense")
-        norm(m, "vocab_layer_norm", "lm_head.layer_norm")
-        m["vocab_projector.bias"] = ("lm_head.bias", False)
+    heads(m, model, pre_classifier="pre_classifier", classifier="classifier",
+          lm=("vocab_transform", "vocab_layer_norm", "vocab_projector.bias"))
     return m
 
 

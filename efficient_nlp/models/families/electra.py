@@ -12,7 +12,7 @@ HF names -> ours: as BERT for embeddings and layers; ``embeddings_project`` ->
 from __future__ import annotations
 
 from efficient_nlp.models.config import bert_hf_dict
-from efficient_nlp.models.families.bert import bert_embeddings, bert_layers, encoder_family, linear, norm
+from efficient_nlp.models.families.bert import bert_embeddings, bert_layers, encoder_family, heads, linear
 from efficient_nlp.models.family import register
 
 
@@ -22,13 +22,8 @@ def _hf_map(model) -> dict:
     if model.electra.embeddings.project is not None:
         linear(m, "embeddings_project", "electra.embeddings.project")
     bert_layers(m, model, "electra")
-    if getattr(model, "classifier", None) is not None:
-        linear(m, "classifier.dense", "pre_classifier")
-        linear(m, "classifier.out_proj", "classifier")
-    if getattr(model, "lm_head", None) is not None:
-        linear(m, "generator_predictions.dense", "lm_head.dense")
-        norm(m, "generator_predictions.LayerNorm", "lm_head.layer_norm")
-        m["generator_lm_head.bias"] = ("lm_head.bias", False)
+    heads(m, model, pre_classifier="classifier.dense", classifier="classifier.out_proj",
+          lm=("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head.bias"))
     return m
 
 

@@ -12,7 +12,7 @@ layout under another prefix reuse it (``data2vec_text``).
 from __future__ import annotations
 
 from efficient_nlp.models.config import bert_hf_dict
-from efficient_nlp.models.families.bert import bert_embeddings, bert_layers, encoder_family, linear, norm
+from efficient_nlp.models.families.bert import bert_embeddings, bert_layers, encoder_family, heads, linear
 from efficient_nlp.models.family import register
 
 
@@ -24,13 +24,8 @@ def hf_map(model) -> dict:
     bert_layers(m, model, backbone)
     if model.backbone.pooler is not None:  # the bare model's, as in HF RobertaModel
         linear(m, "pooler.dense", f"{backbone}.pooler.dense")
-    if getattr(model, "classifier", None) is not None:
-        linear(m, "classifier.dense", "pre_classifier")
-        linear(m, "classifier.out_proj", "classifier")
-    if getattr(model, "lm_head", None) is not None:
-        linear(m, "lm_head.dense", "lm_head.dense")
-        norm(m, "lm_head.layer_norm", "lm_head.layer_norm")
-        m["lm_head.bias"] = ("lm_head.bias", False)
+    heads(m, model, pre_classifier="classifier.dense", classifier="classifier.out_proj",
+          lm=("lm_head.dense", "lm_head.layer_norm", "lm_head.bias"))
     return m
 
 
