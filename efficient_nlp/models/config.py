@@ -51,7 +51,7 @@ SHAPE_FIELDS = (
 
 @dataclasses.dataclass(frozen=True)
 class EncoderTraits:
-    """What differs between the BERT-layout encoder families (METHODS.md 5), by ``model_type``
+    """What differs between the BERT-layout encoder families, by ``model_type``
     (`ENCODER_TRAITS`; a family file may add its own entry).
 
     Attributes:

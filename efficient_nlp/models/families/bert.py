@@ -1,4 +1,4 @@
-"""BERT (METHODS.md 5): the reference layout of the encoder families.
+"""BERT: the reference layout of the encoder families.
 
 HF tensor names (without the ``bert.`` prefix of task checkpoints) -> our parameter paths:
 

@@ -1,4 +1,4 @@
-"""DistilBERT (METHODS.md 5): no token types, no pooler; its post-LayerNorm layers are BERT's
+"""DistilBERT: no token types, no pooler; its post-LayerNorm layers are BERT's
 under other names (``q_lin / k_lin / v_lin / out_lin``, ``sa_layer_norm``, ``ffn.lin1 / lin2``,
 ``output_layer_norm``); the classification head is ``pre_classifier`` + ReLU + ``classifier``
 on the first token; the LM head is ``vocab_transform`` + activation + ``vocab_layer_norm`` +

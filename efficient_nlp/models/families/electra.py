@@ -1,4 +1,4 @@
-"""ELECTRA (METHODS.md 5): BERT's layout under ``electra.`` whose embedding tables may be
+"""ELECTRA: BERT's layout under ``electra.`` whose embedding tables may be
 narrower than the hidden width (``embedding_size``; then ``embeddings_project`` maps them up);
 no pooler; the classification head is dense + GELU + ``out_proj`` on the first token.  The
 generator's masked-LM head (dense to the embedding width + GELU + LayerNorm + tied decoder)

@@ -1,4 +1,4 @@
-"""RoBERTa and XLM-R (METHODS.md 5): BERT's layout under ``roberta.``; position ids start after
+"""RoBERTa and XLM-R: BERT's layout under ``roberta.``; position ids start after
 the padding index (``cumsum(ids != pad) * (ids != pad) + pad``, pad = 1); one token type; the
 bare model has BERT's tanh pooler, but the classification head does not read it: it is dense +
 tanh + ``out_proj`` on the first token; the LM head is dense + GELU + LayerNorm + the decoder
