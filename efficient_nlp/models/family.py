@@ -226,9 +226,7 @@ def sites(model, roles=LAYER_ROLES) -> list[Site]:
             for i in range(num_layers(model)) for r in LAYER_ROLES if r in roles and r in fam.layer_sites]
 
 
-def site_of(model, path: str) -> Site | None:
-    """The `Site` of a module path (a trailing ``.kernel`` / ``.bias`` is allowed), else None."""
-    fam = family_of(model)
+def _parse_site(fam: Family, path: str) -> Site | None:
     stack = fam.path(fam.layers)
     m = re.fullmatch(rf"{re.escape(stack)}\.(\d+)\.(.+?)(\.kernel|\.bias)?", path)
     if not m:
@@ -236,6 +234,21 @@ def site_of(model, path: str) -> Site | None:
     for role, sub in fam.layer_sites.items():
         if sub == m.group(2):
             return Site(int(m.group(1)), role, f"{stack}.{m.group(1)}.{sub}")
+    return None
+
+
+def site_of(model, path: str) -> Site | None:
+    """The `Site` of a module path (a trailing ``.kernel`` / ``.bias`` is allowed), else None."""
+    return _parse_site(family_of(model), path)
+
+
+def find_site(path: str) -> Site | None:
+    """`site_of` without a model: the path is read in the layout of every registered family
+    (for site names that carry no model, e.g. a quantization report's)."""
+    for fam in families().values():
+        site = _parse_site(fam, path)
+        if site is not None:
+            return site
     return None
 
 
@@ -385,7 +398,7 @@ def resized(model, *, layers=None, heads=None, neurons=None, params: Mapping | N
 
 __all__ = [
     "Family", "FamilyError", "HEAD_ROLES", "HeadLayout", "LAYER_ROLES", "MODEL_ROLES", "NEURON_ROLES",
-    "OUTPUT_UNIT_ROLES", "Site", "attention_path", "embed", "embeddings_path", "families", "family_for_config",
+    "OUTPUT_UNIT_ROLES", "Site", "attention_path", "embed", "embeddings_path", "families", "family_for_config", "find_site",
     "family_of", "forward", "get_family", "get_module", "head", "head_layout", "head_paths", "layer_path",
     "layer_stack", "num_layers", "num_neurons", "register", "resized", "resized_config", "run_layers",
     "set_module", "site_input", "site_of", "site_path", "sites", "word_embedding_path",

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from fractions import Fraction
 
 import jax
@@ -66,16 +65,9 @@ METHODS = ("knapsack", "random", "uniform")
 # ----------------------------------------------------------------------------- groups
 def layer_site(site: str) -> F.Site | None:
     """The `efficient_nlp.models.family.Site` (layer, role) of a module path in the layout of
-    any registered family (site names carry no model, so every family's layer stack is tried),
-    else None (embeddings, head modules, a model no family describes)."""
-    for fam in F.families().values():
-        m = re.fullmatch(rf"{re.escape(fam.path(fam.layers))}\.(\d+)\.(.+)", site)
-        if m is None:
-            continue
-        for role, sub in fam.layer_sites.items():
-            if sub == m.group(2):
-                return F.Site(int(m.group(1)), role, site)
-    return None
+    any registered family (`efficient_nlp.models.family.find_site`), else None (embeddings,
+    head modules, a model no family describes)."""
+    return F.find_site(site)
 
 
 def site_part(site: str) -> tuple[str | None, int | None]:
