@@ -1,4 +1,5 @@
-"""Encoder families (BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA, data2vec-text) in Flax NNX,
+"""Encoder families (BERT, RoBERTa / XLM-R, DistilBERT, ELECTRA, data2vec-text) and decoder
+families (GPT-2; Llama, Mistral, Qwen2) in Flax NNX,
 their family descriptions (`efficient_nlp.models.family`) and HuggingFace (safetensors)
 checkpoint I/O.
 
@@ -38,6 +39,14 @@ from efficient_nlp.models.bert import (
     attention_bias,
 )
 from efficient_nlp.models import family
+from efficient_nlp.models.decoder import (
+    Decoder,
+    DecoderForCausalLM,
+    DecoderModel,
+    DecoderOutput,
+    KVCache,
+)
+from efficient_nlp.models.decoder_config import DecoderConfig
 from efficient_nlp.models.cnn import SmallCNN, cnn_accuracy, fit_cnn
 from efficient_nlp.models.config import ACTIVATIONS, ENCODER_TRAITS, BertConfig, EncoderTraits
 from efficient_nlp.models.family import Family, FamilyError, family_of
@@ -72,6 +81,12 @@ __all__ = [
     "BertOutput",
     "BertPooler",
     "CheckpointMismatchError",
+    "Decoder",
+    "DecoderConfig",
+    "DecoderForCausalLM",
+    "DecoderModel",
+    "DecoderOutput",
+    "KVCache",
     "ENCODER_TRAITS",
     "Encoder",
     "EncoderConfig",

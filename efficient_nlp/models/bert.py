@@ -43,8 +43,13 @@ from efficient_nlp.models.dropout import Dropout
 #: the input of the attention output dense), ``mha_out`` [B,T,H] (after attention output
 #: dense + residual + LayerNorm), ``ffn_intermediate`` [B,T,I] (after activation), ``ffn_out``
 #: [B,T,H] (layer output); ``hidden_states`` is a tuple of L+1 arrays, the input first.
+#: ``attn_input`` / ``ffn_input`` [B,T,H] are the inputs of the q/k/v and ffn_in projections
+#: (the layer input and ``mha_out`` in a post-LayerNorm encoder; the normalised residual
+#: stream in a pre-norm decoder).
 CAPTURE_NAMES = (
     "embedding",
+    "attn_input",
+    "ffn_input",
     "attn_scores",
     "attn_probs",
     "values",
@@ -54,7 +59,7 @@ CAPTURE_NAMES = (
     "ffn_out",
     "hidden_states",
 )
-LAYER_CAPTURE_NAMES = ("attn_scores", "attn_probs", "values", "context", "mha_out", "ffn_intermediate", "ffn_out")
+LAYER_CAPTURE_NAMES = ("attn_input", "ffn_input", "attn_scores", "attn_probs", "values", "context", "mha_out", "ffn_intermediate", "ffn_out")
 
 #: Additive bias for masked keys: half of float32's most negative value, so adding a score to
 #: it cannot overflow to -inf and a fully-masked row still gives a finite (uniform) softmax.
@@ -243,6 +248,10 @@ class BertAttention(nnx.Module):
         out = self.dropout(self.output(context), deterministic=deterministic, rngs=rngs)
         out = self.layer_norm(out + x)
         captured = {}
+        if "attn_input" in want:
+            captured["attn_input"] = x
+        if "ffn_input" in want:
+            captured["ffn_input"] = out
         if "attn_scores" in want:
             captured["attn_scores"] = scores
         if "attn_probs" in want:
@@ -304,6 +313,19 @@ class BertLayer(nnx.Module):
         return x, captured
 
 
+def drop_rates(value, n: int) -> tuple[float, ...]:
+    """LayerDrop rates, one per layer, from a float or a sequence of ``n`` floats in [0, 1]."""
+    if isinstance(value, (int, float)):
+        rates = (float(value),) * n
+    else:
+        rates = tuple(float(v) for v in value)
+        if len(rates) != n:
+            raise ValueError(f"layer_drop needs one rate per layer ({n}), got {len(rates)}")
+    if any(not 0.0 <= r <= 1.0 for r in rates):
+        raise ValueError(f"layer_drop rates must be in [0, 1], got {value!r}")
+    return rates
+
+
 class BertEncoder(nnx.Module):
     """The stack of layers (``layers`` is an ``nnx.List``); can run any range [start, stop).
 
@@ -324,16 +346,7 @@ class BertEncoder(nnx.Module):
         self.layer_drop = 0.0
 
     def _drop_rates(self, layer_drop, n):
-        value = getattr(self, "layer_drop", 0.0) if layer_drop is None else layer_drop
-        if isinstance(value, (int, float)):
-            rates = (float(value),) * n
-        else:
-            rates = tuple(float(v) for v in value)
-            if len(rates) != n:
-                raise ValueError(f"layer_drop needs one rate per layer ({n}), got {len(rates)}")
-        if any(not 0.0 <= r <= 1.0 for r in rates):
-            raise ValueError(f"layer_drop rates must be in [0, 1], got {value!r}")
-        return rates
+        return drop_rates(getattr(self, "layer_drop", 0.0) if layer_drop is None else layer_drop, n)
 
     def __call__(self, hidden_states, attention_mask=None, *, start: int = 0, stop: int | None = None,
                  capture: Iterable[str] = (), deterministic: bool = True, rngs=None, layer_drop=None):

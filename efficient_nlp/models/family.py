@@ -89,6 +89,8 @@ class Family:
       hf_head_groups: HF name prefixes of optional heads -> display name (fresh when missing).
       hf_ignored: regex of checkpoint tensors that are never parameters (buffers, tied copies).
       architectures: our model class name -> HF architecture name.
+      kind: ``"encoder"`` (`efficient_nlp.models.BertConfig`, bidirectional) or ``"decoder"``
+        (`efficient_nlp.models.DecoderConfig`, causal).
     """
 
     name: str
@@ -108,6 +110,7 @@ class Family:
     hf_head_groups: Mapping[str, str]
     hf_ignored: str
     architectures: Mapping[str, str]
+    kind: str = "encoder"
 
     def __post_init__(self):
         unknown = sorted(set(self.layer_sites) - set(LAYER_ROLES))

@@ -32,7 +32,9 @@ from flax import nnx
 
 from efficient_nlp.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
 from efficient_nlp.models.config import SHAPE_FIELDS, BertConfig
-from efficient_nlp.models.family import family_of
+from efficient_nlp.models.decoder import DecoderForCausalLM, DecoderModel
+from efficient_nlp.models.decoder_config import DecoderConfig
+from efficient_nlp.models.family import family_for_config, family_of, num_layers
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +74,32 @@ def named_params(model: nnx.Module) -> dict[str, nnx.Variable]:
     return out
 
 
+_MODEL_CLASSES = (BertForSequenceClassification, BertForMaskedLM, BertModel, DecoderForCausalLM, DecoderModel)
+
+
 def _kind(model) -> str:
-    for cls in (BertForSequenceClassification, BertForMaskedLM, BertModel):
+    for cls in _MODEL_CLASSES:
         if isinstance(model, cls):
             return cls.__name__
-    raise TypeError(f"expected a BertModel / BertForSequenceClassification / BertForMaskedLM, got {type(model).__name__}")
+    raise TypeError(f"expected one of {[c.__name__ for c in _MODEL_CLASSES]}, got {type(model).__name__}")
 
 
-def hf_name_map(model: nnx.Module) -> dict[str, tuple[str, bool]]:
-    """HF tensor name (no family prefix) -> (NNX param path, transpose?) for ``model``."""
+def hf_name_map(model: nnx.Module) -> dict[str, tuple[str | tuple[str, ...], bool]]:
+    """HF tensor name (no family prefix) -> (NNX param path, transpose?) for ``model``.
+
+    The path may be a tuple of paths: a fused HF tensor (GPT-2's ``c_attn`` = q | k | v) that
+    is the concatenation of our parameters along their last axis (before ``transpose``)."""
     _kind(model)
     return family_of(model).hf_map(model)
+
+
+def _targets(ours) -> tuple[str, ...]:
+    return ours if isinstance(ours, tuple) else (ours,)
+
+
+def _fused_shape(params, targets) -> tuple:
+    shapes = [tuple(params[t].get_value().shape) for t in targets]
+    return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
 
 
 def _normalize(name: str, prefix: str) -> str:
@@ -223,7 +240,7 @@ def _listing(title: str, rows: list[str]) -> list[str]:
 
 def _mismatch_message(source, model, missing, unexpected, misshaped, ckpt_layers) -> str:
     cfg = model.config
-    arch = ", ".join(f"{k}={getattr(cfg, k)}" for k in SHAPE_FIELDS)
+    arch = ", ".join(f"{k}={getattr(cfg, k)}" for k in SHAPE_FIELDS + ("num_key_value_heads",) if hasattr(cfg, k))
     lines = [f"checkpoint {source} does not fit {type(model).__name__}({arch}):"]
     lines += _listing("missing: in the model, not in the checkpoint (name, expected shape)",
                       [f"{n}  expected {_shape(e)}" for n, e in missing])
@@ -237,11 +254,11 @@ def _mismatch_message(source, model, missing, unexpected, misshaped, ckpt_layers
         hints.append("the classifier head has another num_labels: pass the checkpoint's num_labels, or load "
                      "the encoder alone (num_labels=None) and attach a fresh head")
     if any(not n.startswith("classifier.") for n in names):
-        n_layers = len(model.backbone.encoder.layers)
+        n_layers = num_layers(model)
         if ckpt_layers != n_layers:
             hints.append(f"the checkpoint has {ckpt_layers} layers, the model {n_layers}")
         hints.append("the model's shape fields differ from the checkpoint's config.json: do not override "
-                     f"{', '.join(SHAPE_FIELDS)} when loading (build the other shape and copy weights "
+                     f"{', '.join(k for k in SHAPE_FIELDS if hasattr(cfg, k))} when loading (build the other shape and copy weights "
                      "explicitly instead), and check that config.json belongs to this model.safetensors")
     lines.append("How to fix: " + "; ".join(hints) + ".")
     return "\n".join(lines)
@@ -277,11 +294,12 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
 
     missing, misshaped, fresh, loaded, updates = [], [], [], [], {}
     for name, (ours, transpose) in mapping.items():
-        target_shape = tuple(params[ours].get_value().shape)
+        targets = _targets(ours)
+        target_shape = _fused_shape(params, targets)
         hf_shape = target_shape[::-1] if transpose else target_shape
         if name not in found:
             if _group(name, groups) in fresh_groups:
-                fresh.append(ours)
+                fresh.extend(targets)
             else:
                 missing.append((name, hf_shape))
             continue
@@ -289,7 +307,10 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
         if tuple(arr.shape) != hf_shape:
             misshaped.append((raw, hf_shape, arr.shape))
             continue
-        updates[ours] = arr.T if transpose else arr
+        arr = arr.T if transpose else arr
+        cuts = np.cumsum([params[t].get_value().shape[-1] for t in targets])[:-1]
+        for target, part in zip(targets, np.split(arr, cuts, axis=-1)):
+            updates[target] = part
         loaded.append(raw)
 
     ignored = []
@@ -328,18 +349,37 @@ def from_pretrained(model_dir: str | os.PathLike, num_labels: int | None = None,
       model_dir: directory with ``config.json`` + ``model.safetensors`` (e.g.
         `default_model_dir()`), or a Hugging Face Hub id (downloaded; online only).
       num_labels: build `BertForSequenceClassification` with this many outputs (1 = regression).
-      head: None (bare `BertModel`, unless ``num_labels`` is given), ``"classification"`` (uses
-        ``num_labels`` or the checkpoint's) or ``"mlm"`` (`BertForMaskedLM`).
+      head: for an encoder: None (bare `BertModel`, unless ``num_labels`` is given),
+        ``"classification"`` (uses ``num_labels`` or the checkpoint's) or ``"mlm"``
+        (`BertForMaskedLM`); for a decoder (GPT-2, Llama family): None or ``"causal_lm"``
+        (`DecoderForCausalLM`) or ``"base"`` (`DecoderModel`).
       seed: seed of ``nnx.Rngs`` for weights absent from the checkpoint (fresh heads).
       dtype: computation dtype; param_dtype: parameter storage dtype.
       **overrides: `BertConfig` fields (unknown names raise ValueError).  Dropout overrides are
         fine; shape overrides make loading fail with `CheckpointMismatchError`.
     """
-    if head not in (None, "base", "classification", "mlm"):
-        raise ValueError(f"head must be None, 'base', 'classification' or 'mlm', got {head!r}")
-    if head in ("mlm", "base") and num_labels is not None:
+    if head not in (None, "base", "classification", "mlm", "causal_lm"):
+        raise ValueError(f"head must be None, 'base', 'classification', 'mlm' or 'causal_lm', got {head!r}")
+    if head in ("mlm", "base", "causal_lm") and num_labels is not None:
         raise ValueError(f"num_labels={num_labels} makes no sense with head={head!r}")
     local = resolve_model_dir(model_dir)
+    with open(os.path.join(local, CONFIG_NAME), encoding="utf-8") as f:
+        try:
+            family = family_for_config(json.load(f))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{os.path.join(local, CONFIG_NAME)} is not valid JSON: {e}") from e
+    if family.kind == "decoder":
+        if head not in (None, "causal_lm", "base") or num_labels is not None:
+            raise ValueError(f"{local} holds a {family.name} decoder: its heads are 'causal_lm' (default) and "
+                             f"'base', got head={head!r}, num_labels={num_labels!r}")
+        config = DecoderConfig.from_pretrained(local, **overrides)
+        cls = DecoderModel if head == "base" else DecoderForCausalLM
+        model = cls(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+        load_hf_weights(model, local)
+        return model
+    if head == "causal_lm":
+        raise ValueError(f"{local} holds a {family.name} encoder, which has no causal-LM head; use head='mlm' "
+                         "or 'classification'")
     if num_labels is not None:
         overrides["num_labels"] = num_labels
     config = BertConfig.from_pretrained(local, **overrides)
@@ -384,16 +424,16 @@ def save_hf_checkpoint(model: nnx.Module, out_dir: str | os.PathLike) -> str:
     mapping = hf_name_map(model)
     params = named_params(model)
     fam = family_of(model)
-    prefix = "" if kind == "BertModel" else fam.hf_prefix
+    prefix = "" if kind in ("BertModel", "DecoderModel") else fam.hf_prefix
     tensors = {}
     for name, (ours, transpose) in mapping.items():
-        arr = np.asarray(jax.device_get(params[ours].get_value()))
+        arr = np.concatenate([np.asarray(jax.device_get(params[t].get_value())) for t in _targets(ours)], axis=-1)
         if transpose:
             arr = arr.T
         group = _group(name, fam.hf_head_groups)
         full = name if group not in (None, "pooler.") else prefix + name
         tensors[full] = np.ascontiguousarray(arr)
-    unmapped = sorted(set(params) - {ours for ours, _ in mapping.values()})
+    unmapped = sorted(set(params) - {t for ours, _ in mapping.values() for t in _targets(ours)})
     if unmapped:
         logger.warning("save_hf_checkpoint: parameters outside the family's HF layout are not saved: %s",
                        ", ".join(unmapped))
