@@ -226,10 +226,12 @@ def test_unknown_model_type_names_the_supported_ones(tmp_path):
     M.save_hf_checkpoint(tiny("electra"), tmp_path)
     with open(tmp_path / "config.json") as f:
         cfg = json.load(f)
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(M.FamilyError, match=r"model_type='gpt2'.*supported.*'distilbert'.*'xlm-roberta'"):
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "falcon"}))
+    with pytest.raises(M.FamilyError, match=r"model_type='falcon'.*supported.*'distilbert'.*'xlm-roberta'"):
         M.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="valid: .*'roberta'"):
+        M.BertConfig(**SIZES, model_type="falcon")
+    with pytest.raises(ValueError, match="decoder family.*DecoderConfig"):
         M.BertConfig(**SIZES, model_type="gpt2")
 
 

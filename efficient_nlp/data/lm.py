@@ -343,9 +343,13 @@ def perplexity(logits_fn: Callable, token_ids, *, block_size: int, stride: int |
     until one reaches the end of the stream. In each window only the tokens not scored by an
     earlier window are scored, each from the logits of the previous position (so with
     ``stride < block_size`` every scored token has at least ``block_size - stride`` tokens
-    of context); the first window scores all its tokens but the first. Every token but the
-    first is thus scored exactly once: ``tokens == L - 1``. ``stride = block_size`` (the
-    default) gives disjoint windows.
+    of context); the first window scores all its tokens but the first. With
+    ``stride < block_size`` every token but the first of the stream is thus scored exactly
+    once (``tokens == L - 1``). ``stride = block_size`` (the default) gives disjoint windows,
+    whose first tokens have no context and are not scored (``tokens == L - num_windows``),
+    as in per-block evaluation. This is the strided evaluation of Hugging Face's "Perplexity
+    of fixed-length models" guide; smaller strides give more context per token and cost
+    ``block_size / stride`` times more model calls.
 
     ``logits_fn(input_ids int32 [batch_size, block_size]) -> logits [batch_size, block_size, V]``
     is always called with that one shape: the last window is right-padded (padding is never

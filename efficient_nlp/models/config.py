@@ -144,6 +144,11 @@ class BertConfig:
 
             families()  # a family file may add its traits
         if self.model_type not in ENCODER_TRAITS:
+            from efficient_nlp.models.family import families
+
+            if getattr(families().get(self.model_type), "kind", None) == "decoder":
+                raise ValueError(f"{self.model_type!r} is a decoder family: build its models from a "
+                                 "DecoderConfig (efficient_nlp.models.DecoderConfig)")
             raise ValueError(f"BertConfig.model_type={self.model_type!r} is not an encoder family; "
                              f"valid: {sorted(ENCODER_TRAITS)}")
         if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or self.embedding_size < 1):

@@ -332,20 +332,42 @@ def _head_columns(heads, d) -> np.ndarray:
     return np.asarray([c for h in heads for c in range(h * d, (h + 1) * d)], dtype=int)
 
 
-def resized_config(config, layers, heads, neurons):
-    """The config of `resized` (per-layer head counts and FFN widths pinned)."""
-    return config.replace(
-        num_hidden_layers=len(layers), head_dim=config.attention_head_dim,
-        layer_num_attention_heads=tuple(len(h) for h in heads),
-        layer_intermediate_sizes=tuple(len(n) for n in neurons))
+def resized_config(config, layers, heads, neurons, kv_heads=None):
+    """The config of `resized` (per-layer head counts and FFN widths pinned; with grouped-query
+    attention also the per-layer key/value heads, ``kv_heads``: kept KV heads per kept layer,
+    default one group of ``num_attention_heads / num_key_value_heads`` query heads each)."""
+    changes = dict(num_hidden_layers=len(layers), head_dim=config.attention_head_dim,
+                   layer_num_attention_heads=tuple(len(h) for h in heads),
+                   layer_intermediate_sizes=tuple(len(n) for n in neurons))
+    if hasattr(config, "layer_num_key_value_heads"):
+        group = config.num_attention_heads // config.num_kv_heads
+        changes["layer_num_key_value_heads"] = (tuple(len(k) for k in kv_heads) if kv_heads is not None
+                                                else tuple(len(h) // group for h in heads))
+    return config.replace(**changes)
+
+
+def kv_groups(model, i: int, heads) -> list[int]:
+    """The key/value heads serving query ``heads`` of layer ``i``; raises ValueError unless the
+    heads are whole groups (grouped-query attention prunes a KV head with all its query heads)."""
+    layout = head_layout(model, i)
+    if layout.num_kv_heads == layout.num_heads:
+        return [int(h) for h in heads]
+    group = layout.num_heads // max(layout.num_kv_heads, 1)
+    kept = sorted({int(h) // group for h in heads})
+    if sorted(int(h) for h in heads) != [g * group + j for g in kept for j in range(group)]:
+        raise ValueError(f"layer {i} has grouped-query attention ({layout.num_heads} query heads share "
+                         f"{layout.num_kv_heads} key/value heads, {group} each): keep or remove whole groups "
+                         f"of query heads [g*{group} .. g*{group}+{group - 1}], got heads {sorted(heads)}")
+    return kept
 
 
 def resized(model, *, layers=None, heads=None, neurons=None, params: Mapping | None = None):
     """A smaller instance of ``model``'s class keeping the given units; ``model`` is unchanged.
 
     ``layers``: kept layer indices (default all); ``heads`` / ``neurons``: per KEPT layer, the
-    kept head / FFN-neuron indices (default all of that layer).  A head's q/k/v columns and
-    biases and its o rows, a neuron's ffn_in (and ffn_gate) column and bias and its ffn_out row
+    kept head / FFN-neuron indices (default all of that layer).  With grouped-query attention
+    the kept query heads must be whole groups (`kv_groups`); their key/value heads are kept.  A
+    head's q/k/v columns and biases and its o rows, a neuron's ffn_in (and ffn_gate) column and bias and its ffn_out row
     are copied; everything else is copied whole.  ``params``: optional ``{path: array}`` to copy
     from instead of the model's own values (e.g. masked weights).
     """
@@ -365,7 +387,8 @@ def resized(model, *, layers=None, heads=None, neurons=None, params: Mapping | N
     values = dict(params) if params is not None else {
         k: v.get_value() for k, v in named_params(model).items()}
     d = model.config.attention_head_dim
-    new_cfg = resized_config(model.config, layers, heads, neurons)
+    kv_heads = [kv_groups(model, i, h) for i, h in zip(layers, heads)]
+    new_cfg = resized_config(model.config, layers, heads, neurons, kv_heads)
     kwargs = {}
     pooler = getattr(model.backbone, "pooler", None) if hasattr(model, "backbone") else None
     if type(model).__name__ == "BertModel" and pooler is None:
@@ -384,7 +407,8 @@ def resized(model, *, layers=None, heads=None, neurons=None, params: Mapping | N
             role = role_of.get(sub)
             a = np.asarray(jax.device_get(values[src]))
             if role is not None:
-                idx = (_head_columns(heads[int(new_i)], d) if role in HEAD_ROLES
+                kept = kv_heads[int(new_i)] if role in ("k", "v") else heads[int(new_i)]
+                idx = (_head_columns(kept, d) if role in HEAD_ROLES
                        else np.asarray(neurons[int(new_i)], dtype=int))
                 if role in OUTPUT_UNIT_ROLES:
                     value = a[..., idx] if leaf == "kernel" else a[idx]
@@ -402,7 +426,7 @@ def resized(model, *, layers=None, heads=None, neurons=None, params: Mapping | N
 __all__ = [
     "Family", "FamilyError", "HEAD_ROLES", "HeadLayout", "LAYER_ROLES", "MODEL_ROLES", "NEURON_ROLES",
     "OUTPUT_UNIT_ROLES", "Site", "attention_path", "embed", "embeddings_path", "families", "family_for_config", "find_site",
-    "family_of", "forward", "get_family", "get_module", "head", "head_layout", "head_paths", "layer_path",
+    "family_of", "forward", "get_family", "kv_groups", "get_module", "head", "head_layout", "head_paths", "layer_path",
     "layer_stack", "num_layers", "num_neurons", "register", "resized", "resized_config", "run_layers",
     "set_module", "site_input", "site_of", "site_path", "sites", "word_embedding_path",
 ]
