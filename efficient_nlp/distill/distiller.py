@@ -109,11 +109,12 @@ def feature_of(model, out, feature, layer):
 
 def match_loss(m, student_value, teacher_value, mask, *, temperature=1.0, projection=None):
     """The value of one `Match`'s loss (before its weight) on the two features."""
+    per_token = mask if student_value.ndim == 3 and m.feature == "logits" else None  # a decoder: [B,T,V]
     if m.loss in ("soft_ce", "kl"):
         fn = L.soft_cross_entropy if m.loss == "soft_ce" else L.kl_divergence
-        return fn(student_value, teacher_value, temperature, t2_scale=m.t2_scale)
+        return fn(student_value, teacher_value, temperature, t2_scale=m.t2_scale, mask=per_token)
     if m.loss == "logits_mse":
-        return L.logits_mse(student_value, teacher_value)
+        return L.logits_mse(student_value, teacher_value, mask=per_token)
     if m.loss in PROJECTABLE_LOSSES:
         kernel = bias = None
         if projection is not None:
@@ -138,6 +139,8 @@ def make_distill_loss(matches, *, hard_label_weight=0.0):
 
     ``loss = sum_m weight_m(step) * loss_m + hard_label_weight(step) * task_loss``; ``matches``
     come from `check_matches` (already validated), ``hard_label_weight`` is a schedule spec.
+    For a decoder (logits [B,T,V]) logits matches are per token (mean over valid tokens) and the
+    task loss is the next-token cross-entropy (`losses.next_token_loss`; no ``labels`` needed).
     ``aux`` holds each match's unweighted loss as ``distill/<label>`` and ``hard_loss``.
     The student runs in training mode (dropout); the teacher in eval mode.
     """
@@ -153,7 +156,7 @@ def make_distill_loss(matches, *, hard_label_weight=0.0):
     def loss_fn(model, batch, rngs):
         step = model.step[...]
         model.step[...] = step + 1
-        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
         s_out = model.student(ids, mask, types, capture=capture, deterministic=False, rngs=rngs)
         if teacher_intermediates or (logits_matched and "teacher_logits" not in batch):
             t_out = model.teacher(ids, mask, types, capture=capture)
@@ -173,11 +176,15 @@ def make_distill_loss(matches, *, hard_label_weight=0.0):
             value = match_loss(m, s_val, t_val, mask, temperature=temp(step), projection=projection)
             aux[f"distill/{m.label}"] = value
             total = total + weight(step) * value
+        causal = s_out.logits is not None and s_out.logits.ndim == 3
+        if causal:
+            hard, aux["token_accuracy"] = L.next_token_loss(s_out.logits, ids, mask)
         if use_hard:
-            hard = L.hard_label_loss(s_out.logits, batch["labels"], batch.get("label_weights"))
+            if not causal:
+                hard = L.hard_label_loss(s_out.logits, batch["labels"], batch.get("label_weights"))
             aux["hard_loss"] = hard
             total = total + hard_weight(step) * hard
-        if s_out.logits is not None and s_out.logits.shape[-1] > 1:
+        if not causal and s_out.logits is not None and s_out.logits.shape[-1] > 1:
             correct = (jnp.argmax(s_out.logits, -1) == batch["labels"]).astype(jnp.float32)
             w = batch.get("label_weights")   # transfer set: the accuracy of the labelled rows only
             aux["accuracy"] = jnp.mean(correct) if w is None else jnp.sum(w * correct) / jnp.maximum(jnp.sum(w), 1.0)

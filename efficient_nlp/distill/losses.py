@@ -110,6 +110,26 @@ def hard_label_loss(student_logits, labels, weights=None):
     return jnp.sum(w * per_example) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
+def next_token_targets(input_ids, mask=None):
+    """Targets and weights of a causal LM: position ``t`` predicts token ``t + 1``; a target
+    counts when it and its context token are both valid (``mask`` [B,T], 1 = token).  Returns
+    ``(targets [B,T-1], weights [B,T-1])``."""
+    ids = jnp.asarray(input_ids)
+    m = jnp.ones(ids.shape, jnp.float32) if mask is None else _f32(mask)
+    return ids[:, 1:], m[:, 1:] * m[:, :-1]
+
+
+def next_token_loss(logits, input_ids, mask=None):
+    """Causal-LM cross-entropy (the hard-label loss of a decoder): the mean over valid targets
+    (`next_token_targets`) of ``-log softmax(logits[:, t])[input_ids[:, t + 1]]``, in float32.
+    Returns ``(loss, token_accuracy)``."""
+    targets, w = next_token_targets(input_ids, mask)
+    log_p = jax.nn.log_softmax(_f32(logits[:, :-1]), axis=-1)
+    nll = -jnp.take_along_axis(log_p, targets[..., None].astype(jnp.int32), -1)[..., 0]
+    correct = (jnp.argmax(logits[:, :-1], -1) == targets).astype(jnp.float32)
+    return _masked_mean(nll, w), _masked_mean(correct, w)
+
+
 def hinton_loss(student_logits, teacher_logits, labels, *, temperature=1.0, hard_weight=0.5):
     """Hinton's mix (METHODS.md 3): ``a * CE(y, z_s) + (1 - a) * T^2 * softCE(z_t/T, z_s/T)``.
 

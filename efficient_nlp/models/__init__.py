@@ -47,6 +47,7 @@ from efficient_nlp.models.decoder import (
     KVCache,
 )
 from efficient_nlp.models.decoder_config import DecoderConfig
+from efficient_nlp.models.generate import decode_speed, generate, sample_logits
 from efficient_nlp.models.cnn import SmallCNN, cnn_accuracy, fit_cnn
 from efficient_nlp.models.config import ACTIVATIONS, ENCODER_TRAITS, BertConfig, EncoderTraits
 from efficient_nlp.models.family import Family, FamilyError, family_of
@@ -55,6 +56,7 @@ EncoderConfig = BertConfig
 from efficient_nlp.models.hf_checkpoint import (
     CheckpointMismatchError,
     LoadReport,
+    default_decoder_dir,
     default_model_dir,
     from_pretrained,
     hf_name_map,
@@ -101,6 +103,7 @@ __all__ = [
     "LoadReport",
     "activation",
     "attention_bias",
+    "default_decoder_dir",
     "default_model_dir",
     "from_pretrained",
     "hf_name_map",

@@ -534,6 +534,9 @@ class BertForMaskedLM(Encoder):
         self._init_backbone(config, False, dtype, param_dtype, rngs)
         self.lm_head = BertLMHead(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+    #: The LM head reads the word embedding table.
+    tied_head = True
+
     def head(self, hidden_states, *, deterministic: bool = True, rngs=None, pooled=None):
         embedding = self.backbone.embeddings.word_embeddings.embedding[...]
         return self.lm_head(hidden_states, embedding)

@@ -395,6 +395,11 @@ class DecoderForCausalLM(Decoder):
         self.lm_head = (None if config.tie_word_embeddings else
                         _dense(config, config.hidden_size, config.vocab_size, False, dtype, param_dtype, rngs))
 
+    @property
+    def tied_head(self) -> bool:
+        """The LM head reads the word embedding table."""
+        return self.lm_head is None
+
     def _logits(self, normed):
         if self.lm_head is not None:
             return self.lm_head(normed)

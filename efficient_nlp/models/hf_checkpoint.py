@@ -224,6 +224,28 @@ def default_model_dir() -> str:
     return model_dir
 
 
+DEFAULT_DECODER_ENV = "EFFICIENT_NLP_DECODER_DIR"
+DEFAULT_DECODER_COMMAND = "python train.py --config configs/pretrain_causal_lm.py --workdir runs/decoder"
+
+
+def default_decoder_dir(*, must_exist: bool = True) -> str:
+    """Directory of the small Llama-style decoder pre-trained on the built-in corpus by
+    ``configs/pretrain_causal_lm.py``, which copies its model there at the end:
+    ``$EFFICIENT_NLP_DECODER_DIR`` if set, else ``~/.cache/efficient_nlp/decoder``.
+
+    Raises FileNotFoundError (with the command that creates it) when it holds no model,
+    unless ``must_exist`` is False (then it only names the directory)."""
+    path = os.environ.get(DEFAULT_DECODER_ENV) or os.path.join(
+        os.path.expanduser("~"), ".cache", "efficient_nlp", "decoder")
+    if must_exist and not (os.path.isfile(os.path.join(path, CONFIG_NAME))
+                           and os.path.isfile(os.path.join(path, WEIGHTS_NAME))):
+        raise FileNotFoundError(
+            f"no pre-trained decoder in {path} (config.json and {WEIGHTS_NAME} expected). Create it "
+            f"(about 30 minutes on 2 CPU cores) from the repository root with:\n  {DEFAULT_DECODER_COMMAND}\n"
+            f"or set {DEFAULT_DECODER_ENV} to a directory holding a decoder checkpoint.")
+    return path
+
+
 # ----------------------------------------------------------------------------- loading
 def _shape(s) -> str:
     return "[" + ", ".join(str(int(d)) for d in s) + "]"

@@ -231,29 +231,35 @@ def _unit_axis(site: ParamSite) -> int:
 class Heads(Pattern):
     """Attention heads: head ``h`` = columns ``h*D:(h+1)*D`` of the ``q`` / ``k`` / ``v`` kernels
     (and biases) and the same rows of the ``o`` kernel, all pruned together (one group per
-    layer).  ``family``: a family name (None: the sites of any registered family)."""
+    layer).  With grouped-query attention (``group`` query heads per key/value head) the unit is
+    a key/value head with its ``group`` query heads: ``group * D`` columns of q and rows of o,
+    ``D`` columns of k and v.  ``family``: a family name (None: the sites of any registered family)."""
 
     head_dim: int = 64
     family: str | None = None
+    group: int = 1
     name = "heads"
 
-    def _axis(self, name):
-        return _unit_axis(_unit_site(name, self.family, F.HEAD_ROLES, "heads"))
+    def _unit(self, name):
+        site = _unit_site(name, self.family, F.HEAD_ROLES, "heads")
+        return _unit_axis(site), self.head_dim * (self.group if site.role in ("q", "o") else 1)
 
     def group_key(self, name, shape):
         return _unit_group(_unit_site(name, self.family, F.HEAD_ROLES, "heads"), F.HEAD_ROLES, "heads")
 
     def check(self, name, shape):
-        axis = self._axis(name)
-        if shape[axis] % self.head_dim:
+        axis, unit = self._unit(name)
+        if shape[axis] % unit:
             raise PatternError(f"{name} of shape {tuple(shape)}: axis {axis} is not a multiple of "
-                               f"head_dim={self.head_dim}")
+                               f"{unit} (head_dim={self.head_dim} x {self.group} query heads per key/value head)")
 
     def reduce(self, name, x):
-        return _axis_units(x, self._axis(name), self.head_dim)
+        axis, unit = self._unit(name)
+        return _axis_units(x, axis, unit)
 
     def expand(self, name, unit_mask, shape):
-        return _axis_expand(unit_mask, self._axis(name), self.head_dim, shape)
+        axis, unit = self._unit(name)
+        return _axis_expand(unit_mask, axis, unit, shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,12 +420,16 @@ def rows() -> Pattern:
 
 def heads(head_dim: int | None = None, family=None) -> Pattern:
     """Attention heads of width ``head_dim``; ``family``: a family name, `Family` or model (a
-    model also gives the default ``head_dim``, `efficient_nlp.models.family.head_layout`)."""
+    model also gives the default ``head_dim`` and, with grouped-query attention, the query heads
+    per key/value head: `efficient_nlp.models.family.head_layout`)."""
+    group = 1
+    if family is not None and not isinstance(family, (str, F.Family)):
+        layout = F.head_layout(family)
+        head_dim = layout.head_dim if head_dim is None else head_dim
+        group = layout.num_heads // max(layout.num_kv_heads, 1)
     if head_dim is None:
-        if family is None or isinstance(family, (str, F.Family)):
-            raise ValueError("heads() needs head_dim (or a model as family to read it from)")
-        head_dim = F.head_layout(family).head_dim
-    return Heads(int(head_dim), family_name(family))
+        raise ValueError("heads() needs head_dim (or a model as family to read it from)")
+    return Heads(int(head_dim), family_name(family), int(group))
 
 
 def ffn_neurons(family=None) -> Pattern:

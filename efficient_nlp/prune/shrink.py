@@ -100,12 +100,16 @@ def structure_masks(model, structure) -> dict:
         keep = {"heads": np.zeros(len(full["heads"][i]), bool), "neurons": np.zeros(len(full["neurons"][i]), bool)}
         keep["heads"][list(heads)] = True
         keep["neurons"][list(neurons)] = True
-        keep["heads"] = np.repeat(keep["heads"], F.head_layout(model, i).head_dim)
+        layout = F.head_layout(model, i)
+        group = layout.num_heads // max(layout.num_kv_heads, 1)
+        kv_keep = np.repeat(keep["heads"].reshape(-1, group).any(axis=1), layout.head_dim)
+        keep["heads"] = np.repeat(keep["heads"], layout.head_dim)
         for kind, members in unit_params(model, i).items():
             for name, axis in members:
                 view = [1] * len(shapes[name])
                 view[axis] = -1
-                m = np.broadcast_to(keep[kind].reshape(view), shapes[name])
+                unit_keep = kv_keep if kind == "heads" and shapes[name][axis] != len(keep["heads"]) else keep[kind]
+                m = np.broadcast_to(unit_keep.reshape(view), shapes[name])
                 out[name] = m if i in where else np.zeros(shapes[name], bool)
     return {k: np.array(v) for k, v in out.items()}
 

@@ -225,6 +225,18 @@ class IntEmbed(nnx.Module):
                                 rows(self.zero_point), rows(self.offset))
         return out if self.dtype is None else out.astype(self.dtype)
 
+    def table(self):
+        """The whole dequantized table [V, E] (for a tied LM head)."""
+        out = dequantize_weight(self.quantizer, self.codes[...], self.scale[...],
+                                None if self.zero_point is None else self.zero_point[...],
+                                None if self.offset is None else self.offset[...])
+        return out if self.dtype is None else out.astype(self.dtype)
+
+    def attend(self, x):
+        """``x @ table^T``: a tied LM head reads the same quantized table (activations in float)."""
+        table = self.table()
+        return jnp.matmul(x, table.T.astype(x.dtype))
+
 
 class IntSplitLinear(nnx.Module):
     """A ternary-weight-split Linear (`efficient_nlp.quant.splitting.SplitLinear`, BinaryBERT) as
@@ -270,6 +282,14 @@ class IntSplitEmbed(nnx.Module):
 
     def __call__(self, ids):
         return self.half1(ids) + self.half2(ids)
+
+    def table(self):
+        return self.half1.table() + self.half2.table()
+
+    def attend(self, x):
+        """``x @ table^T``: a tied LM head reads the same quantized table (activations in float)."""
+        table = self.table()
+        return jnp.matmul(x, table.T.astype(x.dtype))
 
 
 @dataclasses.dataclass

@@ -155,11 +155,18 @@ class QuantEmbed(nnx.Module):
         axis = 1 if weight.granularity == "channel" else None
         self.weight_quant = QuantizerModule(weight, axis=axis, init=self.embedding[...])
 
-    def __call__(self, ids):
+    def table(self):
+        """The fake-quantized table [V, E]."""
         table = self.weight_quant(self.embedding[...])
-        if self.dtype is not None:
-            table = table.astype(self.dtype)
-        return jnp.take(table, jnp.asarray(ids), axis=0)
+        return table if self.dtype is None else table.astype(self.dtype)
+
+    def __call__(self, ids):
+        return jnp.take(self.table(), jnp.asarray(ids), axis=0)
+
+    def attend(self, x):
+        """``x @ table^T``: a tied LM head reads the same quantized table (activations in float)."""
+        table = self.table()
+        return jnp.matmul(x, table.T.astype(x.dtype))
 
 
 class AttentionQuant(nnx.Module):

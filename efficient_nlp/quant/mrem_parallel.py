@@ -147,7 +147,9 @@ def module_slice(model, mod: mrem.Module):
     sub = train.copy_model(model)
     layers = F.layer_stack(sub)
     F.set_module(sub, _layer_stack_path(sub), nnx.List([layers[i] for i in range(mod.start, mod.stop)]))
-    if not mod.first:
+    if not mod.first and not (mod.last and getattr(sub, "tied_head", False)):
+        # a tied head reads the word embedding: the last module keeps a copy to read (module 0
+        # owns the table; `_parts` writes it back from module 0 only)
         F.set_module(sub, F.embeddings_path(sub), None)
     if not mod.last:
         for path in F.head_paths(sub):

@@ -213,11 +213,17 @@ class SplitEmbed(nnx.Module):
         return [("embedding1", self.weight_quant1, self.site + ".w1"),
                 ("embedding2", self.weight_quant2, self.site + ".w2")]
 
-    def __call__(self, ids):
+    def table(self):
+        """``BWN(embedding1) + BWN(embedding2)`` [V, E]."""
         table = self.weight_quant1(self.embedding1[...]) + self.weight_quant2(self.embedding2[...])
-        if self.dtype is not None:
-            table = table.astype(self.dtype)
-        return jnp.take(table, jnp.asarray(ids), axis=0)
+        return table if self.dtype is None else table.astype(self.dtype)
+
+    def __call__(self, ids):
+        return jnp.take(self.table(), jnp.asarray(ids), axis=0)
+
+    def attend(self, x):
+        """``x @ table^T`` (a tied LM head)."""
+        return jnp.matmul(x, self.table().T.astype(x.dtype))
 
 
 SPLIT_MODULES = (SplitLinear, SplitEmbed)

@@ -15,6 +15,7 @@ RECIPES = {
     "cross_distill": "efficient_nlp.recipes.cross_distill",
     "binarybert": "efficient_nlp.recipes.binarybert",
     "binarybert_adaptive": "efficient_nlp.recipes.adaptive_split",
+    "causal_lm": "efficient_nlp.recipes.causal_lm",
 }
 
 
