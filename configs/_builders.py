@@ -30,6 +30,31 @@ def data_config(task="builtin", max_length=64):
     ))
 
 
+#: Layers of the default decoder (configs/pretrain_causal_lm.py); layer-wise decoder matches use it.
+DECODER_LAYERS = 4
+
+
+def lm_data_config(block_size=128):
+    """``config.data`` of causal language modelling (``task="lm"``): text of ``source``
+    ("builtin": the standard-library corpus; or a .txt / .jsonl / .parquet file, with the held-out
+    text in ``validation``; or a hub dataset name), packed into blocks of ``max_length`` tokens."""
+    config = data_config(task="lm", max_length=block_size)
+    config.source = "builtin"
+    config.validation = ""        # held-out source; "" = the "validation" split of source
+    config.max_documents = 0      # 0 = all
+    config.eval_blocks = 64       # held-out blocks scored (perplexity, token accuracy); 0 = all
+    return config
+
+
+def as_lm(config, block_size=128):
+    """Switch a compression config to the pre-trained decoder (``model_dir`` "" = the default
+    decoder, used as the teacher as is) and causal language modelling."""
+    config.data = lm_data_config(block_size)
+    config.teacher_dir = ""
+    config.train.eval_batch_size = 16
+    return config
+
+
 def train_config(**overrides):
     """`default_train_config` with ``overrides``."""
     config = default_train_config()

@@ -55,3 +55,19 @@ def finetuned_minilm_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart_teacher")
     run_recipe(config, str(workdir))
     return str(workdir / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory):
+    """A random tiny Llama-style decoder (grouped-query attention, 2 layers) saved as a HF
+    directory with a byte-level BPE tokenizer (vocab 320) trained on 300 built-in documents."""
+    from efficient_nlp import data
+
+    out = tmp_path_factory.mktemp("tiny_decoder")
+    tokenizer = data.train_tokenizer(data.builtin_corpus("train")[:300], vocab_size=320, out_dir=str(out))
+    cfg = models.DecoderConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                               max_position_embeddings=64, tie_word_embeddings=True,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    models.save_hf_checkpoint(models.DecoderForCausalLM(cfg, rngs=nnx.Rngs(0)), out)
+    return str(out)

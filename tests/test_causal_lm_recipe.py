@@ -162,7 +162,6 @@ def test_bad_data_and_model_settings_are_explained(tmp_path):
         causal_lm.build_model(config, ["text"])
 
 
-@pytest.mark.slow  # a second compilation of the training step: ~20 s on 2 shared CPU cores
 def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(pretrained, tmp_path):
     workdir, results = pretrained
     resumed = tmp_path / "resumed"

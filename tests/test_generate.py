@@ -178,24 +178,22 @@ def test_decode_step_compiles_once(pairs, monkeypatch):
 
 
 def test_eos_rows_are_padded_and_generation_stops_early(pairs):
-    model = pairs["gpt2"][1]
+    model = pairs["llama"][1]
     ids, mask = prompts()
     t = ids.shape[1]
     free = free_run(model, ids, mask)[0][:, t:]
-    eos = (int(free[0, 1]), int(free[1, 3]))  # several eos ids
-    tokens, logits = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=7,
-                              return_logits=True)
+    eos = (int(free[0, 2]), int(free[1, 4]))  # several eos ids: row 0 stops by its 3rd token, row 1 by its 5th
     stops = [int(np.flatnonzero(np.isin(row, eos))[0]) for row in free]
-    for r, stop in enumerate(stops):
-        assert stop <= (1, 3)[r]
-        np.testing.assert_array_equal(tokens[r, t:t + stop + 1], free[r, :stop + 1])
-        assert (tokens[r, t + stop + 1:] == 7).all()
-    ran = (np.abs(logits).sum(axis=(0, 2)) > 0)
-    assert ran.tolist() == [i <= max(stops) for i in range(NEW)]  # no step after every row stopped
-    np.testing.assert_array_equal(tokens[:, :t], ids)
-    # default pad: the config's pad id
-    default = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, return_logits=True)[0]
-    np.testing.assert_array_equal(default, np.where(tokens == 7, PAD, tokens))
+    assert stops[0] <= 2 and stops[1] <= 4
+    for pad, kwargs in ((7, dict(pad_token_id=7)), (PAD, {})):  # default: the config's pad id
+        tokens, logits = generate(model, ids, mask, max_new_tokens=NEW, eos_token_id=eos, return_logits=True,
+                                  **kwargs)
+        expected = free.copy()
+        for r, stop in enumerate(stops):
+            expected[r, stop + 1:] = pad
+        np.testing.assert_array_equal(tokens, np.concatenate([ids, expected], axis=1))
+        ran = np.abs(logits).sum(axis=(0, 2)) > 0
+        assert ran.tolist() == [i <= max(stops) for i in range(NEW)]  # no step after every row stopped
 
 
 def test_one_new_token(pairs):

@@ -13,6 +13,7 @@ from efficient_nlp.data.builtin import builtin_examples, builtin_stats
 from efficient_nlp.data import lm  # causal LM data: read_texts, pack, lm_blocks, lm_batches, perplexity
 from efficient_nlp.data.corpus import builtin_corpus, corpus_stats
 from efficient_nlp.data.lm_tokenizer import train_tokenizer
+from efficient_nlp.data.lm_task import LMSpec, lm_metrics, load_lm_task
 from efficient_nlp.data.images import load_digits, sample_k_per_class
 from efficient_nlp.data.files import SUPPORTED_EXTENSIONS, read_split
 from efficient_nlp.data.metrics import (
@@ -59,6 +60,9 @@ __all__ = [
     "corpus_stats",
     "train_tokenizer",
     "lm",
+    "LMSpec",
+    "lm_metrics",
+    "load_lm_task",
     "SUPPORTED_EXTENSIONS",
     "load_digits",
     "sample_k_per_class",

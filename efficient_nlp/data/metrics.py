@@ -112,6 +112,10 @@ def compute_metrics(spec, predictions, labels, weights=None) -> dict[str, float]
       weights: optional [N]; rows with weight 0 (padding from ``eval_batches``) are left out,
         the others count once.
     """
+    if getattr(spec, "kind", None) == "causal_lm":
+        from efficient_nlp.data.lm_task import lm_metrics
+
+        return lm_metrics(predictions, labels, weights)
     pred = np.asarray(predictions)
     y = np.asarray(labels).reshape(-1)
     if spec.num_labels == 1:

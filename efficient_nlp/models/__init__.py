@@ -56,6 +56,8 @@ EncoderConfig = BertConfig
 from efficient_nlp.models.hf_checkpoint import (
     CheckpointMismatchError,
     LoadReport,
+    config_from_pretrained,
+    task_model_class,
     default_decoder_dir,
     default_model_dir,
     from_pretrained,
@@ -83,6 +85,8 @@ __all__ = [
     "BertOutput",
     "BertPooler",
     "CheckpointMismatchError",
+    "config_from_pretrained",
+    "task_model_class",
     "Decoder",
     "DecoderConfig",
     "DecoderForCausalLM",

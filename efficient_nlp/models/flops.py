@@ -12,7 +12,8 @@ Per layer ``i`` with ``H_i`` heads (``KV_i`` key/value heads), head width ``d``,
 plus, once per model, the embedding projection when the embedding width differs from ``h``
 (``2 t e h``), the head's dense layer on the first token (``2 h^2``: BERT's pooler or the
 ``pre_classifier`` of the other encoders) and, with ``classifier=True``, the classifier
-(``2 h num_labels``).  Per-layer head counts and FFN widths of a pruned config are read from
+(``2 h num_labels``).  A decoder (GPT-2, Llama family) has no dense layer in its head; with
+``classifier=True`` its LM head is counted at every position (``2 t h V``).  Per-layer head counts and FFN widths of a pruned config are read from
 ``config.layer_num_heads(i)`` / ``config.layer_intermediate_size(i)``.
 """
 from __future__ import annotations
@@ -56,6 +57,10 @@ def forward_flops(config_or_model, seq_len: int = 128, batch: int = 1, *, classi
     e = getattr(config, "embedding_width", h)
     if e != h:
         total += 2 * t * e * h                            # embedding projection
+    if F.family_for_config({"model_type": config.model_type}).kind == "decoder":
+        if classifier:
+            total += 2 * t * h * config.vocab_size        # LM head at every position
+        return int(batch * total)
     total += 2 * h * h                                    # pooler / pre-classifier dense
     if classifier:
         total += 2 * h * config.num_labels

@@ -363,6 +363,26 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
     return LoadReport(loaded=loaded, fresh=fresh, ignored=sorted(ignored))
 
 
+def config_from_pretrained(model_dir: str | os.PathLike, **overrides):
+    """The `BertConfig` (encoder families) or `DecoderConfig` (GPT-2, Llama family) of a
+    checkpoint directory's ``config.json``, by its ``model_type``."""
+    path = os.path.join(os.fspath(model_dir), CONFIG_NAME) if os.path.isdir(model_dir) else os.fspath(model_dir)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json found at {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    cls = DecoderConfig if family_for_config(d).kind == "decoder" else BertConfig
+    return cls.from_dict(d, **overrides)
+
+
+def task_model_class(config):
+    """The model class a recipe builds for ``config``: a decoder's causal LM, an encoder's classifier."""
+    return DecoderForCausalLM if isinstance(config, DecoderConfig) else BertForSequenceClassification
+
+
 def from_pretrained(model_dir: str | os.PathLike, num_labels: int | None = None, head: str | None = None, *,
                     seed: int = 0, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, **overrides):
     """Build a model from a HF checkpoint directory (or Hub id) and load its weights.

@@ -38,7 +38,7 @@ from efficient_nlp import prune
 from efficient_nlp import quant
 from efficient_nlp import train as train_lib
 from efficient_nlp.distill.matches import ATTENTION_FEATURES
-from efficient_nlp.recipes.common import check_stages, run_kd_stages, teacher_and_task
+from efficient_nlp.recipes.common import check_stages, default_dir, run_kd_stages, teacher_and_task
 from efficient_nlp.recipes.outputs import save_outputs
 from efficient_nlp.recipes.qat import quantized_student
 
@@ -115,8 +115,7 @@ def check_config(config):
         raise ValueError(f"config.binarybert.score={bb.score!r}; valid: {SCORES}")
     if int(bb.finetune_steps) < 0:
         raise ValueError(f"config.binarybert.finetune_steps={bb.finetune_steps!r} must be >= 0")
-    teacher_cfg = models.BertConfig.from_pretrained(config.teacher_dir or config.model_dir
-                                                    or models.default_model_dir())
+    teacher_cfg = models.config_from_pretrained(default_dir(config))
     n, i = teacher_cfg.num_attention_heads, teacher_cfg.intermediate_size
     layers = teacher_cfg.num_hidden_layers
     st = half_width_structure({"heads": [np.zeros(n)] * layers, "neurons": [np.zeros(i)] * layers}, bb.width)
@@ -217,13 +216,13 @@ def format_results(results) -> str:
     keys = [k for k in rows["full_precision"] if k not in ("params", "size_mb", "flops", "bops", "bits")]
     lines = [f"Task {results['task']}: BinaryBERT {results['bits']} ({', '.join(results['methods'])}; "
              f"{results.get('total_steps', '?')} training steps each)",
-             f"{'model':<22}{'W-E-A':>8}" + "".join(f"{k:>12}" for k in keys)
+             f"{'model':<22}{'W-E-A':>8}" + "".join(f"{k:>15}" for k in keys)
              + f"{'params M':>10}{'size MB':>9}{'packed MB':>10}{'BOPs G':>9}"]
     for name, label in ROWS:
         if name not in rows:
             continue
         r = rows[name]
         packed = r.get("packed_mb", math.nan)
-        lines.append(f"{label:<22}{r['bits']:>8}" + "".join(f"{r.get(k, np.nan):>12.4f}" for k in keys)
+        lines.append(f"{label:<22}{r['bits']:>8}" + "".join(f"{r.get(k, np.nan):>15.4f}" for k in keys)
                      + f"{r['params'] / 1e6:>10.2f}{r['size_mb']:>9.2f}{packed:>10.2f}{r['bops'] / 1e9:>9.3f}")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ tokenizer is used and whose dropout rates ``config.model`` may override.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import time
@@ -45,6 +46,8 @@ from efficient_nlp.data.pipeline import load_tokenizer
 from efficient_nlp.models.hf_checkpoint import resolve_model_dir
 from efficient_nlp.recipes.outputs import save_outputs
 from efficient_nlp.train.evaluate import placed_state
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_DECODER", "DROPOUT_FIELDS", "causal_lm_loss", "lm_loss", "perplexity_eval_fn",
            "read_data", "build_model", "run", "format_results"]
@@ -158,6 +161,8 @@ def build_model(config, train_texts):
     seed = int(config.train.seed)
     fields = dict(config.model.to_dict())
     if not config.model_dir:
+        log.info("Training a byte-level BPE tokenizer (vocab %d) on %d documents",
+                 config.tokenizer.vocab_size, len(train_texts))
         tokenizer = train_tokenizer(train_texts, config.tokenizer.vocab_size,
                                     min_frequency=config.tokenizer.get("min_frequency", 2))
         fields["vocab_size"] = fields.get("vocab_size") or len(tokenizer)
@@ -218,6 +223,8 @@ def run(config, workdir):
 
     evaluate = perplexity_eval_fn(val_blocks, opts.eval_batch_size)
     before = evaluate(model)
+    log.info("%d training blocks and %d held-out blocks of %d tokens; held-out perplexity before training: %.2f",
+             len(train_blocks), len(val_blocks), block_size, before["perplexity"])
     eval_seconds, resumed_at = [0.0], []
 
     def eval_fn(m):
@@ -259,7 +266,7 @@ def run(config, workdir):
         "published_to": published,
     }
     save_outputs(workdir, results, tokenizer, {"model": model})
-    if published and train_lib.is_main_process():
+    if published and train_lib.is_main_process() and os.path.realpath(published) != os.path.realpath(model_dir):
         shutil.copytree(model_dir, published, dirs_exist_ok=True)
     print(format_results(results, os.path.join(workdir, "results.json")))
     return results

@@ -15,10 +15,25 @@ from efficient_nlp import models
 from efficient_nlp import train as train_lib
 
 
+def is_lm(config) -> bool:
+    """The recipe runs on causal language modelling (``config.data.task == "lm"``, a decoder)."""
+    return config.data.get("task") == "lm"
+
+
+def default_dir(config) -> str:
+    """The teacher's directory as configured, else the bundled default model of the task kind
+    (the pre-trained decoder for ``lm``, MiniLM otherwise)."""
+    return (config.get("teacher_dir") or config.model_dir
+            or (models.default_decoder_dir() if is_lm(config) else models.default_model_dir()))
+
+
 def resolve_teacher(config, workdir):
-    """``config.teacher_dir``, or a teacher fine-tuned now into ``workdir/teacher/model``."""
+    """``config.teacher_dir``, or a teacher fine-tuned now into ``workdir/teacher/model``; for
+    causal language modelling the pretrained decoder itself (``model_dir`` or the default)."""
     if config.teacher_dir:
         return config.teacher_dir
+    if is_lm(config):
+        return default_dir(config)
     from efficient_nlp.recipes import finetune
 
     teacher_work = os.path.join(workdir, "teacher")
@@ -35,8 +50,14 @@ def resolve_teacher(config, workdir):
 
 
 def load_data(config, tokenizer_dir):
-    """The task of ``config.data`` tokenised with the tokenizer in ``tokenizer_dir``."""
+    """The task of ``config.data`` tokenised with the tokenizer in ``tokenizer_dir`` (``task="lm"``:
+    packed blocks of ``max_length`` tokens of ``data.source``, `efficient_nlp.data.load_lm_task`)."""
     d = config.data
+    if is_lm(config):
+        return data_lib.load_lm_task(tokenizer_dir, source=d.get("source") or "builtin",
+                                     validation=d.get("validation", ""), block_size=d.max_length,
+                                     max_documents=d.get("max_documents", 0), eval_blocks=d.get("eval_blocks", 64),
+                                     max_train_blocks=d.max_train_examples)
     return data_lib.load_task_data(
         d.task, tokenizer_dir=tokenizer_dir, max_length=d.max_length,
         data_dir=d.data_dir or None, train_file=d.train_file or None,

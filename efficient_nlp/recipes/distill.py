@@ -38,19 +38,19 @@ from efficient_nlp import data as data_lib
 from efficient_nlp import distill
 from efficient_nlp import models
 from efficient_nlp import train as train_lib
-from efficient_nlp.recipes.common import (check_stages, final_eval, load_data, resolve_teacher, run_kd_stages,
+from efficient_nlp.recipes.common import (check_stages, default_dir, final_eval, load_data, resolve_teacher, run_kd_stages,
                                           stage_config)
 from efficient_nlp.recipes.common import teacher_and_task  # noqa: F401  (importable from here as before)
 from efficient_nlp.recipes.outputs import save_outputs
 
 
 def _teacher_config_dir(config):
-    return config.teacher_dir or config.model_dir or models.default_model_dir()
+    return default_dir(config)
 
 
 def check_config(config):
     """Config-time validation of every stage's matches (layer indices, features, losses)."""
-    teacher_cfg = models.BertConfig.from_pretrained(_teacher_config_dir(config))
+    teacher_cfg = models.config_from_pretrained(_teacher_config_dir(config))
     layers = tuple(config.student.layers)
     if any(not isinstance(i, int) or not 0 <= i < teacher_cfg.num_hidden_layers for i in layers):
         raise ValueError(f"config.student.layers={layers}: teacher layers are 0.."
@@ -87,7 +87,7 @@ def _student_source(config, teacher, num_labels):
     """The model whose layers the student copies (see the module docstring, 2.)."""
     if _student_init(config) == "teacher":
         return teacher
-    return models.from_pretrained(config.model_dir or models.default_model_dir(), num_labels=num_labels,
+    return models.from_pretrained(config.model_dir or default_dir(config), num_labels=num_labels,
                                   seed=config.train.seed)
 
 
@@ -182,9 +182,9 @@ def format_results(results):
     lines = [f"Task {results['task']}: {results['method']} into layers {results['student_layers']}"
              + (" (transfer set: {labelled} of {texts} texts labelled; baseline on those)".format(
                  **results["transfer_set"]) if "transfer_set" in results else ""),
-             f"{'model':<20}" + "".join(f"{k:>12}" for k in keys)]
+             f"{'model':<20}" + "".join(f"{k:>15}" for k in keys)]
     for name, r in rows:
-        lines.append(f"{name:<20}" + "".join(f"{r.get(k, np.nan):>12.4f}" for k in keys))
+        lines.append(f"{name:<20}" + "".join(f"{r.get(k, np.nan):>15.4f}" for k in keys))
     s = results["size"]
     lines.append(f"params: teacher {s['teacher_params']:,} / student {s['student_params']:,} "
                  f"({s['student_params'] / s['teacher_params']:.2f}x)")

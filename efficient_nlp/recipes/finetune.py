@@ -9,15 +9,20 @@ import jax.numpy as jnp
 import optax
 
 from efficient_nlp import data as data_lib
+from efficient_nlp import distill
 from efficient_nlp import models
 from efficient_nlp import train as train_lib
 from efficient_nlp.recipes.outputs import save_outputs
 
 
 def task_loss(model, batch, rngs):
-    """Cross-entropy (classification) or MSE (regression) of the model's logits."""
-    out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+    """Cross-entropy (classification), MSE (regression) or, for a decoder, the next-token
+    cross-entropy of the model's logits."""
+    out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                 deterministic=False, rngs=rngs)
+    if out.logits.ndim == 3:
+        loss, acc = distill.next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"])
+        return loss, {"token_accuracy": acc}
     return logits_loss(out.logits, batch["labels"])
 
 
@@ -32,14 +37,11 @@ def logits_loss(logits, labels):
 
 def load_model_and_data(config):
     """Loads the task data with the model directory's tokenizer and the model with its head."""
-    model_dir = config.model_dir or models.default_model_dir()
+    from efficient_nlp.recipes.common import default_dir, load_data
+
+    model_dir = config.model_dir or default_dir(config)
     d = config.data
-    task_data = data_lib.load_task_data(
-        d.task, tokenizer_dir=model_dir, max_length=d.max_length,
-        data_dir=d.data_dir or None, train_file=d.train_file or None,
-        dev_file=d.dev_file or None, text_a=d.text_a or None, text_b=d.text_b or None,
-        label=d.label or None, num_labels=d.num_labels or None,
-        max_train_examples=d.max_train_examples or None)
+    task_data = load_data(config, model_dir)
     if task_data.dev is None:
         raise ValueError(
             f"Task {d.task!r} has no dev split: give config.data.dev_file (or a data_dir "

@@ -43,7 +43,7 @@ from efficient_nlp import train as train_lib
 from efficient_nlp.quant import mrem, ptq
 from efficient_nlp.quant.mrem_parallel import mrem_p, place
 from efficient_nlp.quant.spec import resolve
-from efficient_nlp.recipes.common import load_data as _load_data, resolve_teacher
+from efficient_nlp.recipes.common import default_dir, load_data as _load_data, resolve_teacher
 from efficient_nlp.recipes.outputs import save_outputs
 
 METHODS = ("rem", "mrem_s", "mrem_p")
@@ -64,8 +64,8 @@ def check_config(config):
     against the local devices, the calibration size, the QAT results file."""
     names = methods_of(config)
     spec = quant.spec_from_config(config.quant.to_dict())
-    cfg = models.BertConfig.from_pretrained(config.teacher_dir or config.model_dir or models.default_model_dir())
-    abstract = nnx.eval_shape(lambda: models.BertForSequenceClassification(cfg, rngs=nnx.Rngs(0)))
+    cfg = models.config_from_pretrained(default_dir(config))
+    abstract = nnx.eval_shape(lambda: models.task_model_class(cfg)(cfg, rngs=nnx.Rngs(0)))
     resolve(spec, quant.find_sites(abstract)[1])
     if "mrem_s" in names or "mrem_p" in names:
         ptq.partition(cfg.num_hidden_layers, int(config.ptq.mrem.num_modules))
@@ -185,7 +185,7 @@ def format_results(results):
     keys = list(results["full_precision"])
     lines = [f"Task {results['task']}: PTQ W-E-A {results['bits']}, calibration "
              f"{results['calibration']['size']} of {results['calibration']['train_size']} training rows",
-             f"{'model':<26}" + "".join(f"{k:>12}" for k in keys) + f"{'seconds':>10}{'peak MB':>10}"]
+             f"{'model':<26}" + "".join(f"{k:>15}" for k in keys) + f"{'seconds':>10}{'peak MB':>10}"]
     rows = [("full precision", results["full_precision"], None, None)]
     if "qat" in results:
         rows.append((f"QAT {results['qat']['bits']} (qat recipe)", results["qat"]["metrics"], None, None))
@@ -193,7 +193,7 @@ def format_results(results):
     rows += [(name, r, results["wall_seconds"][name], results["peak_memory"][name]["rss_peak_mb"])
              for name, r in results["after"].items()]
     for name, r, sec, mb in rows:
-        lines.append(f"{name:<26}" + "".join(f"{r.get(k, np.nan):>12.4f}" for k in keys)
+        lines.append(f"{name:<26}" + "".join(f"{r.get(k, np.nan):>15.4f}" for k in keys)
                      + (f"{sec:>10.1f}{mb:>10.0f}" if sec is not None else ""))
     return "\n".join(lines)
 

@@ -24,15 +24,14 @@ import numpy as np
 from efficient_nlp import models
 from efficient_nlp import quant
 from efficient_nlp import train as train_lib
-from efficient_nlp.recipes.common import check_stages, run_kd_stages, teacher_and_task
+from efficient_nlp.recipes.common import check_stages, default_dir, run_kd_stages, teacher_and_task
 from efficient_nlp.recipes.outputs import save_outputs
 
 
 def check_config(config):
     """Config-time validation: the spec and every stage's matches (same-architecture student)."""
     spec = quant.spec_from_config(config.quant.to_dict())
-    teacher_cfg = models.BertConfig.from_pretrained(config.teacher_dir or config.model_dir
-                                                    or models.default_model_dir())
+    teacher_cfg = models.config_from_pretrained(default_dir(config))
     return spec, check_stages(config.distill.stages, teacher_cfg, teacher_cfg, "config.distill.stages")
 
 
@@ -72,11 +71,11 @@ def format_results(results):
     keys = list(results["teacher"])
     fp, q = results["cost"]["full_precision"], results["cost"]["quantized"]
     lines = [f"Task {results['task']}: QAT W-E-A {results['bits']}",
-             f"{'model':<22}" + "".join(f"{k:>12}" for k in keys) + f"{'size MB':>10}{'BOPs G':>10}"]
+             f"{'model':<22}" + "".join(f"{k:>15}" for k in keys) + f"{'size MB':>10}{'BOPs G':>10}"]
     rows = [("full precision", results["teacher"], fp), ("quantized, untrained", results["student_init"], q)]
     rows += [(f"after {name}", r, q) for name, r in results["stages"].items()]
     for name, r, c in rows:
-        lines.append(f"{name:<22}" + "".join(f"{r.get(k, np.nan):>12.4f}" for k in keys)
+        lines.append(f"{name:<22}" + "".join(f"{r.get(k, np.nan):>15.4f}" for k in keys)
                      + f"{c['size_mb']:>10.2f}{c['bops'] / 1e9:>10.3f}")
     if "packed_mb" in q:
         lines.append(f"packed artefact: {q['packed_mb']:.2f} MB on disk (full precision {fp['size_mb']:.2f} MB)")
