@@ -167,3 +167,26 @@ def test_resized_gqa_equals_masked_model():
                                atol=1e-5)
     with pytest.raises(ValueError, match="whole groups"):
         F.resized(model, heads=[[1, 2], [0, 1, 2, 3]])
+
+
+def test_perplexity_is_exp_of_the_transformers_loss_on_the_same_blocks(checkpoints):
+    from efficient_nlp import data
+
+    hf, path = checkpoints["llama-gqa-llama3"]
+    model = models.from_pretrained(path)
+    blocks = np.random.default_rng(3).integers(0, V, (5, 16))
+    ours = data.lm.blocks_perplexity(lambda ids: model(jnp.asarray(ids)).logits, blocks, batch_size=2)
+    with torch.no_grad():
+        losses = [float(hf(torch.tensor(b[None]), labels=torch.tensor(b[None])).loss) for b in blocks]
+    assert ours["tokens"] == 5 * 15
+    np.testing.assert_allclose(ours["perplexity"], np.exp(np.mean(losses)), rtol=1e-4)
+
+
+def test_decoder_flops_count_gqa_the_gated_ffn_and_the_lm_head():
+    from efficient_nlp.models.flops import forward_flops
+
+    cfg = models.DecoderConfig(**SMALL, num_key_value_heads=2)
+    t, h, d, i = 10, 32, 8, 48
+    layer = 2 * t * h * d * (2 * 4 + 2 * 2) + 2 * 2 * t * t * d * 4 + 3 * 2 * t * h * i
+    assert forward_flops(cfg, t) == 2 * layer
+    assert forward_flops(cfg, t, classifier=True) == 2 * layer + 2 * t * h * V
