@@ -190,3 +190,11 @@ def test_decoder_flops_count_gqa_the_gated_ffn_and_the_lm_head():
     layer = 2 * t * h * d * (2 * 4 + 2 * 2) + 2 * 2 * t * t * d * 4 + 3 * 2 * t * h * i
     assert forward_flops(cfg, t) == 2 * layer
     assert forward_flops(cfg, t, classifier=True) == 2 * layer + 2 * t * h * V
+
+
+def test_longer_input_than_the_learned_positions_is_refused():
+    gpt2 = models.DecoderForCausalLM(models.DecoderConfig(
+        **{**SMALL, "max_position_embeddings": 8}, model_type="gpt2", norm_type="layernorm",
+        position_type="learned", gated_ffn=False, hidden_act="gelu_new"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="exceeds the 8 learned positions"):
+        gpt2(jnp.zeros((1, 9), jnp.int32))

@@ -64,9 +64,13 @@ def student_from_teacher(teacher, layers, *, seed=0, **config_overrides):
     layers = tuple(layers)
     if not layers or any(not isinstance(i, int) or not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
         raise ValueError(f"student layers must be distinct teacher layer indices in 0..{n - 1}, got {layers}")
-    config = teacher.config.replace(num_hidden_layers=len(layers), **config_overrides)
-    student = type(teacher)(config, rngs=nnx.Rngs(seed))
-    nnx.update(student, nnx.state(F.resized(teacher, layers=list(layers)), nnx.Param))
+    small = F.resized(teacher, layers=list(layers))
+    per_layer = any(getattr(teacher.config, k, None) is not None for k in
+                    ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes"))
+    # a pruned teacher's per-layer head counts / widths follow the kept layers
+    config = small.config if per_layer else teacher.config.replace(num_hidden_layers=len(layers))
+    student = type(teacher)(config.replace(**config_overrides), rngs=nnx.Rngs(seed))
+    nnx.update(student, nnx.state(small, nnx.Param))
     return student
 
 

@@ -258,6 +258,10 @@ class DecoderEmbeddings(nnx.Module):
     def __call__(self, input_ids, position_ids, *, deterministic: bool = True, rngs=None):
         x = self.word_embeddings(jnp.asarray(input_ids))
         if self.position_embeddings is not None:
+            n = self.position_embeddings.num_embeddings
+            if jnp.shape(input_ids)[-1] > n:
+                raise ValueError(f"sequence length {jnp.shape(input_ids)[-1]} exceeds the {n} learned positions "
+                                 "(max_position_embeddings); cut the input into blocks of at most that length")
             x = x + self.position_embeddings(jnp.asarray(position_ids))
         return self.dropout(x, deterministic=deterministic, rngs=rngs)
 

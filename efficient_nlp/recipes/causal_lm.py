@@ -34,11 +34,10 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_nlp import models
+from efficient_nlp import distill, models
 from efficient_nlp import train as train_lib
 from efficient_nlp.data import lm
 from efficient_nlp.data.lm_tokenizer import train_tokenizer
@@ -67,17 +66,7 @@ def causal_lm_loss(logits, input_ids, attention_mask=None):
     {"token_accuracy": fraction of counted targets that are the argmax})``; 0 and 0 when no
     target counts.
     """
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    target = jnp.asarray(input_ids)[:, 1:]
-    nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-    if attention_mask is None:
-        weight = jnp.ones(nll.shape, jnp.float32)
-    else:
-        mask = jnp.asarray(attention_mask) != 0
-        weight = (mask[:, 1:] & mask[:, :-1]).astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(weight), 1.0)
-    loss = jnp.sum(nll * weight) / count
-    accuracy = jnp.sum((jnp.argmax(logp, axis=-1) == target) * weight) / count
+    loss, accuracy = distill.next_token_loss(logits, input_ids, attention_mask)
     return loss, {"token_accuracy": accuracy}
 
 
@@ -199,10 +188,6 @@ def _check_fits(cfg, tokenizer, block_size, blocks):
         raise ValueError("the tokenizer has no eos_token, which separates packed documents")
 
 
-def _num_params(model) -> int:
-    return int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
 # ----------------------------------------------------------------------------- recipe
 def run(config, workdir):
     """Trains a causal LM as ``config`` says; returns the results (also in ``workdir/results.json``).
@@ -248,7 +233,7 @@ def run(config, workdir):
     published = models.default_decoder_dir(must_exist=False) if config.get("publish_default") else None
     results = {
         "init": init,
-        "parameters": _num_params(model),
+        "parameters": distill.num_params(model),
         "architecture": {k: getattr(model.config, k) for k in (
             "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "intermediate_size", "tie_word_embeddings")},

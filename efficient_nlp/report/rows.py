@@ -42,6 +42,20 @@ class Settings:
     distill_steps: tuple = (200, 200)  # intermediate, prediction stage
     latency_batch: int = 8
     latency_repeats: int = 10
+    # The decoder section (0 or (): the value of its configs/lm_*.py file).
+    lm_description: str = "the configs' own step counts (configs/lm_*.py)"
+    lm_block_size: int = 0             # tokens per block (the configs': 128)
+    lm_max_documents: int = 0          # training documents read (0: all)
+    lm_eval_blocks: int = 0            # held-out blocks scored (the configs': 64)
+    lm_batch_size: int = 0             # training batch (blocks)
+    lm_qat_steps: tuple = ()           # intermediate, prediction stage
+    lm_ptq_calibration: int = 0
+    lm_rem_steps: int = 0              # per matmul
+    lm_mrem_steps: int = 0             # per module
+    lm_prune_steps: int = 0
+    lm_distill_steps: tuple = ()       # intermediate, prediction stage
+    lm_prompt_len: int = 32            # decode timing: prompt tokens ...
+    lm_decode_tokens: int = 32         # ... and greedily generated tokens (0: decode not timed)
 
     @classmethod
     def full(cls):
@@ -50,14 +64,21 @@ class Settings:
     @classmethod
     def fast(cls):
         s = dict(max_length=32, qat_steps=(30, 30), ptq_calibration=256, rem_steps=10, mrem_steps=20,
-                 binarybert_steps=20, prune_steps=60, cd_steps=40, distill_steps=(40, 40))
+                 binarybert_steps=20, prune_steps=60, cd_steps=40, distill_steps=(40, 40),
+                 lm_max_documents=1000, lm_eval_blocks=32, lm_batch_size=8, lm_qat_steps=(20, 20),
+                 lm_ptq_calibration=64, lm_rem_steps=10, lm_mrem_steps=20, lm_prune_steps=40,
+                 lm_distill_steps=(20, 20), lm_prompt_len=16, lm_decode_tokens=16)
         desc = ("--fast: sequences cut to 32 tokens (90% of the built-in task's texts fit; the "
                 "teacher loses one dev example), QAT 30+30 steps per stage, PTQ 256 calibration rows "
                 "with REM 10 steps per matmul and MREM 20 steps per module, BinaryBERT 20 steps per "
                 "stage, pruning 60 steps of fine-tuning from the teacher, CD 40 steps per layer, "
                 "distillation 40+40 steps (the configs use 5-15x more); numbers show directions, "
                 "not converged results")
-        return cls("fast", desc, **s)
+        lm_desc = ("--fast: 1000 training documents, 32 held-out blocks of 128 tokens, batches of 8 "
+                   "blocks, QAT 20+20 steps, PTQ 64 calibration blocks with REM 10 steps per matmul and "
+                   "MREM-S 20 steps per module, pruning 40 steps, distillation 20+20 steps (the configs "
+                   "use 5-10x more); numbers show directions, not converged results")
+        return cls("fast", desc, lm_description=lm_desc, **s)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -79,6 +100,9 @@ class Row:
     seconds: float | None = None      # wall time of the compression step
     run_dir: str = ""
     note: str = ""
+    section: str = "encoder"          # encoder | decoder (the table it belongs to)
+    metrics: dict = dataclasses.field(default_factory=dict)   # decoder rows: perplexity, nll, token_accuracy
+    decode_ms: float | None = None    # decoder rows: greedy decoding, ms per generated token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +120,9 @@ class Experiment:
 
 class Context:
     """The teacher, the task and the measurement helpers every row shares."""
+
+    section = "encoder"
+    higher_is_better = True            # of the table's metric (accuracy)
 
     def __init__(self, settings: Settings, teacher_dir: str, workdir: str):
         from efficient_nlp import data as data_lib
@@ -134,6 +161,10 @@ class Context:
         row.params = int(sum(np.count_nonzero(w) for w in weights))
         row.size_mb = (_file_mb(model_dir) if model_dir else 4 * sum(w.size for w in weights) / 2 ** 20)
         row.flops, row.bops = cost["flops"], cost["bops"]
+        return self.time(row, model)
+
+    def time(self, row: Row, model) -> Row:
+        """The row's latency columns, measured on ``model`` (the model as deployed)."""
         row.latency_ms = self.latency_ms(model)
         return row
 
@@ -147,8 +178,7 @@ class Context:
         cost = self.cost(self.teacher, spec)
         row.size_mb = quant.packed_size_mb(packed_dir)
         row.params, row.flops, row.bops = cost["params"], cost["flops"], cost["bops"]
-        row.latency_ms = self.latency_ms(imodel)
-        return row
+        return self.time(row, imodel)
 
 
 def _file_mb(model_dir) -> float:
