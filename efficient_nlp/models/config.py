@@ -49,6 +49,58 @@ SHAPE_FIELDS = (
 )
 
 
+def read_config_json(model_dir_or_config_json) -> dict[str, Any]:
+    """The dict of a ``config.json`` (a directory holding it, or the file itself)."""
+    path = os.fspath(model_dir_or_config_json)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json found at {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+class ConfigFields:
+    """What the model configs share (a frozen dataclass inherits it): checked field names,
+    ``replace``, ``from_pretrained`` (``config.json`` through the family's translation) and
+    ``to_hf_dict`` (back, through the family's ``config_to_hf``)."""
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def _check_keys(cls, keys) -> None:
+        valid = cls.field_names()
+        unknown = sorted(k for k in keys if k not in valid)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid keys are: {', '.join(valid)}")
+
+    def replace(self, **kwargs):
+        """A copy with some fields changed; unknown names raise ValueError listing valid keys."""
+        self._check_keys(kwargs)
+        return dataclasses.replace(self, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model_dir_or_config_json: str | os.PathLike, **overrides):
+        """Read ``config.json`` (a directory holding it, or the file itself) and apply overrides.
+
+        Overrides that change shapes (e.g. ``num_hidden_layers``) are accepted here; loading
+        weights into such a config then fails with the loader's clear mismatch report.
+        """
+        return cls.from_dict(read_config_json(model_dir_or_config_json), **overrides)
+
+    def to_hf_dict(self, architecture: str) -> dict[str, Any]:
+        """A HuggingFace-style ``config.json`` dict in the family's own names (readable by the
+        ``transformers`` config class of ``model_type``)."""
+        from efficient_nlp.models.family import get_family
+
+        return get_family(self.model_type).config_to_hf(self, architecture)
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderTraits:
     """What differs between the BERT-layout encoder families, by ``model_type``
@@ -88,7 +140,7 @@ ENCODER_TRAITS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ConfigFields):
     """Hyper-parameters of a BERT encoder (names and defaults as in HF ``BertConfig``).
 
     Attributes:
@@ -221,24 +273,6 @@ class BertConfig:
         return self.intermediate_size
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def _check_keys(cls, keys) -> None:
-        valid = cls.field_names()
-        unknown = sorted(k for k in keys if k not in valid)
-        if unknown:
-            raise ValueError(
-                f"unknown BertConfig field(s) {unknown}; valid keys are: {', '.join(valid)}"
-            )
-
-    def replace(self, **kwargs) -> "BertConfig":
-        """A copy with some fields changed; unknown names raise ValueError listing valid keys."""
-        self._check_keys(kwargs)
-        return dataclasses.replace(self, **kwargs)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -272,31 +306,9 @@ class BertConfig:
             raise ValueError(f"config is missing required key(s) {missing} (in BERT's names)")
         return cls(**kwargs)
 
-    @classmethod
-    def from_pretrained(cls, model_dir_or_config_json: str | os.PathLike, **overrides) -> "BertConfig":
-        """Read ``config.json`` (a directory holding it, or the file itself) and apply overrides.
-
-        Overrides that change shapes (e.g. ``num_hidden_layers``) are accepted here; loading
-        weights into such a config then fails with the loader's clear mismatch report.
-        """
-        path = os.fspath(model_dir_or_config_json)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json found at {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(d, **overrides)
-
     def to_hf_dict(self, architecture: str = "BertModel") -> dict[str, Any]:
-        """A HuggingFace-style ``config.json`` dict in the family's own names (readable by the
-        ``transformers`` config class of ``model_type``); see `bert_hf_dict` for BERT's."""
-        from efficient_nlp.models.family import get_family
-
-        return get_family(self.model_type).config_to_hf(self, architecture)
+        """The ``config.json`` dict (see `bert_hf_dict` for BERT's)."""
+        return super().to_hf_dict(architecture)
 
 
 def bert_hf_dict(config: BertConfig, architecture: str) -> dict[str, Any]:

@@ -23,9 +23,9 @@ structured pruning leaves per-layer sizes in ``layer_num_attention_heads``,
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
+
+from efficient_nlp.models.config import ConfigFields
 
 #: ``rope_scaling`` types understood by `efficient_nlp.models.decoder.rope_frequencies`.
 ROPE_SCALING_TYPES = ("default", "linear", "llama3")
@@ -35,7 +35,7 @@ DECODER_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "re
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ConfigFields):
     """Hyper-parameters of a decoder-only language model.
 
     Attributes:
@@ -191,20 +191,6 @@ class DecoderConfig:
         return tuple(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else (int(self.eos_token_id),)
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def _check_keys(cls, keys) -> None:
-        unknown = sorted(k for k in keys if k not in cls.field_names())
-        if unknown:
-            raise ValueError(f"unknown DecoderConfig field(s) {unknown}; valid keys are: {', '.join(cls.field_names())}")
-
-    def replace(self, **kwargs) -> "DecoderConfig":
-        self._check_keys(kwargs)
-        return dataclasses.replace(self, **kwargs)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rope_scaling"] = self.rope_scaling_dict or None
@@ -228,25 +214,6 @@ class DecoderConfig:
         if missing:
             raise ValueError(f"config is missing required key(s) {missing}")
         return cls(**kwargs)
-
-    @classmethod
-    def from_pretrained(cls, model_dir_or_config_json, **overrides) -> "DecoderConfig":
-        path = os.fspath(model_dir_or_config_json)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json found at {path}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(d, **overrides)
-
-    def to_hf_dict(self, architecture: str) -> dict[str, Any]:
-        from efficient_nlp.models.family import get_family
-
-        return get_family(self.model_type).config_to_hf(self, architecture)
 
 
 def per_layer_hf(config: DecoderConfig) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_nlp.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
-from efficient_nlp.models.config import SHAPE_FIELDS, BertConfig
+from efficient_nlp.models.config import SHAPE_FIELDS, BertConfig, read_config_json
 from efficient_nlp.models.decoder import DecoderForCausalLM, DecoderModel
 from efficient_nlp.models.decoder_config import DecoderConfig
 from efficient_nlp.models.family import family_for_config, family_of, num_layers
@@ -366,14 +366,7 @@ def load_hf_weights(model: nnx.Module, path: str | os.PathLike) -> LoadReport:
 def config_from_pretrained(model_dir: str | os.PathLike, **overrides):
     """The `BertConfig` (encoder families) or `DecoderConfig` (GPT-2, Llama family) of a
     checkpoint directory's ``config.json``, by its ``model_type``."""
-    path = os.path.join(os.fspath(model_dir), CONFIG_NAME) if os.path.isdir(model_dir) else os.fspath(model_dir)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config.json found at {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    d = read_config_json(model_dir)
     cls = DecoderConfig if family_for_config(d).kind == "decoder" else BertConfig
     return cls.from_dict(d, **overrides)
 
@@ -405,11 +398,7 @@ def from_pretrained(model_dir: str | os.PathLike, num_labels: int | None = None,
     if head in ("mlm", "base", "causal_lm") and num_labels is not None:
         raise ValueError(f"num_labels={num_labels} makes no sense with head={head!r}")
     local = resolve_model_dir(model_dir)
-    with open(os.path.join(local, CONFIG_NAME), encoding="utf-8") as f:
-        try:
-            family = family_for_config(json.load(f))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{os.path.join(local, CONFIG_NAME)} is not valid JSON: {e}") from e
+    family = family_for_config(read_config_json(local))
     if family.kind == "decoder":
         if head not in (None, "causal_lm", "base") or num_labels is not None:
             raise ValueError(f"{local} holds a {family.name} decoder: its heads are 'causal_lm' (default) and "

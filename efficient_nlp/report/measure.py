@@ -82,6 +82,7 @@ def run_experiment(exp: Experiment, ctx: Context, *, remeasure: bool = False) ->
     def fill(rows):
         for row, key, title in zip(rows, keys, exp.methods):
             row.key, row.method, row.run_dir = key, title, row.run_dir or run_dir
+            row.section = getattr(ctx, "section", "encoder")
             if row.status == "pending":
                 row.status = "ok"
         return rows
@@ -109,7 +110,8 @@ def run_experiment(exp: Experiment, ctx: Context, *, remeasure: bool = False) ->
 # Relative recipe wall times of the --fast rows (measured runs, seconds), used until a row has a
 # recorded wall time: the pool starts the longest first so that two workers finish together.
 _TYPICAL_SECONDS = {"ptq": 600, "binarybert": 460, "fewshot_cd": 420, "prune": 320, "distill": 320,
-                    "fewshot_wo_cd": 300, "qat": 200}
+                    "fewshot_wo_cd": 300, "qat": 200, "lm_ptq": 150, "lm_qat": 120, "lm_prune": 90,
+                    "lm_distill": 90}
 
 
 def load_walls(path) -> dict:
@@ -126,7 +128,16 @@ def _typical_seconds(key: str, walls: dict) -> float:
     return walls.get(key) or max((v for k, v in _TYPICAL_SECONDS.items() if key.startswith(k)), default=0)
 
 
-def _recipe_worker(settings: Settings, teacher_dir: str, workdir: str, key: str) -> tuple[str, float, str]:
+def section_of(section: str):
+    """``(experiments, context class)`` of a section of the report: encoder or decoder."""
+    from efficient_nlp.report.decoder_rows import DecoderContext, decoder_experiments
+    if section not in ("encoder", "decoder"):
+        raise ValueError(f"unknown report section {section!r}; choose encoder or decoder")
+    return (experiments(), Context) if section == "encoder" else (decoder_experiments(), DecoderContext)
+
+
+def _recipe_worker(settings: Settings, teacher_dir: str, workdir: str, key: str,
+                   section: str = "encoder") -> tuple[str, float, str]:
     """Runs one row's recipe in a fresh process (``--jobs``), its output in ``workdir/<key>/report.log``;
     returns ``(key, seconds, error message or "")``.  Measurements are left to the parent."""
     run_dir = os.path.join(workdir, key)
@@ -135,11 +146,12 @@ def _recipe_worker(settings: Settings, teacher_dir: str, workdir: str, key: str)
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
-        exp = next(e for e in experiments() if e.key == key)
+        exps, context = section_of(section)
+        exp = next(e for e in exps if e.key == key)
         t0 = time.perf_counter()
         try:
             ensure_configs_importable()
-            _run_recipe(exp, Context(settings, teacher_dir, workdir))
+            _run_recipe(exp, context(settings, teacher_dir, workdir))
             return key, time.perf_counter() - t0, ""
         except Exception as e:
             traceback.print_exc()
@@ -158,7 +170,9 @@ def run_recipes_in_parallel(exps: list[Experiment], ctx: Context, jobs: int, wal
     pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                   max_tasks_per_child=1)
     with pool:
-        futures = [pool.submit(_recipe_worker, ctx.settings, ctx.teacher_dir, ctx.workdir, e.key) for e in order]
+        section = getattr(ctx, "section", "encoder")
+        futures = [pool.submit(_recipe_worker, ctx.settings, ctx.teacher_dir, ctx.workdir, e.key, section)
+                   for e in order]
         for n, future in enumerate(concurrent.futures.as_completed(futures), 1):
             key, seconds, error = future.result()
             log = os.path.join(ctx.workdir, key, "report.log")

@@ -1,5 +1,9 @@
-"""The report's outputs: the Markdown table and page, the accuracy-vs-size Pareto plot, and the
-rows' JSON record (``rows.json``)."""
+"""The report's outputs: the Markdown tables and page, the metric-vs-size Pareto plots, and the
+rows' JSON record (``rows.json``).
+
+The page is one Markdown fragment per section (encoder, decoder), each kept in the work
+directory when its section runs (`SECTION_FILES`), so that running one section keeps the other's
+table on the page (`compose_page`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +15,7 @@ from efficient_nlp.report.rows import Row, Settings
 
 COLUMNS = ("method", "dev {metric}", "size MB", "params (nonzero)", "GFLOPs", "GBOPs", "CPU latency ms",
            "compression s", "notes")
+TITLE = "# Reproduction report: every method on the built-in task"
 
 
 def _fmt(value, digits):
@@ -34,19 +39,24 @@ def format_table(rows: list[Row], metric_name: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points (size, accuracy) no other point beats: none is at most as large and
-    at least as accurate with one of the two strictly better; ordered by size."""
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
+    """Indices of the points (size, metric) no other point beats: none is at most as large and
+    at least as good (higher metric, or lower with ``higher_is_better=False``, e.g. perplexity)
+    with one of the two strictly better; ordered by size."""
+    sign = 1 if higher_is_better else -1
+    signed = [(s, sign * a) for s, a in points]
     front = []
-    for i, (s, a) in enumerate(points):
-        if not any((s2 <= s and a2 >= a) and (s2 < s or a2 > a) for s2, a2 in points):
+    for i, (s, a) in enumerate(signed):
+        if not any((s2 <= s and a2 >= a) and (s2 < s or a2 > a) for s2, a2 in signed):
             front.append(i)
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_pareto(rows: list[Row], path: str, title: str = "", metric_name: str = "accuracy") -> str:
-    """Accuracy vs size (log scale): every measured row, the Pareto front as a step line and the
-    full-precision accuracy as a dashed line."""
+def plot_pareto(rows: list[Row], path: str, title: str = "", metric_name: str = "accuracy",
+                higher_is_better: bool = True, reference_key: str = "fp") -> str:
+    """Metric vs size (log scale): every measured row, the Pareto front as a step line and the
+    full-precision row (``reference_key``) as a dashed line; a lower-is-better metric
+    (perplexity) is drawn on a log scale too."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -57,16 +67,18 @@ def plot_pareto(rows: list[Row], path: str, title: str = "", metric_name: str = 
     markers = "osD^vP*Xh<>"
     for i, r in enumerate(done):
         ax.scatter(r.size_mb, r.metric, s=36, marker=markers[i % len(markers)], label=r.method, zorder=3)
-    front = [points[i] for i in pareto_front(points)]
+    front = [points[i] for i in pareto_front(points, higher_is_better)]
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6,
                 label="Pareto front")
-    fp = [r for r in done if r.key == "fp"]
+    fp = [r for r in done if r.key == reference_key]
     if fp:
         ax.axhline(fp[0].metric, color="gray", ls="--", lw=0.8, label="full precision")
     ax.set_xscale("log")
+    if not higher_is_better:
+        ax.set_yscale("log")
     ax.set_xlabel("stored size (MB, log scale)")
-    ax.set_ylabel(f"dev {metric_name}")
+    ax.set_ylabel(f"dev {metric_name}" + ("" if higher_is_better else " (lower is better, log scale)"))
     ax.set_title(title or f"dev {metric_name} vs size")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -88,7 +100,7 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
     """The Markdown page: what ran, how, on what; the table; the plot; how to reproduce."""
     s = settings
     lines = [
-        "# Reproduction report: every method on the built-in task",
+        TITLE,
         "",
         f"Mode: **{s.name}**, {s.description}. Seed {s.seed}; sequence length {s.max_length}; "
         f"teacher `{teacher_dir}`; {environment()}; total wall time {total_seconds / 60:.1f} min "
@@ -118,6 +130,94 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         "`results.json` is under `runs/report/<row>/`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- decoder section
+DECODER_COLUMNS = ("method", "perplexity", "token accuracy", "size MB", "params (nonzero)", "MFLOPs / token",
+                   "MBOPs / token", "prefill ms / token", "decode ms / token", "compression s", "notes")
+DECODER_HEADING = "## Decoder: the pre-trained decoder, compressed"
+
+
+def format_decoder_table(rows: list[Row]) -> str:
+    """The decoder section's Markdown table (held-out perplexity: lower is better)."""
+    lines = ["| " + " | ".join(DECODER_COLUMNS) + " |", "|" + " --- |" * len(DECODER_COLUMNS)]
+    for r in rows:
+        if r.status == "ok":
+            mega = (lambda v: None if v is None else v / 1e6)
+            cells = [r.method, _fmt(r.metric, 2), _fmt((r.metrics or {}).get("token_accuracy"), 4),
+                     _fmt(r.size_mb, 2), "" if r.params is None else f"{r.params / 1e6:.2f} M",
+                     _fmt(mega(r.flops), 2), _fmt(mega(r.bops), 2), _fmt(r.latency_ms, 3), _fmt(r.decode_ms, 3),
+                     _fmt(r.seconds, 0), r.note]
+        else:
+            cells = [r.method] + [r.status] + [""] * (len(DECODER_COLUMNS) - 3) + [r.note]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def format_decoder_section(rows, settings: Settings, decoder_dir: str, block_size: int, eval_blocks: int,
+                           plot_name: str, total_seconds: float, remeasured: bool = False,
+                           elapsed: dict | None = None) -> str:
+    """The decoder section of the page: what ran and how; the table; the plot; how to reproduce."""
+    s = settings
+    decode = (f"decode ms / token: greedy generation of {s.lm_decode_tokens} tokens after a "
+              f"{s.lm_prompt_len}-token prompt, batch 1, the first token (prefill) left out "
+              "(`efficient_nlp.models.generate.decode_speed`)" if s.lm_decode_tokens else "decode not timed")
+    lines = [
+        DECODER_HEADING, "",
+        f"Decoder `{decoder_dir}`; held-out perplexity (exp of the mean next-token NLL; **lower is better**) "
+        f"and token accuracy on {eval_blocks} blocks of {block_size} tokens of the built-in corpus's "
+        f"validation split (the first token of a block is not scored). Mode **{s.name}**, {s.lm_description}. "
+        f"Seed {s.seed}; total wall time {total_seconds / 60:.1f} min"
+        + (f"; the last run of every row took {elapsed['seconds'] / 60:.1f} min elapsed with `--jobs "
+           f"{elapsed['jobs']}`" if elapsed else "") + ".",
+        "",
+        "Size: bytes of the saved artefact (bit-packed file for quantized rows, float32 safetensors "
+        "otherwise). MFLOPs / MBOPs per token: those of one held-out block over its length. "
+        f"Prefill ms / token: median of {s.latency_repeats} jitted forward passes of 1 x {block_size} tokens, "
+        f"over {block_size}; {decode}; quantized rows through the int8 integer model. Compression s: wall "
+        "time of the recipe run (PTQ rows: the reconstruction only, as timed by the recipe)."
+        + (" Size, cost and latency were measured again from the saved outputs (`--remeasure`)."
+           if remeasured else ""),
+        "",
+        format_decoder_table(rows),
+        "",
+        f"![held-out perplexity vs stored size]({plot_name})",
+        "",
+        "Reproduce: `python -m efficient_nlp.report --workdir runs/report --section decoder"
+        + (" --fast" if s.name == "fast" else "") + f" --decoder {decoder_dir}`; every row's "
+        "`results.json` is under `runs/report/<row>/`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def format_skipped_section(heading: str, reason: str) -> str:
+    """A section that did not run: its heading and why (e.g. the command that creates its model)."""
+    return f"{heading}\n\nSkipped:\n\n```text\n{reason.strip()}\n```\n"
+
+
+# ----------------------------------------------------------------------------- the page
+SECTION_FILES = {"encoder": "section_encoder.md", "decoder": "section_decoder.md"}
+
+
+def save_section(workdir: str, section: str, text: str):
+    """Keeps ``section``'s fragment of the page in ``workdir`` (`SECTION_FILES`)."""
+    with open(os.path.join(workdir, SECTION_FILES[section]), "w") as f:
+        f.write(text)
+
+
+def compose_page(workdir: str) -> str:
+    """The page from the section fragments in ``workdir``: the encoder page (which carries the
+    title), then the decoder section; the title alone heads a page without the encoder's."""
+    parts = {}
+    for section, name in SECTION_FILES.items():
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                parts[section] = f.read()
+    page = parts.get("encoder", TITLE + "\n")
+    if "decoder" in parts:
+        page += "\n" + parts["decoder"]
+    return page
 
 
 def save_rows(path, rows: list[Row]):
