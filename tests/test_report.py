@@ -1,5 +1,7 @@
 """The reproduction report: table / Pareto writers, row orchestration (failed and unavailable rows,
-``--only`` merging), every row's config accepted by its recipe (fast); every row on a tiny model (slow)."""
+``--only`` merging), every row's config accepted by its recipe (fast); every row on a tiny model (slow).
+The decoder section: lower perplexity is better, its rows' configs and collection from recorded
+results on a tiny decoder, its full-precision row, the skipped section without the default decoder."""
 import dataclasses
 import json
 import os
@@ -7,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from efficient_nlp import models, report
 from efficient_nlp.report import Experiment, Row
@@ -18,6 +21,9 @@ TINY = dict(name="tiny", description="tiny settings for tests", max_length=16, b
             max_train_examples=96, qat_steps=(2, 2), ptq_calibration=16, ptq_batch_size=8, rem_steps=2,
             mrem_steps=2, binarybert_steps=2, prune_steps=4, cd_steps=2, distill_steps=(2, 2),
             latency_batch=2, latency_repeats=2)
+TINY_LM = dict(lm_description="tiny decoder settings for tests", lm_block_size=32, lm_max_documents=200,
+               lm_eval_blocks=8, lm_batch_size=4, lm_qat_steps=(2, 2), lm_ptq_calibration=16, lm_rem_steps=2,
+               lm_mrem_steps=2, lm_prune_steps=4, lm_distill_steps=(2, 2), lm_prompt_len=8, lm_decode_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def tiny_teacher(make_tiny_model_dir):
 
 
 def tiny_settings():
-    return dataclasses.replace(report.Settings.fast(), **TINY)
+    return dataclasses.replace(report.Settings.fast(), **TINY, **TINY_LM)
 
 
 # ----------------------------------------------------------------------------- writers
@@ -89,7 +95,7 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
     monkeypatch.setattr(report, "experiments", lambda: _fake_experiments(calls))
     monkeypatch.setattr(recipes, "run_recipe", lambda config, workdir: dict(config))
     work = tmp_path / "report"
-    rows = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher,
+    rows = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, section="encoder",
                                markdown=str(tmp_path / "docs" / "results.md"))
     assert [r.key for r in rows] == ["fp", "good", "bad_0", "bad_1", "later"]
     assert [r.status for r in rows] == ["ok", "ok", "failed", "failed", "not available"]
@@ -108,7 +114,8 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
     # --only reruns the selected rows and keeps the others' records
     calls.clear()
     monkeypatch.setattr(recipes, "run_recipe", lambda config, workdir: {"accuracy": 0.25})
-    again = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, only=("good",))
+    again = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, only=("good",),
+                                section="encoder")
     assert calls == ["build"] and [r.key for r in again] == [r.key for r in rows]
     assert again[1].metric == 0.25 and again[2].status == "failed"
     walls = json.load(open(work / "walls.json"))      # the total counts each row's latest run once
@@ -118,7 +125,7 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
     total = sum(walls.values()) / 60
     assert f"total wall time {total:.1f} min" in (work / "results.md").read_text()
     with pytest.raises(ValueError, match="matches no row"):
-        report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, only=("nope",))
+        report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, only=("nope",), section="encoder")
 
     # --remeasure re-reads the saved results and keeps the recorded times; no recipe runs
     def no_recipe(config, workdir):
@@ -129,12 +136,13 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
     seconds = json.load(open(work / "good" / "report_seconds.json"))["seconds"]
     monkeypatch.setattr(recipes, "run_recipe", no_recipe)
     calls.clear()
-    again = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, remeasure=True)
+    again = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, remeasure=True,
+                                section="encoder")
     assert again[1].metric == 0.75 and again[1].seconds == seconds and again[1].latency_ms > 0
     assert [r.status for r in again] == [r.status for r in rows] and again[2].note == rows[2].note
     assert json.load(open(work / "walls.json"))["good"] == walls["good"]
     with pytest.raises(FileNotFoundError, match="--remeasure without --teacher"):
-        report.build_report(str(tmp_path / "empty"), tiny_settings(), remeasure=True)
+        report.build_report(str(tmp_path / "empty"), tiny_settings(), remeasure=True, section="encoder")
 
 
 def test_every_row_config_passes_its_recipe_checks(tiny_teacher, tmp_path):
@@ -181,6 +189,19 @@ def test_a_failing_recipe_process_is_reported_with_its_traceback_and_log(tmp_pat
         assert not (tmp_path / key / "report_seconds.json").exists()
 
 
+def test_a_decoder_recipe_process_builds_the_decoder_context(tmp_path):
+    """With ``--jobs`` the fresh process of a decoder row looks it up among the decoder rows and
+    builds a `DecoderContext` (here on a missing decoder, whose error comes back as the row's)."""
+    import types
+    ctx = types.SimpleNamespace(settings=tiny_settings(), teacher_dir=str(tmp_path / "no_decoder"),
+                                workdir=str(tmp_path), section="decoder")
+    exps = [e for e in report.decoder_experiments() if e.key == "lm_distill_half"]
+    done = report.run_recipes_in_parallel(exps, ctx, 2, {})
+    seconds, error = done["lm_distill_half"]
+    assert "no_decoder" in error and "Traceback" in (tmp_path / "lm_distill_half" / "error.txt").read_text()
+    assert "decoder_rows.py" in (tmp_path / "lm_distill_half" / "error.txt").read_text()   # DecoderContext
+
+
 @pytest.mark.slow  # two tiny recipes, once in process and once two at a time in fresh processes
 def test_rows_run_two_at_a_time_equal_rows_run_in_process(tiny_teacher, tmp_path):
     only = ("qat_1_1_8", "distill_2l")
@@ -198,7 +219,7 @@ def test_rows_run_two_at_a_time_equal_rows_run_in_process(tiny_teacher, tmp_path
 # ----------------------------------------------------------------------------- every row (slow)
 @pytest.mark.slow  # ~15 min on the shared 2-core machine (mostly XLA compiles of a dozen recipe runs)
 def test_fast_path_produces_every_row_on_a_tiny_model(tiny_teacher, tmp_path):
-    rows = report.build_report(str(tmp_path), tiny_settings(), teacher_dir=tiny_teacher)
+    rows = report.build_report(str(tmp_path), tiny_settings(), teacher_dir=tiny_teacher, section="encoder")
     by = {r.key: r for r in rows}
     expected = ["fp"] + [k for e in report.experiments()
                          for k in ([e.key] if len(e.methods) == 1 else [f"{e.key}_{i}" for i in range(len(e.methods))])]
@@ -220,3 +241,254 @@ def test_fast_path_produces_every_row_on_a_tiny_model(tiny_teacher, tmp_path):
     assert by["distill_2l"].params < fp.params
     assert all(by[k].latency_ms > 0 for k in by if by[k].status == "ok")   # TWS: from its packed file
     assert (tmp_path / "results.md").exists() and (tmp_path / "results_pareto.png").exists()
+
+
+# ----------------------------------------------------------------------------- decoder section
+def test_lower_perplexity_is_better_on_the_pareto_front_and_in_the_plot(tmp_path):
+    points = [(1, 30.0), (2, 20.0), (3, 25.0), (0.5, 90.0), (2, 20.0)]
+    assert report.pareto_front(points, higher_is_better=False) == [3, 0, 1, 4]
+    # the same points with the metric negated are the higher-is-better case
+    assert report.pareto_front([(s, -p) for s, p in points]) == [3, 0, 1, 4]
+    rows = [Row("lm_fp", "fp", "ok", 20.0, 16.0, section="decoder"),
+            Row("lm_q", "q", "ok", 25.0, 2.0, section="decoder")]
+    path = report.plot_pareto(rows, str(tmp_path / "d.png"), metric_name="perplexity", higher_is_better=False,
+                              reference_key="lm_fp")
+    assert os.path.getsize(path) > 5000
+
+
+def test_decoder_table_shows_perplexity_token_accuracy_and_per_token_costs():
+    rows = [Row("lm_fp", "full precision", "ok", 23.456, 15.9, 4_000_000, 8.1e6, 8.1e6, 0.1234, None, "", "d",
+                section="decoder", metrics={"perplexity": 23.456, "token_accuracy": 0.31}, decode_ms=0.9),
+            Row("lm_ptq_4_4_8_1", "PTQ MREM-S", "not available", note="no mrem_s", section="decoder")]
+    lines = report.format_decoder_table(rows).splitlines()
+    assert lines[0] == "| " + " | ".join(report.DECODER_COLUMNS) + " |"
+    assert lines[2] == ("| full precision | 23.46 | 0.3100 | 15.90 | 4.00 M | 8.10 | 8.10 | 0.123 | 0.900 |  "
+                        "| d |")
+    assert lines[3].startswith("| PTQ MREM-S | not available |") and lines[3].endswith("| no mrem_s |")
+    assert {line.count("|") for line in lines} == {len(report.DECODER_COLUMNS) + 1}
+
+
+@pytest.fixture(scope="module")
+def decoder_ctx(tiny_decoder_dir, tmp_path_factory):
+    report.ensure_configs_importable()
+    return report.DecoderContext(tiny_settings(), tiny_decoder_dir, str(tmp_path_factory.mktemp("decoder_report")))
+
+
+def test_every_decoder_row_config_passes_its_recipe_checks(decoder_ctx, tiny_decoder_dir):
+    """Each decoder row's config is a configs/lm_*.py file on the LM task with the settings'
+    sizes, the tiny decoder's depth and the recipes' own config-time checks."""
+    import importlib
+
+    from efficient_nlp.recipes import RECIPES
+    ctx = decoder_ctx
+    assert ctx.num_layers == 2 and ctx.metric_name == "perplexity" and not ctx.higher_is_better
+    assert ctx.task.dev["input_ids"].shape == (8, 32)
+    configs = {}
+    for exp in report.decoder_experiments():
+        assert exp.available(ctx) is None, exp.key
+        config = configs[exp.key] = exp.build(ctx)
+        recipe = importlib.import_module(RECIPES[config.recipe])
+        if hasattr(recipe, "check_config"):
+            recipe.check_config(config)
+        assert config.data.task == "lm" and config.model_dir == tiny_decoder_dir, exp.key
+        assert config.get("teacher_dir", tiny_decoder_dir) == tiny_decoder_dir, exp.key
+        assert (config.data.max_length, config.data.max_documents, config.data.eval_blocks) == (32, 200, 8)
+        assert config.train.seed == 0 and config.train.batch_size == 4 and config.train.eval_every == 0
+        for stage in config.get("distill", {}).get("stages", []):
+            assert stage["num_steps"] == 2, exp.key
+    assert [e.key for e in report.decoder_experiments()] == [
+        "lm_qat_4_4_8", "lm_ptq_4_4_8", "lm_prune_structured_50", "lm_prune_magnitude_50", "lm_distill_half"]
+    ptq = configs["lm_ptq_4_4_8"].ptq
+    assert ptq.method == "rem,mrem_s" and (ptq.calibration_size, ptq.rem.steps, ptq.mrem.steps) == (16, 2, 2)
+    assert ptq.mrem.num_modules == 2
+    assert configs["lm_prune_structured_50"].prune.shrink and configs["lm_prune_structured_50"].train.num_steps == 4
+    qat_matches = configs["lm_qat_4_4_8"].distill.stages[0]["matches"]
+    assert max(m.get("student_layer", 0) for m in qat_matches) == 1          # the decoder's 2 layers, not 4
+    student = configs["lm_distill_half"]        # layers 0, 2, ... of the decoder; hidden states on the uniform map
+    assert tuple(student.student.layers) == (0,)
+    assert [(m["student_layer"], m["teacher_layer"]) for m in student.distill.stages[0]["matches"]] == [(0, 0), (1, 2)]
+    assert student.distill.stages[1]["matches"] == [dict(feature="logits", loss="kl")]
+
+
+def _lm(perplexity, accuracy):
+    return {"perplexity": perplexity, "nll": float(np.log(perplexity)), "token_accuracy": accuracy, "loyalty": 0.5}
+
+
+def _collect_setup(ctx, monkeypatch):
+    """The decoder experiments and their configs, the decoder's nonzero parameters and FLOPs per
+    token, and the list of models the rows are timed on (timing stubbed)."""
+    from efficient_nlp import quant
+    timed = []
+
+    def fake_time(row, model):
+        timed.append(model)
+        row.latency_ms = 1.0
+        return row
+
+    monkeypatch.setattr(ctx, "time", fake_time)
+    exps = {e.key: e for e in report.decoder_experiments()}
+    configs = {k: e.build(ctx) for k, e in exps.items()}
+    teacher = ctx.teacher
+    fp_params = sum(int(np.count_nonzero(np.asarray(v.get_value()))) for v in models.named_params(teacher).values())
+    fp_flops = quant.cost_report(teacher, None, ctx.sample).summary()["flops"] / 32
+    return exps, configs, fp_params, fp_flops, timed
+
+
+def test_decoder_collect_turns_recorded_quantization_results_into_rows(decoder_ctx, tmp_path, monkeypatch):
+    """Recorded QAT / PTQ results and packed artefacts (no training) become rows: perplexity as
+    the metric, the packed files' sizes, BOPs per token, timed on the int8 model."""
+    from efficient_nlp import quant
+    from efficient_nlp.quant.integer import IntLinear
+    ctx = decoder_ctx
+    exps, configs, fp_params, fp_flops, timed = _collect_setup(ctx, monkeypatch)
+    teacher = ctx.teacher
+
+    # QAT and PTQ: packed artefacts of the decoder quantized by each config's spec, where the recipes write them
+    for key, sub in (("lm_qat_4_4_8", "quantized"), ("lm_ptq_4_4_8", "mrem_s/quantized")):
+        qmodel, _ = quant.quantize_model(teacher, report.rows._spec(configs[key]))   # uncalibrated: only sizes count
+        quant.save_packed(quant.export_packed(qmodel), str(tmp_path / key / sub))
+    [qat] = exps["lm_qat_4_4_8"].collect(ctx, configs["lm_qat_4_4_8"], {"student": _lm(40.0, 0.2)},
+                                         str(tmp_path / "lm_qat_4_4_8"), 12.0)
+    assert (qat.metric, qat.metrics, qat.seconds) == (40.0, {k: v for k, v in _lm(40.0, 0.2).items()
+                                                             if k != "loyalty"}, 12.0)
+    assert qat.size_mb == quant.packed_size_mb(str(tmp_path / "lm_qat_4_4_8/quantized"))
+    assert qat.flops == pytest.approx(fp_flops) and qat.bops < qat.flops and qat.note == "2+2 distillation steps"
+    # a recipe without REM: that row says so, MREM-S gets its own wall time
+    ptq_results = {"after": {"mrem_s": _lm(45.0, 0.15)}, "wall_seconds": {"mrem_s": 4.0}, "calibration": {"size": 16}}
+    rem, mrem = exps["lm_ptq_4_4_8"].collect(ctx, configs["lm_ptq_4_4_8"], ptq_results,
+                                             str(tmp_path / "lm_ptq_4_4_8"), 99.0)
+    assert rem.status == "not available" and "'rem'" in rem.note and rem.metric is None
+    assert (mrem.metric, mrem.seconds) == (45.0, 4.0) and "16 calibration blocks" in mrem.note
+    assert mrem.size_mb == quant.packed_size_mb(str(tmp_path / "lm_ptq_4_4_8/mrem_s/quantized"))
+    assert len(timed) == 2 and all(any(isinstance(m, IntLinear) for _, m in nnx.iter_graph(model))
+                                   for model in timed)
+    assert all(r.params == fp_params and r.latency_ms == 1.0 for r in (qat, mrem))
+
+
+def test_decoder_collect_turns_recorded_pruning_and_distillation_results_into_rows(decoder_ctx, tmp_path,
+                                                                                   monkeypatch):
+    """Recorded pruning / distillation results and saved models (no training) become rows:
+    perplexity as the metric, the safetensors sizes, nonzero parameters, FLOPs per token."""
+    from efficient_nlp import prune
+    ctx = decoder_ctx
+    exps, configs, fp_params, fp_flops, timed = _collect_setup(ctx, monkeypatch)
+    teacher = ctx.teacher
+
+    # structured pruning: the shrunk model; magnitude: zeros stored dense; distillation: one layer
+    full = prune.full_structure(teacher)
+    small, _ = prune.shrink(teacher, structure=dict(full, heads=[[0, 1], [2, 3]],
+                                                    neurons=[n[:24] for n in full["neurons"]]))
+    models.save_hf_checkpoint(small, tmp_path / "lm_prune_structured_50" / "model_shrunk")
+    [st] = exps["lm_prune_structured_50"].collect(
+        ctx, configs["lm_prune_structured_50"], {"shrink": {"dev_shrunk": _lm(60.0, 0.05)}},
+        str(tmp_path / "lm_prune_structured_50"), 7.0)
+    assert st.metric == 60.0 and st.params < fp_params and st.flops < fp_flops
+    assert st.size_mb == os.path.getsize(tmp_path / "lm_prune_structured_50/model_shrunk/model.safetensors") / 2 ** 20
+    dense = models.from_pretrained(ctx.teacher_dir)
+    name = next(n for n in models.named_params(dense) if n.endswith("ffn.intermediate.kernel"))
+    var = models.named_params(dense)[name]
+    var.set_value(np.zeros_like(np.asarray(var.get_value())))
+    models.save_hf_checkpoint(dense, tmp_path / "lm_prune_magnitude_50" / "model")
+    [mag] = exps["lm_prune_magnitude_50"].collect(
+        ctx, configs["lm_prune_magnitude_50"], {"dev_after": _lm(35.0, 0.25), "sparsity_total": 0.5},
+        str(tmp_path / "lm_prune_magnitude_50"), 5.0)
+    assert mag.metric == 35.0 and mag.params == fp_params - np.asarray(var.get_value()).size
+    assert mag.flops == pytest.approx(fp_flops) and "50% of the layers' weights zero" in mag.note
+    student, _ = prune.shrink(teacher, structure={k: v[:1] for k, v in full.items()})
+    models.save_hf_checkpoint(student, tmp_path / "lm_distill_half" / "student")
+    [dist] = exps["lm_distill_half"].collect(ctx, configs["lm_distill_half"],
+                                             {"student": _lm(70.0, 0.01), "student_layers": [0]},
+                                             str(tmp_path / "lm_distill_half"), 6.0)
+    assert dist.metric == 70.0 and dist.params < fp_params and dist.flops < fp_flops
+    assert len(timed) == 3 and all(r.latency_ms == 1.0 for r in (st, mag, dist))
+
+
+def test_decoder_full_precision_row_is_the_decoders_held_out_perplexity(decoder_ctx, tiny_decoder_dir):
+    """The one real decoder row: perplexity and token accuracy of the decoder's logits on the
+    held-out blocks, the safetensors size, and both latencies measured."""
+    import jax.numpy as jnp
+
+    from efficient_nlp import data
+    ctx = decoder_ctx
+    row = report.decoder_fp_row(ctx)
+    logits = np.asarray(ctx.teacher(jnp.asarray(ctx.task.dev["input_ids"])).logits)
+    want = data.lm_metrics(logits, ctx.task.dev["labels"])
+    assert (row.key, row.section, row.status) == ("lm_fp", "decoder", "ok")
+    assert row.metric == pytest.approx(want["perplexity"], rel=1e-5)
+    assert row.metrics["token_accuracy"] == pytest.approx(want["token_accuracy"])
+    assert row.size_mb == os.path.getsize(os.path.join(tiny_decoder_dir, "model.safetensors")) / 2 ** 20
+    assert row.params == sum(int(np.count_nonzero(np.asarray(v.get_value())))
+                             for v in models.named_params(ctx.teacher).values())
+    assert row.latency_ms > 0 and row.decode_ms > 0
+    with open(os.path.join(ctx.workdir, "lm_fp", "results.json")) as f:
+        assert json.load(f)["dev"]["perplexity"] == pytest.approx(row.metric)
+
+
+def test_missing_default_decoder_skips_the_section_with_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFICIENT_NLP_DECODER_DIR", str(tmp_path / "no_decoder"))
+    work = tmp_path / "report"
+    with pytest.raises(ValueError, match="matches no row of section decoder; row keys: lm_fp, lm_qat_4_4_8"):
+        report.build_report(str(work), tiny_settings(), section="decoder", only=("qat",))
+    report.main(["--workdir", str(work), "--section", "decoder", "--fast"])
+    page = (work / "results.md").read_text()
+    assert page.startswith("# Reproduction report") and "## Decoder" in page and "Skipped" in page
+    assert str(tmp_path / "no_decoder") in page and "configs/pretrain_causal_lm.py" in page
+    assert not (work / "rows.json").exists()       # nothing ran
+    # an encoder fragment kept from an earlier run stays on the page, first
+    (work / "section_encoder.md").write_text("# Reproduction report\n\nencoder table\n")
+    rows = report.build_report(str(work), tiny_settings(), section="decoder")
+    page = (work / "results.md").read_text()
+    assert rows == [] and page.index("encoder table") < page.index("## Decoder") and "Skipped" in page
+
+
+def test_decoder_section_runs_its_rows_and_keeps_the_encoder_records(tiny_decoder_dir, tmp_path, monkeypatch):
+    """Orchestration of the decoder section with stand-in experiments: rows, sections, failed
+    rows, the page and plot, and the encoder rows of an earlier run kept in rows.json."""
+    from efficient_nlp import recipes
+
+    def build(ctx):
+        return {"perplexity": 42.0}
+
+    def collect(ctx, config, results, run_dir, seconds):
+        return [ctx.float_row(Row("", "", metric=results["perplexity"], seconds=seconds), ctx.teacher)]
+
+    def broken(ctx):
+        raise ValueError("config.lm is wrong")
+
+    monkeypatch.setattr(report, "decoder_experiments", lambda: [
+        Experiment("lm_good", ("a decoder row",), build, collect),
+        Experiment("lm_bad", ("a broken decoder row",), broken, collect)])
+    monkeypatch.setattr(recipes, "run_recipe", lambda config, workdir: dict(config))
+    work = tmp_path / "report"
+    work.mkdir()
+    report.save_rows(str(work / "rows.json"), [Row("fp", "teacher", "ok", 0.8, 1.0)])
+    rows = report.build_report(str(work), tiny_settings(), decoder_dir=tiny_decoder_dir, section="decoder")
+    assert [(r.key, r.section, r.status) for r in rows] == [
+        ("fp", "encoder", "ok"), ("lm_fp", "decoder", "ok"), ("lm_good", "decoder", "ok"),
+        ("lm_bad", "decoder", "failed")]
+    assert rows[2].metric == 42.0 and rows[2].params == rows[1].params
+    assert rows[3].note == "ValueError: config.lm is wrong"
+    page = (work / "results.md").read_text()
+    assert "| a decoder row | 42.00 |" in page
+    assert "![held-out perplexity vs stored size](results_pareto_decoder.png)" in page
+    assert os.path.getsize(work / "results_pareto_decoder.png") > 5000
+    assert [r["key"] for r in json.load(open(work / "rows.json"))] == ["fp", "lm_fp", "lm_good", "lm_bad"]
+    assert {"lm_fp", "lm_good", "lm_bad", "_elapsed_decoder"} <= set(json.load(open(work / "walls.json")))
+
+
+@pytest.mark.slow  # ~3 min on the shared 2-core machine (XLA compiles of five recipe runs)
+def test_decoder_section_produces_every_row_on_a_tiny_decoder(tiny_decoder_dir, tmp_path):
+    rows = report.build_report(str(tmp_path), tiny_settings(), decoder_dir=tiny_decoder_dir, section="decoder")
+    by = {r.key: r for r in rows}
+    assert list(by) == report.decoder_row_keys()
+    assert not {k: r.note for k, r in by.items() if r.status != "ok"}
+    fp = by["lm_fp"]
+    for key, r in by.items():
+        assert r.section == "decoder" and 1 < r.metric < 1e4 and 0 <= r.metrics["token_accuracy"] <= 1, key
+        assert r.size_mb > 0 and r.latency_ms > 0 and r.decode_ms > 0, key
+        assert os.path.exists(os.path.join(r.run_dir, "results.json")), key
+    for key in ("lm_qat_4_4_8", "lm_ptq_4_4_8_0", "lm_ptq_4_4_8_1"):
+        assert by[key].size_mb < fp.size_mb / 2 and by[key].bops < fp.bops, key
+    assert by["lm_prune_structured_50"].flops < fp.flops and by["lm_prune_structured_50"].params < fp.params
+    assert by["lm_prune_magnitude_50"].params < fp.params and by["lm_distill_half"].params < fp.params
+    assert "## Decoder" in (tmp_path / "results.md").read_text()

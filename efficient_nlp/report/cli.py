@@ -124,7 +124,8 @@ def _decoder_section(rec: _Records, workdir, settings, decoder_dir, wanted, only
     page.  Without ``decoder_dir`` and without the default decoder
     (`efficient_nlp.models.default_decoder_dir`) the section is skipped, saying how to make it."""
     from efficient_nlp import models
-    if not decoder_dir:
+    default = not decoder_dir
+    if default:
         try:
             decoder_dir = models.default_decoder_dir()
         except FileNotFoundError as e:
@@ -148,7 +149,7 @@ def _decoder_section(rec: _Records, workdir, settings, decoder_dir, wanted, only
     total = sum(rec.walls.get(k, 0.0) for k in ["lm_fp"] + [e.key for e in _decoder_experiments()])
     page = format_decoder_section(rows, settings, decoder_dir, ctx.block_size, len(ctx.task.dev["input_ids"]),
                                   os.path.relpath(plot, os.path.dirname(os.path.abspath(markdown))), total,
-                                  remeasure, rec.walls.get("_elapsed_decoder"))
+                                  remeasure, rec.walls.get("_elapsed_decoder"), default)
     save_section(workdir, "decoder", page)
 
 

@@ -194,8 +194,8 @@ def _ptq_collect(ctx, config, results, run_dir, seconds):
     rows = []
     for m in LM_PTQ_METHODS:
         if m not in results["after"]:
-            rows.append(Row("", "", status="not available",
-                            note=f"recipe ptq has no method {m!r} in this checkout (efficient_nlp.recipes.ptq.METHODS)"))
+            rows.append(Row("", "", status="not available", note=f"recipe ptq has no method {m!r} in this "
+                                                                      "checkout (efficient_nlp.recipes.ptq.METHODS)"))
             continue
         row = _row(results["after"][m], seconds=results["wall_seconds"][m],
                    note=f"{results['calibration']['size']} calibration blocks; time: reconstruction only")

@@ -60,6 +60,7 @@ def plot_pareto(rows: list[Row], path: str, title: str = "", metric_name: str = 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     done = [r for r in rows if r.status == "ok" and r.metric is not None and r.size_mb]
     points = [(r.size_mb, r.metric) for r in done]
@@ -77,6 +78,9 @@ def plot_pareto(rows: list[Row], path: str, title: str = "", metric_name: str = 
     ax.set_xscale("log")
     if not higher_is_better:
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("stored size (MB, log scale)")
     ax.set_ylabel(f"dev {metric_name}" + ("" if higher_is_better else " (lower is better, log scale)"))
     ax.set_title(title or f"dev {metric_name} vs size")
@@ -156,8 +160,9 @@ def format_decoder_table(rows: list[Row]) -> str:
 
 def format_decoder_section(rows, settings: Settings, decoder_dir: str, block_size: int, eval_blocks: int,
                            plot_name: str, total_seconds: float, remeasured: bool = False,
-                           elapsed: dict | None = None) -> str:
-    """The decoder section of the page: what ran and how; the table; the plot; how to reproduce."""
+                           elapsed: dict | None = None, default_decoder: bool = False) -> str:
+    """The decoder section of the page: what ran and how; the table; the plot; how to reproduce
+    (``default_decoder``: the decoder is `efficient_nlp.models.default_decoder_dir`, no ``--decoder``)."""
     s = settings
     decode = (f"decode ms / token: greedy generation of {s.lm_decode_tokens} tokens after a "
               f"{s.lm_prompt_len}-token prompt, batch 1, the first token (prefill) left out "
@@ -184,7 +189,8 @@ def format_decoder_section(rows, settings: Settings, decoder_dir: str, block_siz
         f"![held-out perplexity vs stored size]({plot_name})",
         "",
         "Reproduce: `python -m efficient_nlp.report --workdir runs/report --section decoder"
-        + (" --fast" if s.name == "fast" else "") + f" --decoder {decoder_dir}`; every row's "
+        + (" --fast" if s.name == "fast" else "") + ("" if default_decoder else f" --decoder {decoder_dir}")
+        + "`; every row's "
         "`results.json` is under `runs/report/<row>/`.",
     ]
     return "\n".join(lines) + "\n"

@@ -77,7 +77,7 @@ class Settings:
         lm_desc = ("--fast: 1000 training documents, 32 held-out blocks of 128 tokens, batches of 8 "
                    "blocks, QAT 20+20 steps, PTQ 64 calibration blocks with REM 10 steps per matmul and "
                    "MREM-S 20 steps per module, pruning 40 steps, distillation 20+20 steps (the configs "
-                   "use 5-10x more); numbers show directions, not converged results")
+                   "use 4-10x more); numbers show directions, not converged results")
         return cls("fast", desc, lm_description=lm_desc, **s)
 
 
