@@ -345,9 +345,6 @@ class BertEncoder(nnx.Module):
         )
         self.layer_drop = 0.0
 
-    def _drop_rates(self, layer_drop, n):
-        return drop_rates(getattr(self, "layer_drop", 0.0) if layer_drop is None else layer_drop, n)
-
     def __call__(self, hidden_states, attention_mask=None, *, start: int = 0, stop: int | None = None,
                  capture: Iterable[str] = (), deterministic: bool = True, rngs=None, layer_drop=None):
         """Run layers ``start .. stop-1`` on ``hidden_states`` [B,T,H].
@@ -364,7 +361,7 @@ class BertEncoder(nnx.Module):
         stop = n if stop is None else stop
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
             raise ValueError(f"need 0 <= start <= stop <= {n} (number of layers); got start={start}, stop={stop}")
-        rates = self._drop_rates(layer_drop, n)
+        rates = drop_rates(self.layer_drop if layer_drop is None else layer_drop, n)
         bias = attention_bias(attention_mask)
         per_layer = {name: [] for name in LAYER_CAPTURE_NAMES if name in want}
         states = [hidden_states] if "hidden_states" in want else None

@@ -16,6 +16,7 @@ exactly what the full model computes with the removed layers skipped
 from __future__ import annotations
 
 from efficient_nlp.models import family as F
+from efficient_nlp.models.bert import drop_rates
 from efficient_nlp.prune.shrink import full_structure, shrink
 
 
@@ -33,7 +34,7 @@ def with_layer_drop(model, rate):
     """Sets LayerDrop ``rate`` (float, or one per layer) on the module that runs ``model``'s
     layers; returns ``model``."""
     owner = _stack_owner(model)
-    owner._drop_rates(rate, F.num_layers(model))  # validates
+    drop_rates(rate, F.num_layers(model))  # validates
     owner.layer_drop = float(rate) if isinstance(rate, (int, float)) else tuple(float(r) for r in rate)
     return model
 
