@@ -64,9 +64,44 @@ def read_config_json(model_dir_or_config_json) -> dict[str, Any]:
 
 
 class ConfigFields:
-    """What the model configs share (a frozen dataclass inherits it): checked field names,
-    ``replace``, ``from_pretrained`` (``config.json`` through the family's translation) and
+    """What the model configs share (a frozen dataclass inherits it): head / FFN sizes per
+    layer, checked field names, ``replace``, ``from_pretrained`` (``config.json`` through the family's translation) and
     ``to_hf_dict`` (back, through the family's ``config_to_hf``)."""
+
+    @property
+    def attention_head_dim(self) -> int:
+        """Width of one head (``head_dim`` or ``hidden_size // num_attention_heads``)."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def attention_width(self) -> int:
+        """Width of the query/key/value projections: ``num_attention_heads * head_dim``."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    def layer_num_heads(self, i: int) -> int:
+        """Number of attention heads of layer ``i``."""
+        if self.layer_num_attention_heads is not None:
+            return self.layer_num_attention_heads[i]
+        return self.num_attention_heads
+
+    def layer_intermediate_size(self, i: int) -> int:
+        """FFN width of layer ``i``."""
+        if self.layer_intermediate_sizes is not None:
+            return self.layer_intermediate_sizes[i]
+        return self.intermediate_size
+
+    def _check_per_layer(self, *names: str) -> None:
+        """Per-layer size fields (None, or one int >= 0 per layer; lists become tuples)."""
+        for name in names:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(value)
+            object.__setattr__(self, name, value)  # lists (from JSON) -> hashable tuples
+            if len(value) != self.num_hidden_layers or any(
+                    not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value):
+                raise ValueError(f"{type(self).__name__}.{name} must hold {self.num_hidden_layers} ints >= 0 "
+                                 f"(one per layer), got {value!r}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -207,17 +242,7 @@ class BertConfig(ConfigFields):
             raise ValueError(f"BertConfig.embedding_size must be None or a positive int, got {self.embedding_size!r}")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise ValueError(f"BertConfig.type_vocab_size must be an int >= 0, got {self.type_vocab_size!r}")
-        for name in ("layer_num_attention_heads", "layer_intermediate_sizes"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            value = tuple(value)
-            object.__setattr__(self, name, value)  # lists (from JSON) -> hashable tuples
-            if len(value) != self.num_hidden_layers or any(
-                    not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value):
-                raise ValueError(
-                    f"BertConfig.{name} must hold {self.num_hidden_layers} ints >= 0 (one per "
-                    f"layer), got {value!r}")
+        self._check_per_layer("layer_num_attention_heads", "layer_intermediate_sizes")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "num_labels"):
             value = getattr(self, name)
@@ -249,28 +274,6 @@ class BertConfig(ConfigFields):
     def embedding_width(self) -> int:
         """Width of the embedding tables (``embedding_size`` or ``hidden_size``)."""
         return self.embedding_size or self.hidden_size
-
-    @property
-    def attention_head_dim(self) -> int:
-        """Width of one head (``head_dim`` or ``hidden_size // num_attention_heads``)."""
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
-
-    @property
-    def attention_width(self) -> int:
-        """Width of the query/key/value projections: ``num_attention_heads * head_dim``."""
-        return self.num_attention_heads * self.attention_head_dim
-
-    def layer_num_heads(self, i: int) -> int:
-        """Number of attention heads of layer ``i``."""
-        if self.layer_num_attention_heads is not None:
-            return self.layer_num_attention_heads[i]
-        return self.num_attention_heads
-
-    def layer_intermediate_size(self, i: int) -> int:
-        """FFN width of layer ``i``."""
-        if self.layer_intermediate_sizes is not None:
-            return self.layer_intermediate_sizes[i]
-        return self.intermediate_size
 
     # ------------------------------------------------------------------ construction
     def to_dict(self) -> dict[str, Any]:

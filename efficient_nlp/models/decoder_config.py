@@ -124,16 +124,7 @@ class DecoderConfig(ConfigFields):
         kind = self.rope_scaling_dict.get("rope_type", "default") if self.rope_scaling else "default"
         if kind not in ROPE_SCALING_TYPES:
             raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {ROPE_SCALING_TYPES}")
-        for name in ("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            value = tuple(value)
-            object.__setattr__(self, name, value)
-            if len(value) != self.num_hidden_layers or any(
-                    not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value):
-                raise ValueError(f"DecoderConfig.{name} must hold {self.num_hidden_layers} ints >= 0 (one per "
-                                 f"layer), got {value!r}")
+        self._check_per_layer("layer_num_attention_heads", "layer_num_key_value_heads", "layer_intermediate_sizes")
         for i in range(self.num_hidden_layers):
             heads, kv = self.layer_num_heads(i), self.layer_num_kv_heads(i)
             if (kv == 0) != (heads == 0) or (kv and heads % kv):
@@ -151,14 +142,6 @@ class DecoderConfig(ConfigFields):
         return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
 
     @property
-    def attention_head_dim(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
-
-    @property
-    def attention_width(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
     def embedding_width(self) -> int:
         return self.hidden_size
 
@@ -166,22 +149,12 @@ class DecoderConfig(ConfigFields):
     def rope_scaling_dict(self) -> dict:
         return dict(self.rope_scaling or ())
 
-    def layer_num_heads(self, i: int) -> int:
-        if self.layer_num_attention_heads is not None:
-            return self.layer_num_attention_heads[i]
-        return self.num_attention_heads
-
     def layer_num_kv_heads(self, i: int) -> int:
         if self.layer_num_key_value_heads is not None:
             return self.layer_num_key_value_heads[i]
         if self.layer_num_attention_heads is not None:  # the same group size as the full model
             return self.layer_num_attention_heads[i] // (self.num_attention_heads // self.num_kv_heads)
         return self.num_kv_heads
-
-    def layer_intermediate_size(self, i: int) -> int:
-        if self.layer_intermediate_sizes is not None:
-            return self.layer_intermediate_sizes[i]
-        return self.intermediate_size
 
     @property
     def eos_ids(self) -> tuple[int, ...]:

@@ -195,7 +195,7 @@ class DequantLinear(nnx.Module):
         return y
 
 
-class IntEmbed(nnx.Module):
+class IntEmbed(M.TiedTable, nnx.Module):
     """An int8 code table; the gathered rows are dequantized (the fake-quant values exactly)."""
 
     def __init__(self, qembed: M.QuantEmbed, half: str = ""):
@@ -232,11 +232,6 @@ class IntEmbed(nnx.Module):
                                 None if self.offset is None else self.offset[...])
         return out if self.dtype is None else out.astype(self.dtype)
 
-    def attend(self, x):
-        """``x @ table^T``: a tied LM head reads the same quantized table (activations in float)."""
-        table = self.table()
-        return jnp.matmul(x, table.T.astype(x.dtype))
-
 
 class IntSplitLinear(nnx.Module):
     """A ternary-weight-split Linear (`efficient_nlp.quant.splitting.SplitLinear`, BinaryBERT) as
@@ -272,7 +267,7 @@ class IntSplitLinear(nnx.Module):
         return y
 
 
-class IntSplitEmbed(nnx.Module):
+class IntSplitEmbed(M.TiedTable, nnx.Module):
     """A ternary-weight-split embedding (`SplitEmbed`): two int8 (binary) code tables; the gathered
     rows of both are dequantized and summed (the fake-quant values exactly)."""
 
@@ -285,11 +280,6 @@ class IntSplitEmbed(nnx.Module):
 
     def table(self):
         return self.half1.table() + self.half2.table()
-
-    def attend(self, x):
-        """``x @ table^T``: a tied LM head reads the same quantized table (activations in float)."""
-        table = self.table()
-        return jnp.matmul(x, table.T.astype(x.dtype))
 
 
 @dataclasses.dataclass

@@ -144,7 +144,15 @@ class QuantLinear(nnx.Module):
         return y
 
 
-class QuantEmbed(nnx.Module):
+class TiedTable:
+    """``attend(x) = x @ table()^T`` for the quantized embedding modules: a tied LM head reads
+    the same quantized table as the lookup (activations stay in float)."""
+
+    def attend(self, x):
+        return jnp.matmul(x, self.table().T.astype(x.dtype))
+
+
+class QuantEmbed(TiedTable, nnx.Module):
     """Embedding lookup in a quantized table (row-wise scales with ``channel`` granularity)."""
 
     def __init__(self, embed: nnx.Embed, site: str, weight: Quantizer):
@@ -162,11 +170,6 @@ class QuantEmbed(nnx.Module):
 
     def __call__(self, ids):
         return jnp.take(self.table(), jnp.asarray(ids), axis=0)
-
-    def attend(self, x):
-        """``x @ table^T``: a tied LM head reads the same quantized table (activations in float)."""
-        table = self.table()
-        return jnp.matmul(x, table.T.astype(x.dtype))
 
 
 class AttentionQuant(nnx.Module):

@@ -192,7 +192,7 @@ class SplitLinear(nnx.Module):
         return y
 
 
-class SplitEmbed(nnx.Module):
+class SplitEmbed(M.TiedTable, nnx.Module):
     """Lookup in ``BWN(embedding1) + BWN(embedding2)``: the split of a TWN `QuantEmbed` (row-wise
     scales with ``channel`` granularity, as the ternary table had)."""
 
@@ -221,9 +221,6 @@ class SplitEmbed(nnx.Module):
     def __call__(self, ids):
         return jnp.take(self.table(), jnp.asarray(ids), axis=0)
 
-    def attend(self, x):
-        """``x @ table^T`` (a tied LM head)."""
-        return jnp.matmul(x, self.table().T.astype(x.dtype))
 
 
 SPLIT_MODULES = (SplitLinear, SplitEmbed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from efficient_nlp.report.rows import (Context, Experiment, Row, Settings, _config, _spec, _with_steps,
+from efficient_nlp.report.rows import (Context, Experiment, Row, Settings, _config, _spec, _with_steps, missing_ptq_row,
                                        row_keys)
 
 #: Batch (blocks) of every held-out evaluation, as the configs/lm_*.py files set it.
@@ -194,8 +194,7 @@ def _ptq_collect(ctx, config, results, run_dir, seconds):
     rows = []
     for m in LM_PTQ_METHODS:
         if m not in results["after"]:
-            rows.append(Row("", "", status="not available", note=f"recipe ptq has no method {m!r} in this "
-                                                                      "checkout (efficient_nlp.recipes.ptq.METHODS)"))
+            rows.append(missing_ptq_row(m))
             continue
         row = _row(results["after"][m], seconds=results["wall_seconds"][m],
                    note=f"{results['calibration']['size']} calibration blocks; time: reconstruction only")

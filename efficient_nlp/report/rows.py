@@ -211,6 +211,12 @@ def _metric(ctx, results: dict) -> float:
     return float(results[ctx.metric_name])
 
 
+def missing_ptq_row(method: str) -> Row:
+    """The row of a PTQ method the recipe in this checkout does not have."""
+    return Row("", "", status="not available",
+               note=f"recipe ptq has no method {method!r} in this checkout (efficient_nlp.recipes.ptq.METHODS)")
+
+
 def _spec(config):
     """The `QuantSpec` a quantization recipe ran with (its ``config.quant``)."""
     from efficient_nlp import quant
@@ -281,9 +287,7 @@ def _ptq(bits):
         rows = []
         for m in PTQ_METHODS:
             if m not in results["after"]:
-                rows.append(Row("", "", status="not available",
-                                note=f"recipe ptq has no method {m!r} in this checkout "
-                                     f"(efficient_nlp.recipes.ptq.METHODS)"))
+                rows.append(missing_ptq_row(m))
                 continue
             row = Row("", "", metric=_metric(ctx, results["after"][m]), seconds=results["wall_seconds"][m],
                       note=f"{results['calibration']['size']} calibration rows; time: reconstruction only")
