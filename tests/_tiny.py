@@ -28,3 +28,22 @@ def token_batch(b, length, vocab, seed=0):
     mask = np.ones((b, length), np.int32)
     mask[1, 5:] = 0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros((b, length), np.int32)}
+
+
+def tiny_decoder(kind="llama", *, vocab=61, layers=2, seed=0, heads=4, kv_heads=2, hidden=16, intermediate=24,
+                 positions=40, noise=0.1):
+    """A tiny causal LM with ``noise`` * N(0, 1) added to its weights: ``llama`` (RMSNorm, rotary,
+    SwiGLU, ``kv_heads`` key/value heads, untied head) or ``gpt2`` (LayerNorm, learned positions,
+    GELU, biases, tied head)."""
+    kw = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              intermediate_size=intermediate, max_position_embeddings=positions)
+    if kind == "gpt2":
+        kw.update(model_type="gpt2", norm_type="layernorm", position_type="learned", gated_ffn=False,
+                  hidden_act="gelu_new", qkv_bias=True, o_bias=True, ffn_bias=True, tie_word_embeddings=True)
+    else:
+        kw.update(num_key_value_heads=kv_heads)
+    model = models.DecoderForCausalLM(models.DecoderConfig(**kw), rngs=nnx.Rngs(seed))
+    params = nnx.state(model, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
+    nnx.update(model, jax.tree.map(lambda x: x + noise * jax.random.normal(next(keys), x.shape), params))
+    return model

@@ -13,23 +13,14 @@ from efficient_nlp.models import family as F
 from efficient_nlp.quant import mrem, ptq
 from efficient_nlp.quant.mrem_parallel import module_slice
 
+from _tiny import tiny_decoder  # tests/_tiny.py
+
 V, T = 50, 10
 KINDS = ("llama", "gpt2")
 
 
 def tiny(kind="llama", layers=2, seed=0):
-    kw = dict(vocab_size=V, hidden_size=16, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=24,
-              max_position_embeddings=40)
-    if kind == "gpt2":
-        kw.update(model_type="gpt2", norm_type="layernorm", position_type="learned", gated_ffn=False,
-                  hidden_act="gelu_new", qkv_bias=True, o_bias=True, ffn_bias=True, tie_word_embeddings=True)
-    else:
-        kw.update(num_key_value_heads=2)
-    model = models.DecoderForCausalLM(models.DecoderConfig(**kw), rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
-    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), params))
-    return model
+    return tiny_decoder(kind, vocab=V, layers=layers, seed=seed)
 
 
 def batch(n=8, seed=0):

@@ -91,6 +91,9 @@ class Family:
       architectures: our model class name -> HF architecture name.
       kind: ``"encoder"`` (`efficient_nlp.models.BertConfig`, bidirectional) or ``"decoder"``
         (`efficient_nlp.models.DecoderConfig`, causal).
+      site_norms: role -> path inside a layer of the norm whose output is that site's input and
+        nothing else (pre-norm layers); one-shot smoothing folds input scales into it.  Empty for
+        post-norm families, where the norm's output also feeds the residual.
     """
 
     name: str
@@ -111,6 +114,7 @@ class Family:
     hf_ignored: str
     architectures: Mapping[str, str]
     kind: str = "encoder"
+    site_norms: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         unknown = sorted(set(self.layer_sites) - set(LAYER_ROLES))

@@ -1,7 +1,8 @@
 """Cost accounting for a model under a `QuantSpec`: parameters, stored size, FLOPs and BOPs.
 
 * Stored size: every quantized weight at its bit width plus one float32 scale per scale group
-  (per tensor or per channel); everything else (LayerNorm, biases, position / token-type
+  (per tensor, per channel, or per group of ``g`` input rows and output column: ``d_in / g * d_out``
+  scales for a group-wise kernel); everything else (LayerNorm, biases, position / token-type
   embeddings, classifier, learned quantizer state) at 32 bits.
 * FLOPs per example: ``2 x MACs`` of every matmul (Linear layers and the two attention
   matmuls of each layer), found by tracing one forward pass abstractly (``jax.eval_shape``, nothing runs).
@@ -62,8 +63,11 @@ def _default_forward(inputs):
     return run
 
 
-def _scale_groups(shape, axis) -> int:
-    """Scales of a weight of ``shape`` whose quantizer reduces ``axis`` (None: one)."""
+def _scale_groups(shape, axis, group_size: int = 0) -> int:
+    """Scales of a weight of ``shape`` whose quantizer reduces ``axis`` (None: one), or reduces
+    axis 0 in blocks of ``group_size`` (``shape[0] / group_size`` per remaining index)."""
+    if group_size:
+        return math.prod(shape) // group_size
     return 1 if axis is None else math.prod(s for i, s in enumerate(shape) if i != axis)
 
 
@@ -102,7 +106,8 @@ def cost_report(model, spec: QuantSpec | None, inputs: dict[str, Any] | Callable
         wq = getattr(mod, "weight_quant", None)
         if isinstance(mod, (M.QuantLinear, M.QuantEmbed)) and wq is not None:
             shape = (mod.kernel if isinstance(mod, M.QuantLinear) else mod.embedding)[...].shape
-            bits += math.prod(shape) * (wq.quantizer.bits - 32) + 32 * _scale_groups(shape, wq.axis)
+            bits += math.prod(shape) * (wq.quantizer.bits - 32) + 32 * _scale_groups(shape, wq.axis,
+                                                                                      wq.quantizer.group_size)
         elif isinstance(mod, SPLIT_MODULES):
             for i, (attr, half_q, _) in enumerate(mod.halves()):
                 shape = getattr(mod, attr)[...].shape

@@ -14,7 +14,8 @@ What is stored (every value float32 unless said otherwise):
   ``P.codes`` (``uint8``: the int8 codes of `efficient_nlp.quant.quantizers` packed by
   `efficient_nlp.quant.packing` at 1 bit (BWN), 2 bits (TWN and 2-bit), 4 bits (3- and 4-bit) or
   8 bits (5..8-bit), C order), ``P.scale`` (0-d per tensor, keepdims ``[1, out]`` / ``[V, 1]`` per
-  channel / row), ``P.zero_point`` for asymmetric (unsigned) grids, and ``P.offset`` for learned
+  channel / row, ``[d_in // g, 1, out]`` per group of ``g`` input rows), ``P.zero_point`` for
+  asymmetric (unsigned) grids, and ``P.offset`` for learned
   asymmetric ones (LSQ+ offset, PACT ``lo``) so that dequantization repeats the QAT forward's
   arithmetic exactly;
 * every other variable under its own path: LayerNorm, biases, position / token-type embeddings,
@@ -22,8 +23,9 @@ What is stored (every value float32 unless said otherwise):
   floating values as float32, integer ones as they are;
 * a JSON-able manifest: format and version, the model class and config
   (``model.config.to_dict()`` when there is one), one entry per quantized weight (site, method,
-  bits, packed bits, signed, granularity, reduced axis, shape, dtype, tensor names) and every
-  quantizer module of the model (path, method, bits, signed, granularity, axis).
+  bits, packed bits, signed, granularity, reduced axis, ``group_size`` for group-wise scales,
+  shape, dtype, tensor names) and every quantizer module of the model (path, method, bits,
+  signed, granularity, axis, group_size for groups).
 
 The latent full-precision weights are not stored (that is the point).  `restore` writes the
 dequantized values back as latent weights and *freezes* the weight quantizers
@@ -77,10 +79,12 @@ def weight_codes(wq: M.QuantizerModule, w) -> dict[str, Any]:
     ``zero_point = None`` (``w_hat = scale * codes``); unsigned grids store their levels offset by
     ``-2^(b-1)`` (the quantizers' int8 convention) with the float ``zero_point`` of
     ``w_hat = scale * (codes - zero_point)`` and, for learned ones, the ``offset`` (LSQ+ offset,
-    PACT ``lo``) that the exact dequantization adds.
+    PACT ``lo``) that the exact dequantization adds.  Group-wise quantizers give scales (and
+    zero points, offsets) ``[d_in // g, 1, out]``; the codes keep the kernel's shape.
     """
     q = wq.quantizer
     m, b, signed, axis = q.method, q.bits, q.signed, wq.axis
+    g = q.group_size if q.granularity == "group" else 0
     w = jnp.asarray(w, jnp.float32)
     zp = offset = None
     if m == "twn":
@@ -88,13 +92,13 @@ def weight_codes(wq: M.QuantizerModule, w) -> dict[str, Any]:
     elif m == "bwn":
         codes, scale = Q.binary_codes(w, axis)
     elif m == "uniform":
-        scale, zp = Q.uniform_params(w, b, signed, axis, "absmax" if signed else "minmax")
-        codes = Q.quantize_codes(w, scale, zp, b, signed)
+        scale, zp = Q.uniform_params(w, b, signed, axis, "absmax" if signed else "minmax", group_size=g)
+        codes = Q.quantize_codes(w, scale, zp, b, signed)  # group scales apply through the view
         zp = None if signed else zp
     elif m in ("lsq", "pact"):
         if m == "lsq":
             scale = jnp.asarray(wq.step[...], w.dtype)
-            y = w
+            y = Q.group_view(w, g) if g else w
             offset = None if signed else jnp.asarray(wq.offset[...], w.dtype)
         else:
             lo, hi = jnp.asarray(wq.lo[...], w.dtype), jnp.asarray(wq.hi[...], w.dtype)
@@ -109,6 +113,7 @@ def weight_codes(wq: M.QuantizerModule, w) -> dict[str, Any]:
             u = jnp.clip(jnp.round((y - offset) / scale), 0, qp)
             codes = (u - 2 ** (b - 1)).astype(jnp.int8)
             zp = -offset / scale - 2 ** (b - 1)
+        codes = Q.ungroup(codes) if g else codes
     else:  # a quantizer added with register_quantizer
         raise ValueError(
             f"{q.name}: the registered quantizer {m!r} has no integer codes (fake quantization only); "
@@ -121,9 +126,13 @@ def weight_codes(wq: M.QuantizerModule, w) -> dict[str, Any]:
 def dequantize_weight(quantizer, codes, scale, zero_point=None, offset=None):
     """The float32 weight of ``codes`` (inverse of `weight_codes`, the same arithmetic as the
     quantizer's forward): ``scale * codes`` (signed), ``scale * (codes - zero_point)`` (uniform
-    unsigned), ``scale * (codes + 2^(b-1)) + offset`` (LSQ+ / PACT unsigned)."""
+    unsigned), ``scale * (codes + 2^(b-1)) + offset`` (LSQ+ / PACT unsigned).  Group scales
+    ``[d_in // g, 1, out]`` apply to codes ``[d_in, out]`` through `quantizers.group_view`."""
     codes = jnp.asarray(codes).astype(jnp.float32)
     scale = jnp.asarray(scale, jnp.float32)
+    g = Q.group_size_of(codes, scale)
+    if g:
+        return Q.ungroup(dequantize_weight(quantizer, Q.group_view(codes, g), scale, zero_point, offset))
     if quantizer.signed or quantizer.method in ("twn", "bwn"):
         return scale * codes
     if offset is None:
@@ -160,8 +169,11 @@ def _packed_weights(model) -> list[tuple[str, Any, str, M.QuantizerModule, str]]
 
 
 def _quantizer_entry(q, axis) -> dict:
-    return {"method": q.method, "bits": q.bits, "signed": q.signed, "granularity": q.granularity,
-            "axis": axis}
+    entry = {"method": q.method, "bits": q.bits, "signed": q.signed, "granularity": q.granularity,
+             "axis": axis}
+    if q.granularity == "group":
+        entry["group_size"] = q.group_size
+    return entry
 
 
 def _model_config(model):
@@ -363,7 +375,7 @@ def restore(artifact: dict, template, *, frozen: bool = True):
             f"{sorted(set(mods) - set(want))[:5]}, only in the artefact {sorted(set(want) - set(mods))[:5]}")
     for key, wq in mods.items():
         got = _quantizer_entry(wq.quantizer, wq.axis)
-        stored = {k: want[key][k] for k in got}
+        stored = {k: want[key].get(k) for k in set(got) | ({"group_size"} & set(want[key]))}
         if got != stored:
             raise PackedArtifactError(f"weight {key!r}: the template quantizes it with {got}, the artefact "
                                       f"with {stored}; build the template with the exported spec")

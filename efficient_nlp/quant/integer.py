@@ -8,8 +8,9 @@ Every `QuantLinear` with a signed weight quantizer (uniform, LSQ, PACT at 2..8 b
 W8, W4, W2, ternary and binary weights all become int8 codes) and an activation quantizer of at
 most 8 bits (W8A8, W4A8, W2A8, ...) becomes an `IntLinear`:
 
-* weights: int8 codes ``d`` and scales ``s_w`` (per tensor or per output channel) from
-  `efficient_nlp.quant.export.weight_codes`, computed once (no per-call weight quantization);
+* weights: int8 codes ``d`` and scales ``s_w`` (per tensor, per output channel or per group of
+  ``g`` input rows and output channel) from `efficient_nlp.quant.export.weight_codes`, computed
+  once (no per-call weight quantization);
 * inputs: quantized per call to int8 codes ``c`` with the same quantizer parameters as fake
   quantization (the per-batch range of ``uniform``, or the learned LSQ step / LSQ+ offset / PACT
   clip values): ``x_hat = s_x * (c + shift) + offset`` (symmetric: ``shift = 0``, no offset;
@@ -19,12 +20,16 @@ most 8 bits (W8A8, W4A8, W2A8, ...) becomes an `IntLinear`:
   arithmetic), then ``y = s_w * (s_x * acc + offset * sum_k d_k) + bias`` -- the zero-point
   correction of the codes convention in `efficient_nlp.quant.quantizers`, arranged so that
   the float terms do not cancel (the shift is applied in int32).
+* group-wise weight scales (``W4A8 g128``): the product runs per group, ``acc_G = c_G @ d_G``
+  (int8 x int8 -> int32 over the ``g`` inputs of group ``G``, `group_int8_matmul`), each group's
+  term is rescaled as above with its own ``s_w[G]`` in float32 and the groups are summed.
 
 The result differs from the fake-quant float matmul only by float rounding (the fake path sums
 float products; here the sum is exact), so logits agree to ~1e-5 relative and predictions agree
 except on rounding ties.  `QuantLinear` sites with float inputs (weight-only) keep their int8
-codes and dequantize them per call (`DequantLinear`); `QuantEmbed` tables become int8 codes whose
-gathered rows are dequantized (`IntEmbed`), exactly the fake-quant values.  The attention's
+codes and dequantize them per call (`DequantLinear`, also with group scales: W4A16 g128);
+`QuantEmbed` tables become int8 codes whose gathered rows are dequantized (`IntEmbed`), exactly
+the fake-quant values.  The attention's
 activation-activation matmuls (``q.k^T``, ``probs.v``) run the same int8 products batched over
 (batch, head) (`IntAttention`) when all four operands are quantized.  Unsigned (asymmetric)
 weight grids stay fake-quantized.
@@ -89,36 +94,58 @@ def int8_matmul(x_codes, w_codes):
                                preferred_element_type=jnp.int32)
 
 
+def group_int8_matmul(x_codes, w_codes):
+    """Per-group int8 products: ``x_codes [..., G, g]`` and ``w_codes [G, g, N]`` ->
+    ``[..., G, N]`` int32, entry ``G`` being ``x_codes[..., G, :] @ w_codes[G]``."""
+    lead = x_codes.ndim - 2
+    acc = jax.lax.dot_general(x_codes, w_codes, (((x_codes.ndim - 1,), (1,)), ((lead,), (0,))),
+                              preferred_element_type=jnp.int32)  # [G, ..., N]
+    return jnp.moveaxis(acc, 0, -2)
+
+
 def _scale_vector(scale):
-    """A weight scale (0-d or keepdims ``[1, out]``) as something that broadcasts over ``[..., out]``."""
+    """A weight scale as something that broadcasts over ``[..., out]`` (0-d and keepdims
+    ``[1, out]``) or over ``[..., G, out]`` (group scales ``[G, 1, out]`` -> ``[G, out]``)."""
+    if scale.ndim == 3:
+        return scale[:, 0, :]
     return scale.reshape(-1) if scale.ndim else scale
 
 
 class IntLinear(nnx.Module):
     """``y = s_w * (s_x * (c @ d + shift * colsum(d)) + offset * colsum(d)) + bias`` with an int8
-    ``c @ d`` accumulated in int32 (see the module docstring)."""
+    ``c @ d`` accumulated in int32 (see the module docstring); with group-wise weight scales the
+    bracket is computed per group ``G`` of ``g`` inputs and ``y = sum_G s_w[G] * (...)_G + bias``."""
 
     def __init__(self, qlinear: M.QuantLinear):
         wq = qlinear.weight_quant
         c = weight_codes(wq, qlinear.kernel[...])
-        self.w_codes = IntCodes(c["codes"])
+        q = wq.quantizer
+        self.group_size = q.group_size if q.granularity == "group" else 0
+        d = Q.group_view(c["codes"], self.group_size) if self.group_size else c["codes"]  # [G, g, out]
+        self.w_codes = IntCodes(d)
         self.w_scale = IntCodes(_scale_vector(c["scale"]))
-        self.w_colsum = IntCodes(jnp.sum(c["codes"].astype(jnp.int32), axis=0))
+        self.w_colsum = IntCodes(jnp.sum(d.astype(jnp.int32), axis=-2))  # [out] or [G, out]
         self.bias = qlinear.bias
         self.input_quant = qlinear.input_quant
         self.site = qlinear.site
-        self.w_bits, self.a_bits = wq.quantizer.bits, qlinear.input_quant.quantizer.bits
+        self.w_bits, self.a_bits = q.bits, qlinear.input_quant.quantizer.bits
         self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
 
     def __call__(self, x):
         codes, s_x, offset, shift = activation_codes(self.input_quant, x)
-        acc = int8_matmul(codes, self.w_codes[...])
+        if self.group_size:
+            grouped = codes.reshape(codes.shape[:-1] + (-1, self.group_size))  # [..., G, g]
+            acc = group_int8_matmul(grouped, self.w_codes[...])                 # [..., G, out]
+        else:
+            acc = int8_matmul(codes, self.w_codes[...])
         if shift:  # unsigned levels u = codes + shift: sum_k u_k d_k, exactly, in int32
             acc = acc + shift * self.w_colsum[...]
         y = acc.astype(jnp.float32) * s_x
         if offset is not None:
             y = y + offset * self.w_colsum[...].astype(jnp.float32)
         y = y * self.w_scale[...]
+        if self.group_size:
+            y = jnp.sum(y, axis=-2)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -354,5 +381,5 @@ def to_integer_model(qmodel):
     return model, IntegerReport(rows)
 
 
-__all__ = ["IntCodes", "IntLinear", "IntSplitLinear", "IntSplitEmbed", "IntAttention", "DequantLinear", "IntEmbed", "IntegerReport", "activation_codes",
+__all__ = ["IntCodes", "IntLinear", "group_int8_matmul", "IntSplitLinear", "IntSplitEmbed", "IntAttention", "DequantLinear", "IntEmbed", "IntegerReport", "activation_codes",
            "int8_matmul", "to_integer_model"]

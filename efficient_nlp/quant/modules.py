@@ -50,13 +50,20 @@ def _bits(mod):
 class QuantizerModule(nnx.Module):
     """Applies one `Quantizer`; holds its learned state.
 
-    ``axis`` is the axis reduced for per-channel scales (weights only).  Learned activation
+    ``axis`` is the axis reduced for per-channel scales (weights only); with a ``group``
+    quantizer it must be 0 (the kernel's input rows, reduced in blocks of ``group_size``: scales
+    and LSQ steps ``[d_in // g, 1, d_out]``, docs/quantization.md).  Learned activation
     quantizers (``lsq``, ``pact``) start uncalibrated and must see data first (`calibrate`:
     LSQ step ``2 mean|x| / sqrt(Qp)``, LSQ+ offset = min; PACT clip = observed min / max).
-    Weight quantizers are initialised from the weight they quantize (``init``).
+    Weight quantizers are initialised from the weight they quantize (``init``; per group for
+    group-wise LSQ).
     """
 
     def __init__(self, quantizer: Quantizer, *, axis=None, init: jax.Array | None = None):
+        if quantizer.granularity == "group" and (axis != 0 or init is None):
+            raise ValueError(f"{quantizer.name}: group-wise scales quantize a [d_in, d_out] kernel in blocks of "
+                             f"its input rows: give axis=0 and init=<the kernel> (got axis={axis!r}, "
+                             f"init {'missing' if init is None else 'given'})")
         self.quantizer = quantizer
         self.axis = axis
         self.calibrating = False
@@ -67,6 +74,8 @@ class QuantizerModule(nnx.Module):
         m, b, signed = quantizer.method, quantizer.bits, quantizer.signed
         x = jnp.zeros((1,)) if init is None else jnp.asarray(init, jnp.float32)
         if m == "lsq":
+            if quantizer.granularity == "group":  # the per-channel rule on each block of g rows
+                x, axis = Q.group_view(x, quantizer.group_size), 1
             self.step = nnx.Param(Q.lsq_init(x, b, signed, axis=axis))
             if not signed:
                 self.offset = nnx.Param(jnp.min(x, axis=axis, keepdims=axis is not None))
@@ -99,8 +108,8 @@ class QuantizerModule(nnx.Module):
                 "call efficient_nlp.quant.calibrate(model, batch) once on real data first")
         m, b, signed = self.quantizer.method, self.quantizer.bits, self.quantizer.signed
         if m == "uniform":
-            return Q.uniform(x, b, signed=signed, axis=self.axis,
-                             range_mode="absmax" if signed else "minmax")
+            return Q.uniform(x, b, signed=signed, axis=self.axis, range_mode="absmax" if signed else "minmax",
+                             group_size=self.quantizer.group_size)
         if m == "twn":
             return Q.twn(x, axis=self.axis)[0]
         if m == "bwn":
@@ -119,8 +128,16 @@ def _maybe(mod, x):
     return x if mod is None else mod(x)
 
 
+def _no_groups(q: Quantizer | None, site: str, what: str):
+    """Group-wise scales are for Linear kernels only (ValueError naming the site otherwise)."""
+    if q is not None and q.granularity == "group":
+        raise ValueError(f"{site}: {what} got the group-wise quantizer {q.name}; group-wise scales are for "
+                         f"Linear kernels only (embeddings: 'channel' = row-wise, activations: 'tensor')")
+
+
 class QuantLinear(nnx.Module):
-    """``y = Q_a(x) @ Q_w(kernel) + bias`` over an existing ``nnx.Linear``'s parameters."""
+    """``y = Q_a(x) @ Q_w(kernel) + bias`` over an existing ``nnx.Linear``'s parameters.  A
+    ``group`` weight quantizer needs a ``group_size`` dividing ``in_features``."""
 
     def __init__(self, linear: nnx.Linear, site: str, weight: Quantizer | None, inputs: Quantizer | None):
         self.kernel = linear.kernel
@@ -128,7 +145,10 @@ class QuantLinear(nnx.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.dtype
         self.site = site
-        axis = 0 if weight is not None and weight.granularity == "channel" else None
+        _no_groups(inputs, site, "the input")
+        if weight is not None and weight.granularity == "group":
+            Q.check_group_size(self.in_features, weight.group_size, where=f"{site} ({weight.name})")
+        axis = 0 if weight is not None and weight.granularity in ("channel", "group") else None
         self.weight_quant = None if weight is None else QuantizerModule(weight, axis=axis, init=self.kernel[...])
         self.input_quant = None if inputs is None else QuantizerModule(inputs)
 
@@ -160,6 +180,7 @@ class QuantEmbed(TiedTable, nnx.Module):
         self.num_embeddings, self.features = embed.num_embeddings, embed.features
         self.dtype = embed.dtype
         self.site = site
+        _no_groups(weight, site, "the embedding table")
         axis = 1 if weight.granularity == "channel" else None
         self.weight_quant = QuantizerModule(weight, axis=axis, init=self.embedding[...])
 
@@ -178,6 +199,8 @@ class AttentionQuant(nnx.Module):
     def __init__(self, site: str, q: Quantizer | None, k: Quantizer | None, v: Quantizer | None,
                  probs: Quantizer | None):
         self.site = site
+        for part, x in zip(("q", "k", "v", "probs"), (q, k, v, probs)):
+            _no_groups(x, f"{site}.{part}", "the attention operand")
         self.q, self.k, self.v, self.probs = (None if x is None else QuantizerModule(x) for x in (q, k, v, probs))
 
     def scores(self, q, k):

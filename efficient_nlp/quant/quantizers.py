@@ -15,6 +15,15 @@ Conventions (one everywhere):
   ``keepdims=True``: a ``[out, in]`` embedding quantized row-wise uses ``axis=1`` (scales
   ``[out, 1]``); a Flax ``[in, out]`` kernel quantized per output channel uses ``axis=0`` (scales
   ``[1, out]``).  ``axis=None`` reduces everything and gives 0-d (scalar) scales.
+* Group-wise scales (``group_size = g``, the RTN / GPTQ "g128" setting, docs/quantization.md):
+  the FIRST axis (a Flax kernel's ``d_in``) is cut into blocks of ``g`` consecutive entries and
+  every block has its own scale per remaining index.  The grouped view is
+  ``group_view(x, g) = x.reshape(d_in // g, g, ...)`` and group scales (and LSQ steps) are
+  keepdims over its axis 1: ``[d_in // g, 1, d_out]`` for a ``[d_in, d_out]`` kernel; ``ungroup``
+  undoes the view.  `uniform`, `uniform_params` and `lsq_init` take ``group_size``; `lsq`,
+  `lsq_plus`, `quantize_codes` and `dequantize` recognise a group-shaped parameter (one more
+  axis than ``x``) and work through the view, so ``x`` and the codes keep their ``[d_in, d_out]``
+  shape.  ``group_size = d_in`` is per channel (one block) with scales ``[1, 1, d_out]``.
 * ``round`` is round-half-to-even (``jnp.round``, as ``numpy.round``).
 * Straight-through estimators (STE): where the estimator is the identity (`uniform`, `twn`,
   `bwn`) the forward value is ``stop_gradient(x_hat) + (x - stop_gradient(x))``, which is exactly
@@ -151,8 +160,61 @@ def _param(p, x, fn: str, what: str):
     return p
 
 
+# ----------------------------------------------------------------------------- groups
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_group_size(d_in: int, group_size, where: str = "group_view") -> int:
+    """``group_size`` as an int that divides ``d_in``, or a ValueError naming both and the valid
+    group sizes (the divisors of ``d_in``)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"{where}: group_size must be an int >= 1, got {group_size!r}")
+    group_size, d_in = int(group_size), int(d_in)
+    if d_in % group_size:
+        raise ValueError(f"{where}: group size {group_size} does not divide d_in={d_in} (the input dimension, "
+                         f"axis 0); valid group sizes: {_divisors(d_in)}")
+    return group_size
+
+
+def group_view(x, group_size: int):
+    """``x [d_in, ...]`` as ``[d_in // g, g, ...]``: block ``i`` holds rows ``i*g .. i*g + g - 1``
+    (g consecutive inputs share one scale per output column).  ``d_in`` must be a multiple of
+    ``g`` (ValueError listing the valid group sizes otherwise)."""
+    x = jnp.asarray(x)
+    if x.ndim < 1:
+        raise ValueError("group_view: a 0-d tensor has no input axis to group; give a [d_in, ...] tensor")
+    g = check_group_size(x.shape[0], group_size)
+    return x.reshape((x.shape[0] // g, g) + x.shape[1:])
+
+
+def ungroup(x):
+    """Inverse of `group_view`: ``[d_in // g, g, ...] -> [d_in, ...]``."""
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"ungroup: expected a grouped view [d_in // g, g, ...], got shape {x.shape}")
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _group_axis(axis, fn: str):
+    """With ``group_size`` the grouped axis is the first one: ``axis`` must be None or 0."""
+    if axis not in (None, 0) or isinstance(axis, bool):
+        raise ValueError(f"{fn}: group_size groups axis 0 (the input rows of a [d_in, d_out] kernel); "
+                         f"axis must be None or 0 with it, got {axis!r}")
+
+
+def group_size_of(x, p) -> int:
+    """The group size ``g`` of a group-shaped parameter ``p`` of ``x`` (a scale, zero point or
+    step ``[d_in // g, 1, ...]``: one more axis than ``x``), else 0."""
+    p_shape = jnp.shape(p)
+    if x.ndim >= 1 and len(p_shape) == x.ndim + 1 and p_shape[1] == 1 and p_shape[0] >= 1 \
+            and x.shape[0] % p_shape[0] == 0:
+        return x.shape[0] // p_shape[0]
+    return 0
+
+
 # ----------------------------------------------------------------------------- uniform
-def uniform_params(x, bits, signed=True, axis=None, range_mode="absmax"):
+def uniform_params(x, bits, signed=True, axis=None, range_mode="absmax", *, group_size=0):
     """``(scale, zero_point)`` of the uniform b-bit grid of ``x`` (METHODS.md 1.1, "Uniform").
 
     signed: ``scale = max|x| / Qp``, ``zero_point = 0``.  ``range_mode="minmax"`` uses
@@ -162,11 +224,16 @@ def uniform_params(x, bits, signed=True, axis=None, range_mode="absmax"):
     ``zero_point = -min / scale - 2^(b-1)`` (codes offset to int8, see the module docstring);
     both range modes use ``[min, max]``.  Ranges are reduced over ``axis`` (keepdims; 0-d for
     None), treated as constants (``stop_gradient``); a zero range gives ``scale = 1``.
+    ``group_size = g``: one range per block of ``g`` rows and column (``axis`` None or 0), scales
+    ``[d_in // g, 1, ...]`` (see the module docstring).
     """
     bits = _check_bits(bits, signed, "uniform_params")
     if range_mode not in RANGE_MODES:
         raise ValueError(f"uniform_params: range_mode must be one of {RANGE_MODES}, got {range_mode!r}")
     x = jax.lax.stop_gradient(_float(x))
+    if group_size:
+        _group_axis(axis, "uniform_params")
+        x, axis = group_view(x, group_size), 1
     qn, qp = qrange(bits, signed)
     if signed:
         if range_mode == "absmax":
@@ -189,11 +256,15 @@ def quantize_codes(x, scale, zero_point, bits, signed=True):
 
     With ``(scale, zero_point)`` from `uniform_params`: signed codes lie in ``[Qn, Qp]``; unsigned
     ones are the levels ``u in [0, 2^b - 1]`` offset by ``-2^(b-1)`` (the same int8 range).
-    ``signed`` only validates ``bits`` (signed needs >= 2); the formula is the same.
+    ``signed`` only validates ``bits`` (signed needs >= 2); the formula is the same.  Group
+    scales ``[d_in // g, 1, ...]`` apply through `group_view`; the codes have ``x``'s shape.
     """
     bits = _check_bits(bits, signed, "quantize_codes")
     lo, hi = _code_bounds(bits)
     x = _float(x)
+    g = group_size_of(x, scale)
+    if g:
+        return ungroup(quantize_codes(group_view(x, g), scale, zero_point, bits, signed))
     scale = jnp.asarray(scale, x.dtype)
     zero_point = jnp.asarray(zero_point, x.dtype)
     c = jnp.round(x / scale + zero_point)
@@ -201,23 +272,28 @@ def quantize_codes(x, scale, zero_point, bits, signed=True):
 
 
 def dequantize(codes, scale, zero_point):
-    """``scale * (codes - zero_point)`` in scale's dtype (``scale * codes`` when zero_point is 0)."""
+    """``scale * (codes - zero_point)`` in scale's dtype (``scale * codes`` when zero_point is 0);
+    group scales ``[d_in // g, 1, ...]`` apply through `group_view` (the result has codes' shape)."""
     scale = _float(scale)
+    g = group_size_of(jnp.asarray(codes), scale)
+    if g:
+        return ungroup(dequantize(group_view(codes, g), scale, zero_point))
     return scale * (jnp.asarray(codes).astype(scale.dtype) - jnp.asarray(zero_point, scale.dtype))
 
 
-def uniform(x, bits, signed=True, axis=None, range_mode="absmax"):
+def uniform(x, bits, signed=True, axis=None, range_mode="absmax", *, group_size=0):
     """Uniform b-bit fake quantization with the range from the data (METHODS.md 1.1, "Uniform").
 
     ``q(x) = s * clip(round(x / s), Qn, Qp)`` (signed, ``s = max|x| / Qp``) or
     ``s * clip(round((x - min) / s), 0, 2^b - 1) + min`` (unsigned, ``s = (max - min) / Qp``),
     computed as ``dequantize(quantize_codes(x, *uniform_params(x, ...)), ...)`` so it equals the
     exported integers exactly.  Gradient: straight-through identity w.r.t. ``x`` (the range is a
-    constant).  See `uniform_params` for ``axis`` and ``range_mode``.
+    constant).  See `uniform_params` for ``axis``, ``range_mode`` and ``group_size`` (group-wise
+    round to nearest, RTN g128: one scale per ``group_size`` consecutive input rows and column).
     """
     bits = _check_bits(bits, signed, "uniform")
     x = _float(x)
-    scale, zero_point = uniform_params(x, bits, signed, axis, range_mode)
+    scale, zero_point = uniform_params(x, bits, signed, axis, range_mode, group_size=group_size)
     x_hat = dequantize(quantize_codes(x, scale, zero_point, bits, signed), scale, zero_point)
     return _ste(x, x_hat.astype(x.dtype))
 
@@ -280,7 +356,7 @@ def clip_quant(x, lo, hi, bits, signed=True):
 
 
 # ----------------------------------------------------------------------------- LSQ / LSQ+
-def _group_size(x, s) -> int:
+def _elements_per_step(x, s) -> int:
     """Elements that share one step: ``x.size / s.size`` (``x.size`` for a scalar step)."""
     return max(1, x.size // max(1, s.size))
 
@@ -288,7 +364,7 @@ def _group_size(x, s) -> int:
 def _lsq_grad_scale(x, s, qp, grad_scale):
     if grad_scale is not None:
         return float(grad_scale)
-    return 1.0 / math.sqrt(_group_size(x, s) * qp)
+    return 1.0 / math.sqrt(_elements_per_step(x, s) * qp)
 
 
 def _lsq_forward(x, s, qn, qp):
@@ -330,21 +406,30 @@ def lsq(x, step, bits, signed=True, *, grad_scale=None):
       step, ``x.size / step.size`` (``x.size`` for a scalar step; the per-channel choice keeps
       each channel's gradient on the per-tensor scale).  ``grad_scale`` overrides it (1.0 = none).
 
-    ``step`` must be positive (``lsq_init`` never returns 0).  Signed needs ``bits >= 2``.
+    ``step`` must be positive (``lsq_init`` never returns 0).  Signed needs ``bits >= 2``.  A
+    group step ``[d_in // g, 1, ...]`` (``lsq_init(x, ..., group_size=g)``) applies through
+    `group_view` (``numel = g``).
     """
     bits = _check_bits(bits, signed, "lsq")
     x = _float(x)
+    g = group_size_of(x, step)
+    if g:
+        return ungroup(lsq(group_view(x, g), step, bits, signed, grad_scale=grad_scale))
     s = _param(step, x, "lsq", "step")
     qn, qp = qrange(bits, signed)
     return _lsq(x, s, qn, qp, _lsq_grad_scale(x, s, qp, grad_scale))
 
 
-def lsq_init(x, bits, signed=True, axis=None):
+def lsq_init(x, bits, signed=True, axis=None, *, group_size=0):
     """LSQ step initialisation: ``2 * mean|x| / sqrt(Qp)`` (signed) or ``4 * mean|x| / sqrt(Qp)``
-    (unsigned), the mean over ``axis`` (keepdims; 0-d for None).  An all-zero group gets 1.0 so
-    the step is never 0."""
+    (unsigned), the mean over ``axis`` (keepdims; 0-d for None), or with ``group_size = g`` over
+    each block of ``g`` rows per column (steps ``[d_in // g, 1, ...]``).  An all-zero group gets
+    1.0 so the step is never 0."""
     bits = _check_bits(bits, signed, "lsq_init")
     x = jax.lax.stop_gradient(_float(x))
+    if group_size:
+        _group_axis(axis, "lsq_init")
+        x, axis = group_view(x, group_size), 1
     _, qp = qrange(bits, signed)
     m = _reduce(jnp.mean, jnp.abs(x), axis, "lsq_init")
     s = m * ((2.0 if signed else 4.0) / math.sqrt(qp))
@@ -388,10 +473,14 @@ def lsq_plus(x, step, offset, bits, *, grad_scale=None):
     0; ``d/ds`` as in `lsq` with ``Qn = 0`` (same ``g_scale`` and ``grad_scale``); ``d/db`` = the
     sum of the upstream gradients of the clipped elements (``v <= 0`` or ``v >= Qp``): inside the
     grid the offset cancels (``-1 + 1``), outside ``x_hat`` moves with it.  The offset's gradient
-    is not scaled.  ``step`` and ``offset`` are scalars or keepdims arrays broadcasting to ``x``.
+    is not scaled.  ``step`` and ``offset`` are scalars or keepdims arrays broadcasting to ``x``,
+    or group-shaped ``[d_in // g, 1, ...]`` (applied through `group_view`).
     """
     bits = _check_bits(bits, False, "lsq_plus")
     x = _float(x)
+    g = group_size_of(x, step) or group_size_of(x, offset)
+    if g:
+        return ungroup(lsq_plus(group_view(x, g), step, offset, bits, grad_scale=grad_scale))
     s = _param(step, x, "lsq_plus", "step")
     b = _param(offset, x, "lsq_plus", "offset")
     _, qp = qrange(bits, False)
@@ -446,6 +535,6 @@ def bwn(w, axis=None):
     return _ste(w, alpha * codes.astype(w.dtype)), alpha
 
 
-__all__ = ["RANGE_MODES", "qrange", "uniform", "uniform_params", "quantize_codes", "dequantize",
-           "clip_quant", "lsq", "lsq_init", "lsq_plus", "twn", "bwn", "ternary_codes",
+__all__ = ["RANGE_MODES", "qrange", "group_view", "ungroup", "check_group_size", "group_size_of", "uniform",
+           "uniform_params", "quantize_codes", "dequantize", "clip_quant", "lsq", "lsq_init", "lsq_plus", "twn", "bwn", "ternary_codes",
            "binary_codes"]

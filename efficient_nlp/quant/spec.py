@@ -7,7 +7,8 @@ A model has *sites*, each named by a dotted module path plus a suffix:
                           ``activation_unsigned`` where the model's family says the input is
                           mostly non-negative (``Family.unsigned_input_roles``: the FFN
                           output Linear, fed by GELU / ReLU);
-* ``<embed>``             the table of an ``nnx.Embed``: role ``embedding`` (row-wise scales);
+* ``<embed>``             the table of an ``nnx.Embed``: role ``embedding`` (row-wise scales;
+                          group-wise scales are for Linear kernels only);
 * ``<attention>.{q,k,v}`` the inputs of the two activation-activation matmuls of the
                           family's attention module (role ``activation``) and
                           ``<attention>.probs`` the post-softmax probabilities (role
@@ -19,7 +20,7 @@ list of rules ``(regex, payload)`` matched against site names with `efficient_nl
 site in float), a dict of `Quantizer` fields to override (``{"bits": 8}``) or a `Quantizer`.
 After the user's rules the default skips apply: the classifier, position and token-type
 embeddings (LayerNorm and biases are never quantized).  Sites with a ``None`` role quantizer
-(e.g. activations at 32 bits) are left in float.
+(e.g. activations at 16 or 32 bits) are left in float.
 
 Users add stateless quantizers with `register_quantizer` (docs/extending.md); their names are
 then valid ``method`` values everywhere a built-in one is (fake quantization only: the packed
@@ -35,7 +36,9 @@ from efficient_nlp.tree import rules as rules_lib
 
 METHODS = ("uniform", "lsq", "pact", "twn", "bwn")
 ROLES = ("weight", "embedding", "activation", "activation_unsigned")
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("tensor", "channel", "group")
+#: Methods that take group-wise scales (``granularity="group"``): a grid with a per-scale range.
+GROUP_METHODS = ("uniform", "lsq")
 
 #: Quantizers added with `register_quantizer`: name -> ``fn(x, bits, signed, axis) -> x_hat``.
 QUANTIZERS: dict[str, Callable] = {}
@@ -85,14 +88,18 @@ class Quantizer:
       range), ``twn`` (ternary), ``bwn`` (binary), or a name added with `register_quantizer`.
     bits: 1..8 (``twn`` implies 2, ``bwn`` 1).
     signed: symmetric grid around 0 (False: asymmetric ``[0, 2^b-1]`` grid over ``[min, max]``).
-    granularity: ``tensor`` (one scale) or ``channel`` (one per output column of a kernel, one
-      per row of an embedding table); weights only.
+    granularity: ``tensor`` (one scale), ``channel`` (one per output column of a kernel, one
+      per row of an embedding table) or ``group`` (one per ``group_size`` consecutive input rows
+      and output column of a Linear kernel: the RTN / GPTQ "g128" setting); weights only.
+    group_size: the rows sharing a scale with ``granularity="group"`` (>= 1, must divide the
+      kernel's ``d_in``); 0 otherwise.  ``uniform`` and ``lsq`` only.
     """
 
     method: str = "uniform"
     bits: int = 8
     signed: bool = True
     granularity: str = "tensor"
+    group_size: int = 0
 
     def __post_init__(self):
         if self.method not in _methods():
@@ -108,37 +115,65 @@ class Quantizer:
             raise ValueError(f"1-bit {self.method!r} is degenerate; use method='bwn' for 1 bit")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        g = self.group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise ValueError(f"group_size must be an int >= 0, got {g!r}")
+        if self.granularity == "group":
+            if g < 1:
+                raise ValueError("granularity='group' needs group_size >= 1 (e.g. 128: one scale per 128 "
+                                 "consecutive inputs and output column)")
+            if self.method not in GROUP_METHODS:
+                raise ValueError(f"{self.method!r} has no group-wise scales; granularity='group' works with "
+                                 f"{GROUP_METHODS} (use 'tensor' or 'channel' for {self.method!r})")
+        elif g:
+            raise ValueError(f"group_size={g} needs granularity='group', got granularity={self.granularity!r}; "
+                             f"give granularity='group' or drop group_size")
 
     def replace(self, **kw) -> "Quantizer":
-        unknown = sorted(set(kw) - {f.name for f in dataclasses.fields(self)})
+        """A copy with ``kw`` changed.  A positive ``group_size`` alone implies
+        ``granularity="group"``; another granularity alone drops the group size."""
+        unknown = sorted(set(kw) - set(FIELDS))
         if unknown:
-            raise ValueError(f"unknown Quantizer field(s) {unknown}; valid: method, bits, signed, granularity")
+            raise ValueError(f"unknown Quantizer field(s) {unknown}; valid: {', '.join(FIELDS)}")
+        if kw.get("group_size") and "granularity" not in kw:
+            kw["granularity"] = "group"
+        if kw.get("granularity", "group") != "group" and "group_size" not in kw:
+            kw["group_size"] = 0
         return dataclasses.replace(self, **kw)
 
     @property
     def name(self) -> str:
+        """E.g. ``uniform8``, ``uniform8u`` (unsigned), ``twn2/ch``, ``uniform4/g128``."""
         s = f"{self.method}{self.bits}"
         if not self.signed:
             s += "u"
+        if self.granularity == "group":
+            return s + f"/g{self.group_size}"
         return s + ("/ch" if self.granularity == "channel" else "")
 
 
-def weight_quantizer(bits: int, method: str | None = None, granularity: str | None = None) -> Quantizer | None:
+FIELDS = tuple(f.name for f in dataclasses.fields(Quantizer))
+
+
+def weight_quantizer(bits: int, method: str | None = None, granularity: str | None = None,
+                     group_size: int = 0) -> Quantizer | None:
     """The default weight quantizer for ``bits``: 1 -> bwn, 2 -> twn, else uniform abs-max;
     32 (or None) -> None (float).
 
     ``granularity`` None picks by method: one scale per output channel for the grid quantizers
     (``uniform``, ``lsq``), as AQT/Qwix and most PTQ work do, and one per tensor for TWN / BWN
-    (TernaryBERT / BinaryBERT layer-wise scales).  Per tensor, 4-bit abs-max is ruined by BERT's
-    outlier weights: the fine-tuned MiniLM drops from 0.811 to 0.394 dev accuracy at W-E-A 4-4-8
-    with per-tensor scales and to 0.795 with per-channel ones (no training).
+    (TernaryBERT / BinaryBERT layer-wise scales); a positive ``group_size`` picks ``group``
+    (one scale per ``group_size`` consecutive inputs and output column).  Per tensor, 4-bit
+    abs-max is ruined by BERT's outlier weights: the fine-tuned MiniLM drops from 0.811 to 0.394
+    dev accuracy at W-E-A 4-4-8 with per-tensor scales and to 0.795 with per-channel ones (no
+    training).
     """
     if bits is None or bits >= 32:
         return None
     method = method or {1: "bwn", 2: "twn"}.get(bits, "uniform")
     if granularity is None:
-        granularity = "channel" if method in ("uniform", "lsq") else "tensor"
-    return Quantizer(method, bits, True, granularity)
+        granularity = "group" if group_size else "channel" if method in ("uniform", "lsq") else "tensor"
+    return Quantizer(method, bits, True, granularity, group_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,23 +194,41 @@ class QuantSpec:
         return f"{b(self.weight)}-{b(self.embedding)}-{b(self.activation)}"
 
 
-def make_spec(w_bits: int = 8, e_bits: int | None = None, a_bits: int = 8, *,
+def _float_activations(a_bits) -> bool:
+    """Whether ``a_bits`` keeps activations in float: None, 16 (W4A16 = weight-only) or >= 32;
+    9..15 and 17..31 are an error (quantized activations have 1..8 bits)."""
+    if a_bits is None or a_bits == 16 or a_bits >= 32:
+        return True
+    if a_bits > 8:
+        raise ValueError(f"a_bits={a_bits!r}: activations are quantized at 1..8 bits or kept in float with "
+                         f"16, 32 or None")
+    return False
+
+
+def make_spec(w_bits: int = 8, e_bits: int | None = None, a_bits: int | None = 8, *,
               weight_method: str | None = None, activation_method: str = "uniform",
-              weight_granularity: str | None = None, rules: Any = ()) -> QuantSpec:
+              weight_granularity: str | None = None, weight_group_size: int = 0,
+              rules: Any = ()) -> QuantSpec:
     """A W-E-A spec with the literature's defaults (METHODS.md 1.2).
 
     Weights: ``w_bits`` 1 -> BWN, 2 -> TWN, else uniform symmetric; scales per output channel
     for uniform / LSQ weights and per tensor for TWN / BWN unless ``weight_granularity``
-    (``tensor`` | ``channel``) says otherwise (`weight_quantizer`); embeddings the same method at
-    ``e_bits`` (default ``w_bits``) with row-wise scales; activations at
+    (``tensor`` | ``channel`` | ``group``) says otherwise (`weight_quantizer`);
+    ``weight_group_size = g`` gives Linear kernels group-wise scales (one per ``g`` consecutive
+    inputs and output column, e.g. 128: RTN / GPTQ "W4 g128"; ``g`` must divide every quantized
+    kernel's ``d_in``, a rule can give a site another setting).  Embeddings: the same method at
+    ``e_bits`` (default ``w_bits``) with row-wise scales (never groups).  Activations at
     ``a_bits`` with ``activation_method`` (``uniform``: per-batch range, ``lsq`` or ``pact``:
     learned), symmetric except attention probabilities and post-GELU FFN activations
-    (asymmetric).  32 bits leaves that role in float.  ``rules``: see `QuantSpec`.
+    (asymmetric).  ``a_bits`` of 16 or 32 (or None) leaves activations in float: weight-only
+    quantization, e.g. ``make_spec(4, 32, 16, weight_group_size=128)`` is W4A16 g128 with float
+    embeddings; ``w_bits`` / ``e_bits`` of 32 leave weights / embeddings in float.
+    ``rules``: see `QuantSpec`.
     """
     e_bits = w_bits if e_bits is None else e_bits
-    weight = weight_quantizer(w_bits, weight_method, weight_granularity)
+    weight = weight_quantizer(w_bits, weight_method, weight_granularity, weight_group_size)
     embedding = weight_quantizer(e_bits, weight_method if e_bits == w_bits else None, "channel")
-    if a_bits is None or a_bits >= 32:
+    if _float_activations(a_bits):
         act = act_u = None
     else:
         act = Quantizer(activation_method, a_bits, True)
@@ -185,14 +238,16 @@ def make_spec(w_bits: int = 8, e_bits: int | None = None, a_bits: int = 8, *,
 
 def spec_from_config(cfg: Mapping) -> QuantSpec:
     """`make_spec` from a config dict with keys w_bits, e_bits, a_bits, weight_method,
-    activation_method, weight_granularity, rules (``[[regex, payload], ...]``); unknown keys are
-    an error; ``""`` or 0 for e_bits / weight_method / weight_granularity means the default."""
+    activation_method, weight_granularity, weight_group_size, rules (``[[regex, payload], ...]``);
+    unknown keys are an error; ``""`` or 0 for e_bits / weight_method / weight_granularity /
+    weight_group_size means the default."""
     cfg = dict(cfg)
-    valid = {"w_bits", "e_bits", "a_bits", "weight_method", "activation_method", "weight_granularity", "rules"}
+    valid = {"w_bits", "e_bits", "a_bits", "weight_method", "activation_method", "weight_granularity",
+             "weight_group_size", "rules"}
     unknown = sorted(set(cfg) - valid)
     if unknown:
         raise ValueError(f"unknown quantization config key(s) {unknown}; valid: {sorted(valid)}")
-    for key in ("e_bits", "weight_method", "weight_granularity"):
+    for key in ("e_bits", "weight_method", "weight_granularity", "weight_group_size"):
         if cfg.get(key) in ("", 0):
             cfg.pop(key)
     w_bits = cfg.pop("w_bits", 8)
@@ -212,7 +267,10 @@ def _normalise_rules(rules):
             implied = {"twn": 2, "bwn": 1}.get(payload.get("method"))
             if implied is not None:
                 payload.setdefault("bits", implied)
-            Quantizer().replace(**{k: v for k, v in payload.items() if k != "bits"})  # field names
+            unknown = sorted(set(payload) - set(FIELDS))
+            if unknown:
+                raise ValueError(f"rule {rule.index} {rule.regex!r}: unknown Quantizer field(s) {unknown}; "
+                                 f"valid: {', '.join(FIELDS)}")
         elif payload is not None and not isinstance(payload, Quantizer):
             raise rules_lib.RuleError(f"rule {rule.index} {rule.regex!r}: payload must be None, a dict or "
                                       f"a Quantizer, got {payload!r}")
@@ -224,7 +282,8 @@ def resolve(spec: QuantSpec, sites: Mapping[str, str]) -> dict[str, tuple[Quanti
     """``{site: (quantizer or None, reason)}`` for every site (``sites`` maps name -> role).
 
     Reasons: ``"rule <i>"``, ``"default skip"``, ``"role <role>"``.  A user rule matching no
-    site raises `RuleError` listing site names.
+    site raises `RuleError` listing site names; a group-wise quantizer on a site whose role is
+    not ``weight`` raises ``ValueError``.
     """
     names = {name: 0 for name in sites}
     found = rules_lib.match(names, list(spec.rules)) if spec.rules else {}
@@ -249,4 +308,9 @@ def resolve(spec: QuantSpec, sites: Mapping[str, str]) -> dict[str, tuple[Quanti
             out[name] = (None, "default skip")
         else:
             out[name] = (base, f"role {role}")
+        q = out[name][0]
+        if q is not None and q.granularity == "group" and role != "weight":
+            raise ValueError(f"site {name!r} (role {role}) got {q.name}: group-wise scales are for Linear "
+                             f"kernels (role weight) only; embeddings keep row-wise scales ('channel') and "
+                             f"activations one scale per tensor")
     return out

@@ -11,6 +11,7 @@ RECIPES = {
     "prune": "efficient_nlp.recipes.prune",
     "qat": "efficient_nlp.recipes.qat",
     "ptq": "efficient_nlp.recipes.ptq",
+    "oneshot": "efficient_nlp.recipes.oneshot",
     "nas": "efficient_nlp.recipes.nas",
     "cross_distill": "efficient_nlp.recipes.cross_distill",
     "binarybert": "efficient_nlp.recipes.binarybert",

@@ -21,7 +21,8 @@ def decoder_family(name: str, model_types, *, gated: bool, unsigned_input_roles=
         site_inputs={r: DECODER_SITE_INPUTS[r] for r in sites}, attention="attention",
         unsigned_input_roles=tuple(unsigned_input_roles), embeddings="{backbone}.embeddings",
         word_embedding="{backbone}.embeddings.word_embeddings", head_modules=("{backbone}.final_norm", "lm_head"),
-        kind="decoder", **kw)
+        kind="decoder", site_norms={r: ("ffn.norm" if r.startswith("ffn") else "attention.norm")
+                                    for r in sites if r in ("q", "k", "v", "ffn_in", "ffn_gate")}, **kw)
 
 
 def decoder_layers(model) -> int:
