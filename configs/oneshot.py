@@ -23,7 +23,7 @@ def get_config(settings="w4g128,w3,w2,w8a8,w4a8"):
         settings=settings,           # w<bits>[g<group>][a<bits>]; no a = activations in float
         methods="rtn,gptq,awq,smoothquant,rem,mrem_s,mrem_p,gptq+mrem_s",
         prune="sparsegpt,wanda,magnitude,sparsegpt+gptq",
-        sparsities="0.5,2:4",        # unstructured fraction, or N:M (N zeros in every M inputs)
+        sparsities="0.5,2:4",        # unstructured fraction pruned, or N:M (N of every M inputs kept)
         prune_bits="w4",             # the weights of sparsegpt+gptq
         calibration_size=128,        # training rows (sequences) read; the one-shot literature uses 128
         seed=0,

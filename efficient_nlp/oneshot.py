@@ -11,7 +11,7 @@ for layer ``i`` and each group of its matmul sites that read one input (``q, k, 
 ``ffn_in, ffn_gate``; ``ffn_out``, in that order) it runs layer ``i`` of the *already
 compressed* model on the calibration hidden states, accumulates the input statistics of that
 group batch by batch (the Gram matrix ``H = 2/n sum x x^T``, per-channel sums of squares and
-maxima: `efficient_nlp.quant.gptq.hessian_update`), hands them to the method, then moves on;
+maxima: `efficient_nlp.quant.rounding.hessian_update`), hands them to the method, then moves on;
 after the last group the compressed layer's output becomes the next layer's input.  What it
 keeps between steps is the hidden states of the calibration set at one layer boundary
 (``[N, T, H]``) and one group's statistics (``[d_in, d_in]``): never a whole model's
@@ -39,7 +39,7 @@ from efficient_nlp import train
 from efficient_nlp.data import eval_batches
 from efficient_nlp.models import family as F
 from efficient_nlp.prune import oneshot as P
-from efficient_nlp.quant import gptq as G
+from efficient_nlp.quant import rounding as G
 from efficient_nlp.quant import modules as M
 from efficient_nlp.quant import smoothing as S
 from efficient_nlp.quant.ptq import LAYER_INPUT, _HeadInput, _Probe, head_linears, token_arrays
@@ -225,6 +225,7 @@ def _write(q, wq, values, scales):
                          f"quantizer's step has {np.shape(step)} (granularity {wq.quantizer.granularity})")
     q.kernel[...] = jnp.asarray(values, q.kernel[...].dtype)
     wq.step[...] = jnp.asarray(scales, step.dtype)
+    wq.learn_scale = False   # a later REM / MREM trains the latent weights on these scales
 
 
 def quantize(qmodel, calib: Mapping[str, np.ndarray], *, method: str = "gptq", act_order: bool = False,
@@ -343,7 +344,7 @@ class _Prune:
             extra = {}
             if self.method == "sparsegpt":
                 bits = None if wq is None else _lsq_weight(model, path)[1].quantizer.bits
-                out = P.sparsegpt(w, stats, self.sparsity, self.n_m, bits=bits,
+                out = P.sparsegpt(w, stats, None if self.n_m else self.sparsity, self.n_m, bits=bits,
                                   group_size=None if wq is None else (_group_size(wq) or None),
                                   damp=self.damp, block_size=self.block_size)
                 new, mask = out.kernel, out.mask
@@ -354,9 +355,9 @@ class _Prune:
                 raise ValueError(f"{self.method} prunes a float model; quantize after pruning "
                                  "(or use sparsegpt with a quantized model: pruning and GPTQ in one pass)")
             elif self.method == "wanda":
-                new, mask = P.wanda(w, stats, self.sparsity, self.n_m)
+                new, mask = P.wanda(w, stats, None if self.n_m else self.sparsity, self.n_m)
             else:
-                new, mask = P.magnitude(w, self.sparsity, self.n_m)
+                new, mask = P.magnitude(w, None if self.n_m else self.sparsity, self.n_m)
             if wq is None:
                 lin.kernel[...] = jnp.asarray(new, lin.kernel[...].dtype)
             rows.append(dict(site=path, layer=layer, density=float(jnp.mean(jnp.asarray(mask, jnp.float32))),

@@ -158,3 +158,14 @@ def test_clear_errors():
         oneshot.smooth(quant.quantize_model(model, lsq_spec(4))[0], b, log=None)
     with pytest.raises(ValueError, match="empty"):
         oneshot.prune(model, {k: v[:0] for k, v in b.items()}, log=None)
+
+
+def test_reconstruction_after_gptq_keeps_its_scales_and_trains_the_latent_weights():
+    from efficient_nlp.quant import mrem
+    model, b = tiny_decoder("llama", vocab=V, layers=1), calib(16)
+    q = oneshot.quantize(quant.quantize_model(model, lsq_spec(3))[0], b, method="gptq", log=None).model
+    site = F.site_path(q, 0, "ffn_in")
+    out = mrem.mrem_s(q, model, b, num_modules=1, steps=3, batch_size=8, log=None).model
+    before, after = F.get_module(q, site), F.get_module(out, site)
+    np.testing.assert_array_equal(np.asarray(after.weight_quant.step[...]), np.asarray(before.weight_quant.step[...]))
+    assert not np.array_equal(np.asarray(after.kernel[...]), np.asarray(before.kernel[...]))

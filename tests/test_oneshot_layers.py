@@ -5,7 +5,7 @@ import pytest
 
 from efficient_nlp import quant
 from efficient_nlp.prune import oneshot as P
-from efficient_nlp.quant import gptq as G
+from efficient_nlp.quant import rounding as G
 from efficient_nlp.quant import smoothing as S
 
 D_IN, D_OUT, N = 64, 32, 256  # one layer shape everywhere: each configuration compiles once
@@ -83,20 +83,28 @@ def ref_gptq(w, x, bits, g=None, act_order=False):
     return out
 
 
-def ref_sparsegpt(w, x, sparsity, block):
+def ref_sparsegpt(w, x, sparsity, block, n_m=None):
     """Frantar & Alistarh 2023 without quantization: per block of rows, per output column, prune
-    the smallest w^2 / U_ii^2 (so that round(sparsity * r) rows are pruned among the first r);
+    the smallest w^2 / U_ii^2 (so that round(sparsity * r) rows are pruned among the first r),
+    or with n_m = (N, M) keep the N largest of each M rows when the sweep reaches them;
     e = (w_i - q_i) / U_ii with q_i = 0 where pruned, w_i where kept."""
     u, dead = ref_hinv_chol(x)
     w = np.where(dead[:, None], 0.0, np.asarray(w, np.float64))
     out, keep = np.zeros_like(w), np.ones(w.shape, bool)
     for b in range(0, len(w), block):
         rows = np.arange(b, min(b + block, len(w)))
-        k = int(np.round(np.float32(sparsity) * np.float32(rows[-1] + 1))) - int(np.round(np.float32(sparsity) * np.float32(b)))
-        score = w[rows] ** 2 / np.diag(u)[rows, None] ** 2
-        for j in range(w.shape[1]):
-            keep[rows[np.argsort(score[:, j], kind="stable")[:k]], j] = False
+        if n_m is None:
+            pruned = lambda r: int(np.round(np.float32(sparsity) * np.float32(r)))  # noqa: E731  (float32, as the library)
+            k = pruned(rows[-1] + 1) - pruned(b)
+            score = w[rows] ** 2 / np.diag(u)[rows, None] ** 2
+            for j in range(w.shape[1]):
+                keep[rows[np.argsort(score[:, j], kind="stable")[:k]], j] = False
         for i in rows:
+            if n_m is not None and i % n_m[1] == 0:
+                group = np.arange(i, i + n_m[1])
+                score = w[group] ** 2 / np.diag(u)[group, None] ** 2
+                for j in range(w.shape[1]):
+                    keep[group[np.argsort(-score[:, j], kind="stable")[n_m[0]:]], j] = False
             q = np.where(keep[i], w[i], 0.0)
             e = (w[i] - q) / u[i, i]
             out[i] = q
@@ -247,10 +255,11 @@ def test_wanda_and_magnitude_scores():
     np.testing.assert_array_equal(mask, np.abs(w) >= np.median(np.abs(w), axis=0))
 
 
-def test_sparsegpt_equals_a_numpy_float64_reference():
+@pytest.mark.parametrize("sparsity,n_m", [(0.4, None), (None, (2, 4))])
+def test_sparsegpt_equals_a_numpy_float64_reference(sparsity, n_m):
     w, x = layer(0)
-    out = P.sparsegpt(w, x, 0.4, block_size=24)
-    ref_values, ref_keep = ref_sparsegpt(w, x, 0.4, 24)
+    out = P.sparsegpt(w, x, sparsity, n_m, block_size=24)
+    ref_values, ref_keep = ref_sparsegpt(w, x, sparsity, 24, n_m)
     np.testing.assert_array_equal(out.mask, ref_keep)
     np.testing.assert_allclose(out.kernel, ref_values, rtol=1e-3, atol=1e-4)
 

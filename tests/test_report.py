@@ -20,10 +20,11 @@ sys.path.insert(0, REPO)  # configs/ is importable from the repository root
 TINY = dict(name="tiny", description="tiny settings for tests", max_length=16, batch_size=8, eval_batch_size=64,
             max_train_examples=96, qat_steps=(2, 2), ptq_calibration=16, ptq_batch_size=8, rem_steps=2,
             mrem_steps=2, binarybert_steps=2, prune_steps=4, cd_steps=2, distill_steps=(2, 2),
-            latency_batch=2, latency_repeats=2)
+            oneshot_calibration=16, oneshot_mrem_steps=2, latency_batch=2, latency_repeats=2)
 TINY_LM = dict(lm_description="tiny decoder settings for tests", lm_block_size=32, lm_max_documents=200,
                lm_eval_blocks=8, lm_batch_size=4, lm_qat_steps=(2, 2), lm_ptq_calibration=16, lm_rem_steps=2,
-               lm_mrem_steps=2, lm_prune_steps=4, lm_distill_steps=(2, 2), lm_prompt_len=8, lm_decode_tokens=4)
+               lm_mrem_steps=2, lm_prune_steps=4, lm_distill_steps=(2, 2), lm_oneshot_calibration=16,
+               lm_oneshot_mrem_steps=2, lm_prompt_len=8, lm_decode_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +169,156 @@ def test_every_row_config_passes_its_recipe_checks(tiny_teacher, tmp_path):
             assert config.train.seed == 0 and config.train.batch_size == 8
         for stage in config.get("distill", {}).get("stages", []):
             assert stage["num_steps"] == 2, exp.key
-    assert {"qat_4_4_8", "qat_2_2_8", "qat_1_1_8", "ptq_4_4_8", "ptq_2_2_8", "prune_magnitude_90",
+    assert {"qat_4_4_8", "qat_2_2_8", "qat_1_1_8", "ptq_4_4_8", "ptq_2_2_8", "oneshot", "prune_magnitude_90",
             "prune_movement_90", "prune_structured_50", "fewshot_wo_cd", "fewshot_cd", "distill_2l"} <= keys
+
+
+# ----------------------------------------------------------------------------- one-shot rows
+@pytest.fixture(scope="module")
+def encoder_ctx(tiny_teacher, tmp_path_factory):
+    report.ensure_configs_importable()
+    return report.Context(tiny_settings(), tiny_teacher, str(tmp_path_factory.mktemp("encoder_report")))
+
+
+def _experiment(exps, key):
+    return next(e for e in exps if e.key == key)
+
+
+def test_oneshot_experiment_runs_the_reduced_table_once_with_one_title_per_row(encoder_ctx, tiny_teacher):
+    """One recipe run: the recipe's own check accepts the config, and the rows it will report
+    (settings x methods + pruning methods x sparsities) are exactly the experiment's titles."""
+    from efficient_nlp.recipes import oneshot as recipe
+    exp = _experiment(report.experiments(), "oneshot")
+    config = exp.build(encoder_ctx)
+    settings, methods, pruners, sparsities = recipe.check_config(config)
+    assert [s.name for s in settings] == ["w4g128", "w8a8"]
+    assert methods == ["rtn", "gptq", "awq", "smoothquant", "gptq+mrem_s"]
+    assert pruners == ["sparsegpt", "wanda", "magnitude"] and sparsities == [(0.5, (2, 4))]
+    assert len(exp.methods) == len(settings) * len(methods) + len(pruners) * len(sparsities) == len(set(exp.methods))
+    assert (exp.methods[1], exp.methods[8], exp.methods[-1]) == (
+        "GPTQ W4 g128 (one-shot)", "SmoothQuant W8A8 (one-shot)", "pruning, magnitude 2:4 (one-shot)")
+    o = config.oneshot
+    assert (o.calibration_size, o.mrem.steps, o.mrem.num_modules, o.seed, o.save_packed) == (16, 2, 3, 0, True)
+    assert config.teacher_dir == tiny_teacher and config.data.max_length == 16 and config.train.eval_batch_size == 64
+
+
+def test_full_settings_keep_the_oneshot_configs_own_sizes(tiny_teacher):
+    """``Settings.full`` runs configs/oneshot.py and configs/lm_oneshot.py at their own
+    calibration size and MREM-S steps (only the table is reduced)."""
+    import types
+
+    from configs import lm_oneshot, oneshot
+    report.ensure_configs_importable()
+    ctx = types.SimpleNamespace(settings=report.Settings.full(), teacher_dir=tiny_teacher, num_layers=6)
+    for exps, module in ((report.experiments(), oneshot), (report.decoder_experiments(), lm_oneshot)):
+        key = "oneshot" if module is oneshot else "lm_oneshot"
+        got, want = _experiment(exps, key).build(ctx).oneshot, module.get_config().oneshot
+        assert (got.calibration_size, got.mrem.steps) == (want.calibration_size, want.mrem.steps), key
+
+
+def _oneshot_results(settings, metrics_of):
+    """A oneshot recipe's results.json for the report's table: row ``i`` has ``metrics_of(i)``
+    and ``i + 1`` seconds; pruned rows keep half of the weights."""
+    results = {"calibration": {"size": 16, "train_size": 96, "seed": 0}, "quant": {}, "prune": {}}
+    for i, (table, key, method) in enumerate(report.rows.oneshot_table(settings)):
+        row = {"metrics": metrics_of(i), "seconds": float(i + 1), "peak_rss_mb": 100.0, "layer_error": 0.1}
+        row.update(dict(packed_mb=1.0, rtn_layer_error=0.2) if table == "quant" else dict(density=0.5))
+        results[table].setdefault(key, {})[method] = row
+    return results
+
+
+def _stub_measurements(ctx, monkeypatch):
+    """Records the (spec, packed dir) each quantized row is measured from, and the models timed."""
+    seen, timed = [], []
+
+    def quantized_row(row, spec, packed_dir):
+        seen.append((spec, packed_dir))
+        row.size_mb = 1.0
+        return row
+
+    def time(row, model):
+        timed.append(model)
+        row.latency_ms = 1.0
+        return row
+
+    monkeypatch.setattr(ctx, "quantized_row", quantized_row)
+    monkeypatch.setattr(ctx, "time", time)
+    return seen, timed
+
+
+def _check_oneshot_rows(ctx, rows, seen, timed, settings, group_size, run_dir, unit, layer_kernels):
+    methods, n = report.rows.ONESHOT_METHODS, len(report.rows.ONESHOT_METHODS)
+    assert [r.seconds for r in rows] == [float(i + 1) for i in range(len(rows))]
+    # quantized rows: measured from each packed artefact under its setting's spec
+    assert [d for _, d in seen] == [os.path.join(run_dir, s, m.replace("+", "_")) for s in settings for m in methods]
+    w4 = [(sp.weight.bits, sp.weight.granularity, sp.weight.group_size, sp.activation) for sp, _ in seen[:n]]
+    w8a8 = [(sp.weight.bits, sp.weight.granularity, sp.activation.bits) for sp, _ in seen[n:]]
+    assert w4 == [(4, "group", group_size, None)] * n and w8a8 == [(8, "channel", 8)] * n
+    assert all(f"16 calibration {unit}" in r.note for r in rows)
+    assert "time: MREM-S only" in rows[n - 1].note and "then RTN" in rows[2].note
+    # pruned rows: no model kept, so the dense teacher's size and cost, half of the layer Linears'
+    # weights (``layer_kernels`` of them) zero, no latency
+    fp = ctx.float_row(Row("", ""), ctx.teacher, ctx.teacher_dir)
+    for r in rows[2 * n:]:
+        assert (r.size_mb, r.flops, r.bops) == (fp.size_mb, fp.flops, fp.bops)
+        assert r.params == fp.params - layer_kernels // 2
+        assert r.latency_ms is None and "latency not measured" in r.note
+    assert timed == [ctx.teacher]                      # only the reference row above was timed
+
+
+def test_oneshot_collect_turns_recorded_results_into_one_row_per_setting_and_method(encoder_ctx, tmp_path,
+                                                                                  monkeypatch):
+    ctx = encoder_ctx
+    seen, timed = _stub_measurements(ctx, monkeypatch)
+    exp = _experiment(report.experiments(), "oneshot")
+    results = _oneshot_results(report.rows.ONESHOT_SETTINGS, lambda i: {"accuracy": i / 100, "loyalty": 0.5})
+    rows = exp.collect(ctx, exp.build(ctx), results, str(tmp_path), 999.0)
+    assert len(rows) == len(exp.methods) and [r.metric for r in rows] == [i / 100 for i in range(len(rows))]
+    # 4 layers of q, k, v, o [32, 32] and the FFN's [32, 64], [64, 32]
+    _check_oneshot_rows(ctx, rows, seen, timed, report.rows.ONESHOT_SETTINGS, 128, str(tmp_path), "rows",
+                        4 * (4 * 32 * 32 + 2 * 32 * 64))
+
+
+def test_a_group_wise_artefact_is_measured_where_the_oneshot_recipe_keeps_it(encoder_ctx, tmp_path, monkeypatch):
+    """The packed file the recipe writes with ``save_packed`` is the one the row reads: its size
+    is the recipe's packed_mb, W4A16 costs full FLOPs (float activations) and the timed model
+    runs the group-wise kernels dequantized."""
+    import ml_collections
+
+    from efficient_nlp import quant
+    from efficient_nlp.quant.integer import DequantLinear
+    from efficient_nlp.recipes import oneshot as recipe
+    ctx, timed = encoder_ctx, []
+    monkeypatch.setattr(ctx, "time", lambda row, model: (timed.append(model), row)[1])
+    spec = recipe.parse_setting("w4g16").spec("pact")
+    qmodel, _ = quant.quantize_model(ctx.teacher, spec)
+    quant.calibrate(qmodel, ctx.sample)
+    packed_mb = recipe._packed_mb(qmodel, str(tmp_path), ml_collections.ConfigDict(dict(save_packed=True)),
+                                  "w4g16", "gptq+mrem_s")
+    row = ctx.quantized_row(Row("", ""), spec, report.rows.oneshot_packed_dir(str(tmp_path), "w4g16", "gptq+mrem_s"))
+    assert row.size_mb == packed_mb and row.bops == row.flops > 0
+    assert len(timed) == 1 and any(isinstance(m, DequantLinear) for _, m in nnx.iter_graph(timed[0]))
+
+
+def _pruned_row_matches_the_pruned_model(ctx, out_dir, monkeypatch):
+    """`Context.pruned_row` counts no model: its nonzero params, from the mean density the recipe
+    records, equal those of the model one-shot 2:4 pruning makes, and size and cost those of
+    that model saved (dense, as the other unstructured pruning rows store and run it)."""
+    from efficient_nlp import oneshot
+    monkeypatch.setattr(ctx, "time", lambda row, model: row)
+    calib = {k: v[:8] for k, v in ctx.task.train.items()}
+    result = oneshot.prune(ctx.teacher, calib, method="magnitude", sparsity=0.5, n_m=(2, 4), log=None)
+    models.save_hf_checkpoint(result.model, out_dir)
+    want = ctx.float_row(Row("", ""), result.model, str(out_dir))
+    fp = ctx.float_row(Row("", ""), ctx.teacher)
+    row = ctx.pruned_row(Row("", ""), float(np.mean([r["density"] for r in result.report])))
+    assert row.params == want.params < fp.params
+    assert (row.size_mb, row.flops, row.bops) == (want.size_mb, want.flops, want.bops) and row.latency_ms is None
+
+
+@pytest.mark.slow  # ~20 s: compiling the one-shot pass
+def test_pruned_row_counts_the_nonzeros_of_the_model_the_oneshot_recipe_prunes(encoder_ctx, tmp_path, monkeypatch):
+    _pruned_row_matches_the_pruned_model(encoder_ctx, tmp_path / "pruned", monkeypatch)
 
 
 # ----------------------------------------------------------------------------- --jobs
@@ -225,8 +374,15 @@ def test_fast_path_produces_every_row_on_a_tiny_model(tiny_teacher, tmp_path):
                          for k in ([e.key] if len(e.methods) == 1 else [f"{e.key}_{i}" for i in range(len(e.methods))])]
     assert list(by) == expected
     failed = {k: r.note for k, r in by.items() if r.status == "failed"}
+    # the one-shot rows quantize groups of 128 inputs: on this 32-wide teacher they fail, saying why
+    # (test_oneshot_rows_on_a_tiny_model runs them on a teacher 128 wide)
+    oneshot = {k: failed.pop(k) for k in list(failed) if k.startswith("oneshot")}
+    assert len(oneshot) == len(report.rows.ONESHOT.methods)
+    assert all("group size 128 does not divide d_in=32" in note for note in oneshot.values())
     assert not failed
     for key, r in by.items():
+        if key in oneshot:
+            continue
         if r.status == "not available":
             assert key.startswith(("ptq", "binarybert")) and r.note
             continue
@@ -297,7 +453,15 @@ def test_every_decoder_row_config_passes_its_recipe_checks(decoder_ctx, tiny_dec
         for stage in config.get("distill", {}).get("stages", []):
             assert stage["num_steps"] == 2, exp.key
     assert [e.key for e in report.decoder_experiments()] == [
-        "lm_qat_4_4_8", "lm_ptq_4_4_8", "lm_prune_structured_50", "lm_prune_magnitude_50", "lm_distill_half"]
+        "lm_qat_4_4_8", "lm_ptq_4_4_8", "lm_oneshot", "lm_prune_structured_50", "lm_prune_magnitude_50",
+        "lm_distill_half"]
+    from efficient_nlp.recipes import oneshot as oneshot_recipe
+    settings, methods, pruners, sparsities = oneshot_recipe.check_config(configs["lm_oneshot"])
+    assert [s.name for s in settings] == ["w4g64", "w8a8"] and sparsities == [(0.5, (2, 4))]
+    assert len(settings) * len(methods) + len(pruners) == len(_experiment(report.decoder_experiments(),
+                                                                          "lm_oneshot").methods) == 13
+    o = configs["lm_oneshot"].oneshot
+    assert (o.calibration_size, o.mrem.steps, o.mrem.num_modules, o.save_packed) == (16, 2, 2, True)
     ptq = configs["lm_ptq_4_4_8"].ptq
     assert ptq.method == "rem,mrem_s" and (ptq.calibration_size, ptq.rem.steps, ptq.mrem.steps) == (16, 2, 2)
     assert ptq.mrem.num_modules == 2
@@ -403,6 +567,26 @@ def test_decoder_collect_turns_recorded_pruning_and_distillation_results_into_ro
     assert len(timed) == 3 and all(r.latency_ms == 1.0 for r in (st, mag, dist))
 
 
+def test_decoder_oneshot_collect_reads_perplexity_and_measures_the_w4g64_artefacts(decoder_ctx, tmp_path,
+                                                                                   monkeypatch):
+    ctx = decoder_ctx
+    seen, timed = _stub_measurements(ctx, monkeypatch)
+    exp = _experiment(report.decoder_experiments(), "lm_oneshot")
+    results = _oneshot_results(report.decoder_rows.LM_ONESHOT_SETTINGS, lambda i: _lm(20.0 + i, 0.3))
+    rows = exp.collect(ctx, exp.build(ctx), results, str(tmp_path), 99.0)
+    assert len(rows) == len(exp.methods) and [r.metric for r in rows] == [20.0 + i for i in range(len(rows))]
+    assert rows[0].metrics == {k: v for k, v in _lm(20.0, 0.3).items() if k != "loyalty"}
+    # 2 layers of q, o [32, 32], k, v [32, 16] (2 key/value heads of 8) and gate, up [32, 48], down [48, 32]
+    _check_oneshot_rows(ctx, rows, seen, timed, report.decoder_rows.LM_ONESHOT_SETTINGS, 64, str(tmp_path),
+                        "blocks", 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 48))
+
+
+@pytest.mark.slow  # ~20 s: compiling the one-shot pass
+def test_decoder_pruned_row_counts_the_nonzeros_of_the_model_the_oneshot_recipe_prunes(decoder_ctx, tmp_path,
+                                                                                      monkeypatch):
+    _pruned_row_matches_the_pruned_model(decoder_ctx, tmp_path / "pruned", monkeypatch)
+
+
 def test_decoder_full_precision_row_is_the_decoders_held_out_perplexity(decoder_ctx, tiny_decoder_dir):
     """The one real decoder row: perplexity and token accuracy of the decoder's logits on the
     held-out blocks, the safetensors size, and both latencies measured."""
@@ -481,9 +665,15 @@ def test_decoder_section_produces_every_row_on_a_tiny_decoder(tiny_decoder_dir, 
     rows = report.build_report(str(tmp_path), tiny_settings(), decoder_dir=tiny_decoder_dir, section="decoder")
     by = {r.key: r for r in rows}
     assert list(by) == report.decoder_row_keys()
-    assert not {k: r.note for k, r in by.items() if r.status != "ok"}
+    # the one-shot rows quantize groups of 64 inputs: on this 32-wide decoder they fail, saying why
+    # (test_decoder_oneshot_rows_on_a_tiny_decoder runs them on a decoder 64 wide)
+    oneshot = {k: r.note for k, r in by.items() if k.startswith("lm_oneshot")}
+    assert all("group size 64 does not divide d_in=32" in note for note in oneshot.values()) and len(oneshot) == 13
+    assert not {k: r.note for k, r in by.items() if r.status != "ok" and k not in oneshot}
     fp = by["lm_fp"]
     for key, r in by.items():
+        if key in oneshot:
+            continue
         assert r.section == "decoder" and 1 < r.metric < 1e4 and 0 <= r.metrics["token_accuracy"] <= 1, key
         assert r.size_mb > 0 and r.latency_ms > 0 and r.decode_ms > 0, key
         assert os.path.exists(os.path.join(r.run_dir, "results.json")), key
@@ -492,3 +682,59 @@ def test_decoder_section_produces_every_row_on_a_tiny_decoder(tiny_decoder_dir, 
     assert by["lm_prune_structured_50"].flops < fp.flops and by["lm_prune_structured_50"].params < fp.params
     assert by["lm_prune_magnitude_50"].params < fp.params and by["lm_distill_half"].params < fp.params
     assert "## Decoder" in (tmp_path / "results.md").read_text()
+
+
+# ----------------------------------------------------------------------------- one-shot rows end to end (slow)
+def _check_oneshot_run(rows, fp_key, run_dir):
+    """The one-shot rows of a real run: all measured; quantized rows smaller than full precision,
+    W4 smaller than W8A8, their size the recipe's packed_mb; pruned rows dense, half of the layer
+    weights zero."""
+    import json as _json
+    fp, oneshot = rows[0], rows[1:]
+    n = len(report.rows.ONESHOT_METHODS)
+    assert fp.key == fp_key and len(oneshot) == 2 * n + len(report.rows.ONESHOT_PRUNE)
+    assert not {r.key: r.note for r in oneshot if r.status != "ok"}
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = _json.load(f)
+    packed = [m["packed_mb"] for setting in results["quant"].values() for m in setting.values()]
+    assert [r.size_mb for r in oneshot[:2 * n]] == pytest.approx(packed)
+    for w4, w8 in zip(oneshot[:n], oneshot[n:2 * n]):
+        assert w4.size_mb < w8.size_mb < fp.size_mb and w4.bops == w4.flops > w8.bops
+        assert w4.latency_ms > 0 and w8.latency_ms > 0 and w4.seconds > 0
+    for r in oneshot[2 * n:]:
+        assert r.size_mb == fp.size_mb and r.params < fp.params and r.latency_ms is None and r.seconds > 0
+
+
+@pytest.mark.slow  # a few minutes: one oneshot recipe run (13 rows) and the measurements
+def test_oneshot_rows_on_a_tiny_model(make_tiny_model_dir, tmp_path):
+    teacher = make_tiny_model_dir("tiny_report_oneshot", models.BertForSequenceClassification, hidden_size=128,
+                                  num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                                  max_position_embeddings=64, num_labels=9)
+    rows = report.build_report(str(tmp_path), tiny_settings(), teacher_dir=teacher, section="encoder",
+                               only=("oneshot",))
+    assert [r.key for r in rows[1:]] == report.row_keys(report.rows.ONESHOT)
+    _check_oneshot_run(rows, "fp", str(tmp_path / "oneshot"))
+    assert all(0 <= r.metric <= 1 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def wide_decoder_dir(tiny_decoder_dir, tmp_path_factory):
+    """The tiny decoder's tokenizer with a random decoder 64 wide (FFN 128), which groups of 64 divide."""
+    import shutil
+    config = dataclasses.replace(models.from_pretrained(tiny_decoder_dir).config, hidden_size=64,
+                                 intermediate_size=128)
+    out = tmp_path_factory.mktemp("wide_decoder")
+    models.save_hf_checkpoint(models.DecoderForCausalLM(config, rngs=nnx.Rngs(0)), out)
+    for name in os.listdir(tiny_decoder_dir):
+        if name not in os.listdir(out):
+            shutil.copy(os.path.join(tiny_decoder_dir, name), out / name)
+    return str(out)
+
+
+@pytest.mark.slow  # a few minutes: one oneshot recipe run (13 rows) and the measurements
+def test_decoder_oneshot_rows_on_a_tiny_decoder(wide_decoder_dir, tmp_path):
+    rows = report.build_report(str(tmp_path), tiny_settings(), decoder_dir=wide_decoder_dir, section="decoder",
+                               only=("lm_oneshot",))
+    assert [r.key for r in rows[1:]] == report.row_keys(_experiment(report.decoder_experiments(), "lm_oneshot"))
+    _check_oneshot_run(rows, "lm_fp", str(tmp_path / "lm_oneshot"))
+    assert all(1 < r.metric < 1e4 and r.decode_ms is None for r in rows[-3:])

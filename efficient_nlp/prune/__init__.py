@@ -110,6 +110,8 @@ from efficient_nlp.prune.cross_distillation import (
     sparsify,
 )
 from efficient_nlp.prune import fewshot
+from efficient_nlp.prune import oneshot  # noqa: E402  (SparseGPT, Wanda, magnitude per layer)
+from efficient_nlp.prune.oneshot import Sparse, sparsegpt, wanda
 from efficient_nlp.prune._registry import register_score
 
 __all__ = [name for name in dir() if not name.startswith("_")]

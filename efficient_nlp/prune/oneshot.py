@@ -13,7 +13,7 @@ output column (each output neuron keeps its best inputs) and meets the target ex
   instead; for 2:4 and 4:8 both read the same.  ``d_in`` must be a multiple of M.
 
 Masks are keep masks (True = kept), as everywhere in `efficient_nlp.prune`.  Calibration
-``inputs`` are `efficient_nlp.quant.gptq.InputStats` or an array ``[n, d_in]``.
+``inputs`` are `efficient_nlp.quant.rounding.InputStats` or an array ``[n, d_in]``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from efficient_nlp.prune.masks import _check_sparsity, _count
 from efficient_nlp.prune.patterns import nm_mask, topk_mask
-from efficient_nlp.quant import gptq as G
+from efficient_nlp.quant import rounding as G
 from efficient_nlp.quant.quantizers import check_group_size
 
 
@@ -100,7 +100,7 @@ def sparsegpt(kernel, inputs, sparsity=None, n_m=None, bits=None, group_size=Non
     """SparseGPT (Frantar & Alistarh 2023, Algorithm 1): prune and reconstruct in one sweep.
 
     Same ``H``, damping, dead inputs and upper Cholesky factor ``U`` of ``H^-1`` as
-    `efficient_nlp.quant.gptq.gptq`; input rows are processed in order with the error feedback
+    `efficient_nlp.quant.rounding.gptq`; input rows are processed in order with the error feedback
     ``e = (w_i - q(w_i)) / U_ii``, ``w_j -= U_ij e`` for ``j > i``, where a pruned weight has
     ``q = 0`` and a kept one ``q = w`` (or its quantized value with ``bits``).  The mask is
     chosen from the weights as updated so far by the smallest ``w^2 / U_ii^2`` (the OBS error

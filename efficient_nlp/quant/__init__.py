@@ -9,6 +9,11 @@ transform, packed integer export, integer inference, cost accounting.
     imodel, _ = quant.to_integer_model(qmodel)           # int8 dot_general inference
     binary, _ = quant.split_model(qmodel)                # TWN -> two BWN halves, same function (BinaryBERT)
 
+One-shot per-layer methods (docs/oneshot.md): `rtn`, `gptq`, `awq_scales`, `awq_clip`, `smoothquant_scales` on a kernel and its input statistics (`init_stats`,
+`hessian_update`); the model-level pass is `efficient_nlp.oneshot`.  Group-wise scales:
+``make_spec(..., weight_group_size=128)``.  The compressed-tensors format:
+`save_compressed_tensors`, `load_compressed_tensors`.
+
 Post-training quantization by reconstruction (METHODS.md 1.4): `ptq` (calibration_set,
 partition, rem, layer_errors), `mrem` (mrem_s) and `mrem_parallel` (mrem_p), all three returning
 a `ptq.Reconstruction` ``(model, report, info)``; see those modules.  Every transform reads the
@@ -76,6 +81,13 @@ from efficient_nlp.quant import mrem, ptq  # noqa: E402  (submodules: PTQ by rec
 from efficient_nlp.quant.mrem import mrem_s
 from efficient_nlp.quant.mrem_parallel import mrem_p
 from efficient_nlp.quant.ptq import calibration_set, layer_errors, partition, rem
+from efficient_nlp.quant import rounding, smoothing  # noqa: E402  (one-shot per-layer methods)
+from efficient_nlp.quant.rounding import InputStats, expand_scales, gptq, hessian_update, init_stats, layer_error, rtn
+from efficient_nlp.quant.smoothing import awq_clip, awq_scales, scale_kernel, smoothquant_scales
+from efficient_nlp.quant.quantizers import check_group_size, group_view, ungroup
+from efficient_nlp.quant.integer import group_int8_matmul
+from efficient_nlp.quant.compressed_tensors import (CompressedTensorsError, load_compressed_tensors,
+                                                    save_compressed_tensors)
 
 __all__ = [
     "uniform", "uniform_params", "quantize_codes", "dequantize", "qrange", "clip_quant", "lsq", "lsq_init",
@@ -90,4 +102,7 @@ __all__ = [
     "ternary_weight_split", "tws_scalars", "split_model", "splittable_sites", "split_modules", "SplitLinear",
     "SplitEmbed", "SplitReport", "adaptive", "sharpness", "group_sites", "sensitivity", "split_costs", "knapsack",
     "choose_split", "part_sharpness", "top_eigenvalue", "plot_sharpness",
+    "rounding", "smoothing", "InputStats", "init_stats", "hessian_update", "layer_error", "rtn", "gptq",
+    "expand_scales", "awq_scales", "awq_clip", "smoothquant_scales", "scale_kernel", "group_view", "ungroup", "check_group_size",
+    "group_int8_matmul", "save_compressed_tensors", "load_compressed_tensors", "CompressedTensorsError",
 ]

@@ -70,6 +70,9 @@ class QuantizerModule(nnx.Module):
         # True: the input is already on the grid (weights restored from a packed export,
         # `efficient_nlp.quant.restore`) and passes through unchanged.
         self.frozen = False
+        # False: reconstruction (REM / MREM) keeps the learned step / clip values as they are
+        # (set by the one-shot methods, `efficient_nlp.oneshot`, on the scales they chose).
+        self.learn_scale = True
         self.calibrated = init is not None or quantizer.method not in ("lsq", "pact")
         m, b, signed = quantizer.method, quantizer.bits, quantizer.signed
         x = jnp.zeros((1,)) if init is None else jnp.asarray(init, jnp.float32)

@@ -118,7 +118,9 @@ def trainable_names(model, prefixes: tuple[str, ...] = ("",), root: str = "") ->
     """Dotted paths (under ``root``) of what reconstruction trains inside modules whose path
     starts with one of ``prefixes``: the latent weight of every quantized Linear / Embed
     (``kernel`` / ``embedding`` with a weight quantizer) and every learned quantizer
-    parameter (LSQ step / offset, PACT lo / hi).  Biases, LayerNorm and float sites: none."""
+    parameter (LSQ step / offset, PACT lo / hi) unless its quantizer has ``learn_scale`` False
+    (scales a one-shot method chose, `efficient_nlp.oneshot`).  Biases, LayerNorm and float
+    sites: none."""
     out = set()
     for path, mod in nnx.iter_modules(model):
         name = dotted(path)
@@ -129,7 +131,7 @@ def trainable_names(model, prefixes: tuple[str, ...] = ("",), root: str = "") ->
             leaves = ["kernel"]
         elif isinstance(mod, M.QuantEmbed):
             leaves = ["embedding"]
-        elif isinstance(mod, M.QuantizerModule):
+        elif isinstance(mod, M.QuantizerModule) and mod.learn_scale:
             leaves = [a for a in ("step", "offset", "lo", "hi") if isinstance(getattr(mod, a, None), nnx.Param)]
         out.update(".".join(p for p in (root, name, leaf) if p) for leaf in leaves)
     return out

@@ -7,8 +7,8 @@ whatever produces ``X`` (a LayerNorm's scale and bias, or the output columns of 
 before), so ``X' W' = X W`` and the float model is unchanged; only the difficulty of quantizing
 ``X'`` and ``W'`` moves.  Kernels are Flax ``[d_in, d_out]``, so ``s`` scales kernel *rows*
 (the papers' ``W`` is ``[out, in]`` and ``s`` scales its columns).  Calibration ``inputs`` are
-`efficient_nlp.quant.gptq.InputStats` or an array ``[n, d_in]``; the weight grid is ours
-(`efficient_nlp.quant.gptq.rtn`).
+`efficient_nlp.quant.rounding.InputStats` or an array ``[n, d_in]``; the weight grid is ours
+(`efficient_nlp.quant.rounding.rtn`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_nlp.quant import gptq as G
+from efficient_nlp.quant import rounding as G
 from efficient_nlp.quant.quantizers import check_group_size, qrange, quantize_codes
 
 _S_MIN, _S_MAX = 1e-5, 1e5
@@ -94,13 +94,13 @@ def _awq_errors(kernels, stats, mean_abs, alphas, *, bits, group_size):
 def awq_scales(kernels, inputs, bits: int, group_size: int | None = None, grid: int = 20):
     """AWQ (Lin et al. 2023, eq. 4-5): activation-aware scales ``s = mean|X_j|^alpha`` for
     weight-only quantization of ``kernels`` (one kernel or the list reading this input) with
-    `efficient_nlp.quant.gptq.rtn` at ``bits`` / ``group_size``.
+    `efficient_nlp.quant.rounding.rtn` at ``bits`` / ``group_size``.
 
     ``alpha`` runs over the grid ``{0, 1/grid, ..., (grid-1)/grid}`` (the reference code's 20
     points in [0, 1)); for each, ``s`` is normalised by ``sqrt(max(s) * min(s))`` as in the
     reference code and the error is ``sum over kernels of ||(X / s) Q(diag(s) W) - X W||^2 / n``
     = ``tr(dW^T H dW) / 2`` with ``dW = diag(1/s) Q(diag(s) W) - W`` (from the Hessian
-    statistics, the same units as `efficient_nlp.quant.gptq.layer_error`; the paper measures the
+    statistics, the same units as `efficient_nlp.quant.rounding.layer_error`; the paper measures the
     output of the whole block, we measure these Linears).  alpha = 0 gives ``s = 1``, plain RTN,
     so the chosen error is never above RTN's.  A channel whose mean ``|x|`` is below 1e-4 of the
     largest channel's is raised to that floor (the reference clamps ``s`` at 1e-4), so ``s > 0``.

@@ -91,13 +91,14 @@ def _list(value, valid, what) -> list[str]:
 
 
 def parse_sparsity(value: str):
-    """``"0.5"`` -> ``(0.5, None)``; ``"2:4"`` -> ``(0.5, (2, 4))`` (N zeros in every M inputs)."""
+    """``"0.5"`` -> ``(0.5, None)``; ``"2:4"`` -> ``(0.5, (2, 4))``: N of every M consecutive inputs
+    kept (the convention of `efficient_nlp.prune.n_m` and of sparse tensor cores)."""
     value = str(value).strip()
     if ":" in value:
         n, m = (int(x) for x in value.split(":"))
         if not 0 < n < m:
             raise ValueError(f"sparsity pattern {value!r}: need 0 < N < M in N:M")
-        return n / m, (n, m)
+        return 1.0 - n / m, (n, m)
     s = float(value)
     if not 0.0 <= s < 1.0:
         raise ValueError(f"sparsity {value!r} must be in [0, 1) or an N:M pattern like 2:4")

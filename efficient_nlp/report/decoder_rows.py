@@ -3,10 +3,11 @@
 Every row is a recipe run on its ``configs/lm_*.py`` file (``data.task = "lm"``: held-out
 perplexity, exp of the mean next-token NLL, in place of accuracy) with the report's overrides
 (step counts, data sizes, seed, the decoder's depth read from the model): full precision, QAT
-4-4-8, PTQ 4-4-8 by REM and MREM-S, structured pruning of half of the key/value head groups and
-FFN neurons (physically removed), unstructured magnitude pruning to 50% and a half-depth student
-distilled from the decoder.  `DecoderContext` is the `Context` of this section: the LM task, the
-decoder, and measurements per token.
+4-4-8, PTQ 4-4-8 by REM and MREM-S, one-shot compression (RTN, GPTQ, AWQ, SmoothQuant and
+GPTQ + MREM-S at W4 g64 and W8A8; SparseGPT, Wanda and magnitude pruning at 2:4), structured
+pruning of half of the key/value head groups and FFN neurons (physically removed), unstructured
+magnitude pruning to 50% and a half-depth student distilled from the decoder.  `DecoderContext`
+is the `Context` of this section: the LM task, the decoder, and measurements per token.
 """
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ import json
 import os
 
 from efficient_nlp.report.rows import (Context, Experiment, Row, Settings, _config, _spec, _with_steps, missing_ptq_row,
-                                       row_keys)
+                                       oneshot_collect, oneshot_overrides, oneshot_titles, row_keys)
 
 #: Batch (blocks) of every held-out evaluation, as the configs/lm_*.py files set it.
 LM_EVAL_BATCH = 16
 #: PTQ methods of configs/lm_ptq_4_4_8.py, in table order.
 LM_PTQ_METHODS = ("rem", "mrem_s")
 _PTQ_TITLES = {"rem": "REM", "mrem_s": "MREM-S"}
+#: Weight / activation settings of the one-shot rows: groups of 64, as configs/lm_oneshot.py (the
+#: decoder's FFN width, 704, is not a multiple of 128).
+LM_ONESHOT_SETTINGS = ("w4g64", "w8a8")
 _LM_METRICS = ("perplexity", "nll", "token_accuracy")
 
 
@@ -202,6 +206,22 @@ def _ptq_collect(ctx, config, results, run_dir, seconds):
     return rows
 
 
+# ----------------------------------------------------------------------------- one-shot
+def _oneshot_build(ctx):
+    s = ctx.settings
+    config = _config("lm_oneshot")
+    config.model_dir = config.teacher_dir = ctx.teacher_dir
+    oneshot_overrides(config.oneshot, LM_ONESHOT_SETTINGS, s.lm_oneshot_calibration, s.lm_oneshot_mrem_steps,
+                      ctx.num_layers, s.seed)
+    _lm_data_overrides(config.data, s)
+    _lm_train_overrides(config.train, s)
+    return config
+
+
+def _oneshot_collect(ctx, config, results, run_dir, seconds):
+    return oneshot_collect(ctx, config, results, run_dir, LM_ONESHOT_SETTINGS, _row, "blocks")
+
+
 # ----------------------------------------------------------------------------- pruning
 def _prune_build(module):
     def build(ctx):
@@ -266,6 +286,7 @@ def decoder_experiments() -> list[Experiment]:
                    _qat_build, _qat_collect),
         Experiment("lm_ptq_4_4_8", tuple(f"PTQ 4-4-8 {_PTQ_TITLES[m]}" for m in LM_PTQ_METHODS),
                    _ptq_build, _ptq_collect, _ptq_available),
+        Experiment("lm_oneshot", oneshot_titles(LM_ONESHOT_SETTINGS), _oneshot_build, _oneshot_collect),
         Experiment("lm_prune_structured_50", ("pruning, 50% key/value head groups + FFN neurons, shrunk",),
                    _prune_build("lm_prune_structured"), _prune_collect),
         Experiment("lm_prune_magnitude_50", ("pruning, magnitude 50% unstructured",),

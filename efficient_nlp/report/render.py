@@ -118,8 +118,8 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         "counts m*n/64 FLOPs, METHODS.md 1.2). CPU latency: median of "
         f"{s.latency_repeats} jitted forward passes of a {s.latency_batch} x {s.max_length} batch "
         "(quantized rows through the int8 integer model). Compression s: wall time of the recipe run "
-        "(PTQ rows: the reconstruction only, as timed by the recipe; with `--jobs` > 1 two recipes "
-        "shared the cores, while every measurement ran alone)."
+        "(PTQ rows: the reconstruction only, one-shot rows: that row's compression, as timed by the "
+        "recipe; with `--jobs` > 1 two recipes shared the cores, while every measurement ran alone)."
         + (" Size, cost and latency were measured again from the saved outputs (`--remeasure`), "
            "after the runs." if remeasured else ""),
         "",
@@ -180,7 +180,8 @@ def format_decoder_section(rows, settings: Settings, decoder_dir: str, block_siz
         "otherwise). MFLOPs / MBOPs per token: those of one held-out block over its length. "
         f"Prefill ms / token: median of {s.latency_repeats} jitted forward passes of 1 x {block_size} tokens, "
         f"over {block_size}; {decode}; quantized rows through the int8 integer model. Compression s: wall "
-        "time of the recipe run (PTQ rows: the reconstruction only, as timed by the recipe)."
+        "time of the recipe run (PTQ rows: the reconstruction only, one-shot rows: that row's "
+        "compression, as timed by the recipe)."
         + (" Size, cost and latency were measured again from the saved outputs (`--remeasure`)."
            if remeasured else ""),
         "",

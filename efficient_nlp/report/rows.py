@@ -40,6 +40,8 @@ class Settings:
     cd_sparsity: float = 0.9
     cd_steps: int = 300                # per layer
     distill_steps: tuple = (200, 200)  # intermediate, prediction stage
+    oneshot_calibration: int = 128     # one-shot rows: calibration rows (the literature's 128)
+    oneshot_mrem_steps: int = 100      # per module, GPTQ + MREM-S
     latency_batch: int = 8
     latency_repeats: int = 10
     # The decoder section (0 or (): the value of its configs/lm_*.py file).
@@ -54,6 +56,8 @@ class Settings:
     lm_mrem_steps: int = 0             # per module
     lm_prune_steps: int = 0
     lm_distill_steps: tuple = ()       # intermediate, prediction stage
+    lm_oneshot_calibration: int = 0    # one-shot rows: calibration blocks
+    lm_oneshot_mrem_steps: int = 0     # per module, GPTQ + MREM-S
     lm_prompt_len: int = 32            # decode timing: prompt tokens ...
     lm_decode_tokens: int = 32         # ... and greedily generated tokens (0: decode not timed)
 
@@ -65,19 +69,23 @@ class Settings:
     def fast(cls):
         s = dict(max_length=32, qat_steps=(30, 30), ptq_calibration=256, rem_steps=10, mrem_steps=20,
                  binarybert_steps=20, prune_steps=60, cd_steps=40, distill_steps=(40, 40),
+                 oneshot_mrem_steps=20,
                  lm_max_documents=1000, lm_eval_blocks=32, lm_batch_size=8, lm_qat_steps=(20, 20),
                  lm_ptq_calibration=64, lm_rem_steps=10, lm_mrem_steps=20, lm_prune_steps=40,
-                 lm_distill_steps=(20, 20), lm_prompt_len=16, lm_decode_tokens=16)
+                 lm_distill_steps=(20, 20), lm_oneshot_calibration=64, lm_oneshot_mrem_steps=20,
+                 lm_prompt_len=16, lm_decode_tokens=16)
         desc = ("--fast: sequences cut to 32 tokens (90% of the built-in task's texts fit; the "
                 "teacher loses one dev example), QAT 30+30 steps per stage, PTQ 256 calibration rows "
                 "with REM 10 steps per matmul and MREM 20 steps per module, BinaryBERT 20 steps per "
                 "stage, pruning 60 steps of fine-tuning from the teacher, CD 40 steps per layer, "
-                "distillation 40+40 steps (the configs use 5-15x more); numbers show directions, "
+                "distillation 40+40 steps (the configs use 5-15x more), one-shot rows on 128 "
+                "calibration rows with MREM-S 20 steps per module; numbers show directions, "
                 "not converged results")
         lm_desc = ("--fast: 1000 training documents, 32 held-out blocks of 128 tokens, batches of 8 "
                    "blocks, QAT 20+20 steps, PTQ 64 calibration blocks with REM 10 steps per matmul and "
                    "MREM-S 20 steps per module, pruning 40 steps, distillation 20+20 steps (the configs "
-                   "use 4-10x more); numbers show directions, not converged results")
+                   "use 4-10x more), one-shot rows on 64 calibration blocks with MREM-S 20 steps per "
+                   "module; numbers show directions, not converged results")
         return cls("fast", desc, lm_description=lm_desc, **s)
 
 
@@ -155,13 +163,26 @@ class Context:
 
     def float_row(self, row: Row, model, model_dir=None) -> Row:
         """Size (safetensors file, else float32 parameters), nonzero params, FLOPs, latency."""
-        from efficient_nlp import models
-        weights = [np.asarray(v.get_value()) for v in models.named_params(model).values()]
+        weights = _weights(model)
         cost = self.cost(model)
         row.params = int(sum(np.count_nonzero(w) for w in weights))
         row.size_mb = (_file_mb(model_dir) if model_dir else 4 * sum(w.size for w in weights) / 2 ** 20)
         row.flops, row.bops = cost["flops"], cost["bops"]
         return self.time(row, model)
+
+    def pruned_row(self, row: Row, density: float) -> Row:
+        """A one-shot pruned teacher the recipe measured but did not keep (`efficient_nlp.oneshot.prune`
+        zeroes ``1 - density`` of every layer Linear's kernel and nothing else): stored and run
+        dense, so size (the teacher's safetensors file), FLOPs and BOPs are the teacher's; nonzero
+        params are the teacher's less the zeroed weights; latency is left empty (no model to time)."""
+        from efficient_nlp.models import family as F
+        kernels = sum(int(np.size(F.get_module(self.teacher, s.path).kernel.get_value()))
+                      for s in F.sites(self.teacher))
+        cost = self.cost(self.teacher)
+        row.params = int(sum(np.count_nonzero(w) for w in _weights(self.teacher))) - round((1.0 - density) * kernels)
+        row.size_mb = _file_mb(self.teacher_dir)
+        row.flops, row.bops = cost["flops"], cost["bops"]
+        return row
 
     def time(self, row: Row, model) -> Row:
         """The row's latency columns, measured on ``model`` (the model as deployed)."""
@@ -179,6 +200,11 @@ class Context:
         row.size_mb = quant.packed_size_mb(packed_dir)
         row.params, row.flops, row.bops = cost["params"], cost["flops"], cost["bops"]
         return self.time(row, imodel)
+
+
+def _weights(model) -> list[np.ndarray]:
+    from efficient_nlp import models
+    return [np.asarray(v.get_value()) for v in models.named_params(model).values()]
 
 
 def _file_mb(model_dir) -> float:
@@ -364,6 +390,102 @@ BINARYBERT = Experiment("binarybert_1_1_8", ("BinaryBERT 1-1-8 BWN (direct)", "B
                         _binarybert_build, _binarybert_collect, _binarybert_missing)
 
 
+# ----------------------------------------------------------------------------- one-shot compression
+#: The one-shot rows (docs/oneshot.md): a reduced table of configs/oneshot.py sized for 2 CPU
+#: cores: each quantization method at each weight / activation setting, then each pruning
+#: method at 2:4.  Both sections run it; the decoder's own settings are in decoder_rows.
+ONESHOT_SETTINGS = ("w4g128", "w8a8")
+ONESHOT_METHODS = ("rtn", "gptq", "awq", "smoothquant", "gptq+mrem_s")
+ONESHOT_PRUNE = ("sparsegpt", "wanda", "magnitude")
+ONESHOT_SPARSITY = "2:4"
+_ONESHOT_TITLES = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant",
+                   "gptq+mrem_s": "GPTQ + MREM-S", "sparsegpt": "SparseGPT", "wanda": "Wanda",
+                   "magnitude": "magnitude"}
+
+
+def oneshot_table(settings: tuple) -> list[tuple[str, str, str]]:
+    """``(table, setting or sparsity, method)`` of every one-shot row in table order, as the
+    recipe's results hold them (``results[table][key][method]``): each of `ONESHOT_METHODS` at
+    each setting of ``settings``, then each of `ONESHOT_PRUNE` at `ONESHOT_SPARSITY`."""
+    return ([("quant", s, m) for s in settings for m in ONESHOT_METHODS]
+            + [("prune", ONESHOT_SPARSITY, m) for m in ONESHOT_PRUNE])
+
+
+def oneshot_titles(settings: tuple) -> tuple[str, ...]:
+    """The titles of `oneshot_table`'s rows: ``GPTQ W4 g128 (one-shot)``, ``SmoothQuant W8A8
+    (one-shot)``, ``pruning, SparseGPT 2:4 (one-shot)``."""
+    def title(table, key, method):
+        if table == "quant":
+            return f"{_ONESHOT_TITLES[method]} {key.upper().replace('G', ' g')} (one-shot)"
+        return f"pruning, {_ONESHOT_TITLES[method]} {key} (one-shot)"
+    return tuple(title(*r) for r in oneshot_table(settings))
+
+
+def oneshot_overrides(o, settings: tuple, calibration: int, mrem_steps: int, num_layers: int, seed: int):
+    """``config.oneshot`` of a one-shot experiment: the table of `oneshot_table`, every packed
+    artefact kept (the rows are measured from them), the calibration size and MREM-S steps per
+    module (0: the config's own), at most ``num_layers`` MREM modules."""
+    o.update(dict(settings=",".join(settings), methods=",".join(ONESHOT_METHODS), prune=",".join(ONESHOT_PRUNE),
+                  sparsities=ONESHOT_SPARSITY, save_packed=True, seed=int(seed)))
+    if calibration:
+        o.calibration_size = int(calibration)
+    if mrem_steps:
+        o.mrem.steps = int(mrem_steps)
+    o.mrem.num_modules = min(int(o.mrem.num_modules), num_layers)
+
+
+def oneshot_packed_dir(run_dir: str, setting: str, method: str) -> str:
+    """Where the oneshot recipe keeps a quantized row's packed artefact (``config.oneshot.save_packed``)."""
+    return os.path.join(run_dir, setting, method.replace("+", "_"))
+
+
+def oneshot_collect(ctx, config, results: dict, run_dir: str, settings: tuple, make_row: Callable,
+                    unit: str) -> list[Row]:
+    """The rows of `oneshot_table` from the oneshot recipe's results: each quantized row measured
+    from its packed artefact (`Context.quantized_row`), each pruned row from the teacher and the
+    recipe's density (`Context.pruned_row`); compression s is the row's own time as the recipe
+    took it.  ``make_row(metrics, **fields) -> Row`` reads the section's metric; ``unit`` names
+    a calibration example ("rows", "blocks")."""
+    from efficient_nlp.recipes.oneshot import parse_setting
+    o = config.oneshot
+    calib = f"{results['calibration']['size']} calibration {unit}"
+    how = {"awq": "AWQ scales, then RTN", "smoothquant": f"SmoothQuant scales (alpha {o.smoothquant_alpha}), then RTN",
+           "gptq+mrem_s": f"MREM-S {o.mrem.steps} steps per module from the GPTQ model; time: MREM-S only"}
+    rows = []
+    for table, key, method in oneshot_table(settings):
+        r = results[table][key][method]
+        if table == "quant":
+            note = "; ".join([calib] + ([how[method]] if method in how else []) + ["embeddings and head in float"])
+            row = make_row(r["metrics"], seconds=r["seconds"], note=note)
+            spec = parse_setting(key).spec(str(o.activation_method))
+            rows.append(ctx.quantized_row(row, spec, oneshot_packed_dir(run_dir, key, method)))
+        else:
+            row = make_row(r["metrics"], seconds=r["seconds"],
+                           note=f"{calib}; {key} in every layer Linear, stored and run dense; latency not "
+                                "measured (the recipe keeps no pruned model)")
+            rows.append(ctx.pruned_row(row, r["density"]))
+    return rows
+
+
+def _oneshot_build(ctx):
+    s = ctx.settings
+    config = _config("oneshot")
+    config.teacher_dir = ctx.teacher_dir
+    oneshot_overrides(config.oneshot, ONESHOT_SETTINGS, s.oneshot_calibration, s.oneshot_mrem_steps,
+                      ctx.num_layers, s.seed)
+    _data_overrides(config.data, s)
+    _train_overrides(config.train, s)
+    return config
+
+
+def _oneshot_collect(ctx, config, results, run_dir, seconds):
+    return oneshot_collect(ctx, config, results, run_dir, ONESHOT_SETTINGS,
+                           lambda metrics, **fields: Row("", "", metric=_metric(ctx, metrics), **fields), "rows")
+
+
+ONESHOT = Experiment("oneshot", oneshot_titles(ONESHOT_SETTINGS), _oneshot_build, _oneshot_collect)
+
+
 # ----------------------------------------------------------------------------- pruning (2.1)
 def _prune(module, arg):
     def build(ctx):
@@ -461,6 +583,7 @@ def experiments() -> list[Experiment]:
         _qat((4, 4, 8)), _qat((2, 2, 8)), _qat((1, 1, 8)),
         _ptq((4, 4, 8)), _ptq((2, 2, 8)),
         BINARYBERT,
+        ONESHOT,
         _prune_experiment("prune_magnitude_90", "pruning, magnitude 90% unstructured", "prune_magnitude", "0.9"),
         _prune_experiment("prune_movement_90", "pruning, movement 90% unstructured", "prune_movement", "0.9"),
         _prune_experiment("prune_structured_50", "pruning, 50% heads + FFN neurons, shrunk", "prune_structured", "0.5"),

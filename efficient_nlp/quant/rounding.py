@@ -232,10 +232,9 @@ def _block_rows(w, u, row_scales, counts, start, *, bits, sub, block, n_m, d_rea
             i = s0 + r
             row = wb[i]
             if n_m:      # N:M: the mask of the M rows starting here, chosen when the sweep reaches them
-                g0 = i - i % m
-                cand = nm_mask(jnp.square(jax.lax.dynamic_slice_in_dim(wb, g0, m)
-                                          / jax.lax.dynamic_slice_in_dim(diag, g0, m)[:, None]), n_m[0], m, axis=0)
-                nmk = jnp.where(i % m == 0, cand, nmk)
+                nmk = jax.lax.cond(i % m == 0, lambda: nm_mask(jnp.square(
+                    jax.lax.dynamic_slice_in_dim(wb, i, m) / jax.lax.dynamic_slice_in_dim(diag, i, m)[:, None]),
+                    n_m[0], m, axis=0), lambda: nmk)
                 k = nmk[i % m]
             else:
                 k = kb[i]
