@@ -167,7 +167,19 @@ def sequential(model, calib: Mapping[str, np.ndarray], visit: Visit, *, batch_si
 
 
 def _rows(rows, sites):
-    return [{"role": s.role, **r} for r, s in zip(rows, sites)]
+    """``rows`` (one per Linear the method changed) with each site's role."""
+    roles = {s.path: s.role for s in sites}
+    return [{"role": roles[r["site"]], **r} for r in rows]
+
+
+def check_tokens(stats, path: str, method: str) -> None:
+    """The Hessian-based methods (GPTQ, AWQ, SparseGPT, Wanda) need at least as many calibration
+    tokens as the layer has inputs: with fewer, ``H`` is singular and only the damping decides."""
+    d_in = int(stats.H.shape[0])
+    if int(stats.n) < d_in:
+        raise ValueError(f"{method} of {path}: the calibration set has {int(stats.n)} real tokens but the layer "
+                         f"reads {d_in} input features; give at least {d_in} tokens (more calibration rows, "
+                         "e.g. config.oneshot.calibration_size, or longer ones)")
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -205,13 +217,17 @@ class _Quantize:
             w = jnp.asarray(q.kernel[...], jnp.float32)
             bits, g = wq.quantizer.bits, _group_size(wq) or None
             rtn_values, rtn_scales = G.rtn(w, bits, g)
-            if self.method == "gptq":
+            method = self.method
+            if method == "gptq" and layer >= F.num_layers(model) and int(stats.n) < w.shape[0]:
+                method = "rtn"   # a head Linear fed one row per example (a pooler): too few rows for H
+            if method == "gptq":
+                check_tokens(stats, path, "gptq")
                 values, scales = G.gptq(w, stats, bits, g, act_order=self.act_order, damp=self.damp,
                                         block_size=self.block_size)
             else:
                 values, scales = rtn_values, rtn_scales
             _write(q, wq, values, scales)
-            rows.append(dict(site=path, layer=layer, tokens=int(stats.n),
+            rows.append(dict(site=path, layer=layer, method=method, tokens=int(stats.n),
                              error=float(G.layer_error(w, values, stats)),
                              rtn_error=float(G.layer_error(w, rtn_values, stats)),
                              seconds=time.perf_counter() - t0))
@@ -235,7 +251,9 @@ def quantize(qmodel, calib: Mapping[str, np.ndarray], *, method: str = "gptq", a
     `efficient_nlp.quant.quantize_model` copy with LSQ weight quantizers, per channel or per
     group), each on the inputs produced by the already-quantized predecessors; the bits and the
     granularity come from each Linear's weight quantizer.  Rows report the GPTQ error next to
-    the RTN error of the same weights on the same inputs."""
+    the RTN error of the same weights on the same inputs.  A layer Linear with fewer calibration
+    tokens than inputs is an error (`check_tokens`); a head Linear fed one row per example (a
+    pooler) with fewer examples than inputs gets RTN, and its row says ``method: "rtn"``."""
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown one-shot quantization method {method!r}; valid: {QUANT_METHODS}")
     return sequential(qmodel, calib, _Quantize(method, bool(act_order), float(damp), int(block_size)),
@@ -296,6 +314,7 @@ class _Smooth:
             return [dict(site=p, layer=layer, smoothed=False, alpha=None) for p in paths]
         kernels = [jnp.asarray(lin.kernel[...], jnp.float32) for lin in linears]
         if self.method == "awq":
+            check_tokens(stats, paths[0], "awq")
             s, alpha, _ = S.awq_scales(kernels, stats, self.bits, self.group_size or None, grid=self.grid)
         else:
             s, alpha = S.smoothquant_scales(stats, kernels, self.alpha), self.alpha
@@ -342,6 +361,8 @@ class _Prune:
             w = jnp.asarray(lin.kernel[...], jnp.float32)
             wq = lin.weight_quant if isinstance(lin, M.QuantLinear) else None
             extra = {}
+            if self.method in ("sparsegpt", "wanda"):
+                check_tokens(stats, path, self.method)
             if self.method == "sparsegpt":
                 bits = None if wq is None else _lsq_weight(model, path)[1].quantizer.bits
                 out = P.sparsegpt(w, stats, None if self.n_m else self.sparsity, self.n_m, bits=bits,

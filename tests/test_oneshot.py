@@ -156,6 +156,8 @@ def test_clear_errors():
         oneshot.quantize(quant.quantize_model(model, lsq_spec(4))[0], b, method="gptqq", log=None)
     with pytest.raises(ValueError, match="float model"):
         oneshot.smooth(quant.quantize_model(model, lsq_spec(4))[0], b, log=None)
+    with pytest.raises(ValueError, match="at least 32 tokens"):    # ffn_out reads 32 features
+        oneshot.quantize(quant.quantize_model(model, lsq_spec(4))[0], {k: v[:2] for k, v in b.items()}, log=None)
     with pytest.raises(ValueError, match="empty"):
         oneshot.prune(model, {k: v[:0] for k, v in b.items()}, log=None)
 

@@ -20,6 +20,7 @@ def tiny_config(name, teacher_dir, **oneshot):
     return config
 
 
+@pytest.mark.slow
 def test_encoder_table_has_every_row_and_gptq_is_no_worse_than_rtn_per_layer(make_tiny_model_dir, tmp_path):
     teacher = make_tiny_model_dir("tiny_oneshot", model_cls=models.BertForSequenceClassification, hidden_size=32,
                                   num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

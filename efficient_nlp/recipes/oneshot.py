@@ -161,10 +161,11 @@ def run(config, workdir):
                 quant.calibrate(qmodel, first)
             return qmodel
 
-        def one(method, float_model=teacher, **kw):
+        def one(method, float_model=teacher, key=None, **kw):
+            """``method`` (rtn / gptq) on ``float_model``; kept as this setting's start ``key``."""
             result = oneshot.quantize(quantized(float_model), calib, method=method, act_order=bool(o.act_order),
                                       damp=float(o.damp), **pass_kw)
-            base[method] = result.model
+            base[key or method] = result.model
             return result.model, {"packed_mb": _packed_mb(result.model, workdir, o, setting.name, method),
                                   "layer_error": _mean(result.report, "error"),
                                   "rtn_layer_error": _mean(result.report, "rtn_error"), **kw}
@@ -173,7 +174,7 @@ def run(config, workdir):
             sm = oneshot.smooth(teacher, calib, method=method, alpha=float(o.smoothquant_alpha),
                                 bits=setting.w_bits, group_size=setting.group_size, **pass_kw)
             done = sum(r["smoothed"] for r in sm.report)
-            return one("rtn", sm.model, smoothed_sites=done, sites=len(sm.report))
+            return one("rtn", sm.model, key=method, smoothed_sites=done, sites=len(sm.report))
 
         def reconstructed(name, start):
             kw = dict(num_modules=int(o.mrem.num_modules), steps=int(o.mrem.steps),
@@ -221,10 +222,10 @@ def run(config, workdir):
 
 
 def _start(init, base, one, smoothed):
-    """The model REM / MREM start from: the RTN (or GPTQ / AWQ) model of this setting."""
+    """The model REM / MREM start from: the RTN (or GPTQ / AWQ) model of this setting, made now
+    unless its own row made it already."""
     if init not in base:
-        model, _ = smoothed(init) if init == "awq" else one(init)
-        base[init] = model
+        smoothed(init) if init == "awq" else one(init)
     return base[init]
 
 
