@@ -18,8 +18,9 @@ keeps between steps is the hidden states of the calibration set at one layer bou
 activations, nor one site's inputs for every example (``Result.info["held"]`` lists the shapes).
 The head's Linears (a pooler, an untied LM head) follow on the last layer's output.
 
-Methods: ``rtn`` / ``gptq`` write values on the grid and their scales into LSQ weight
-quantizers (so fake quantization, export, the integer path and a later MREM see them exactly);
+Methods: ``rtn`` / ``gptq`` write their scales into LSQ weight quantizers and, for GPTQ, the
+values on the grid into the kernels (RTN keeps the float latent weights, which round to its
+values), so fake quantization, export, the integer path and a later MREM see them exactly;
 ``awq`` / ``smoothquant`` rescale input channels of the float model and fold the inverse scale
 into the preceding norm or Linear, leaving the float function unchanged; ``sparsegpt`` (with
 ``bits`` also quantizing, in one pass), ``wanda`` and ``magnitude`` zero weights.
@@ -33,7 +34,6 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from efficient_nlp import train
 from efficient_nlp.data import eval_batches
@@ -225,8 +225,9 @@ class _Quantize:
                 values, scales = G.gptq(w, stats, bits, g, act_order=self.act_order, damp=self.damp,
                                         block_size=self.block_size)
             else:
-                values, scales = rtn_values, rtn_scales
+                values, scales = None, rtn_scales   # the latent weight rounds to RTN's values itself
             _write(q, wq, values, scales)
+            values = rtn_values if values is None else values
             rows.append(dict(site=path, layer=layer, method=method, tokens=int(stats.n),
                              error=float(G.layer_error(w, values, stats)),
                              rtn_error=float(G.layer_error(w, rtn_values, stats)),
@@ -235,11 +236,14 @@ class _Quantize:
 
 
 def _write(q, wq, values, scales):
+    """Puts a method's ``scales`` into the LSQ step of ``wq`` and its grid ``values`` (None: keep
+    the latent float weight, which the step rounds to the same values) into the kernel."""
     step = wq.step[...]
     if tuple(np.shape(scales)) != tuple(np.shape(step)):
         raise ValueError(f"{q.site}: the method's scales have shape {np.shape(scales)} but the weight "
                          f"quantizer's step has {np.shape(step)} (granularity {wq.quantizer.granularity})")
-    q.kernel[...] = jnp.asarray(values, q.kernel[...].dtype)
+    if values is not None:
+        q.kernel[...] = jnp.asarray(values, q.kernel[...].dtype)
     wq.step[...] = jnp.asarray(scales, step.dtype)
     wq.learn_scale = False   # a later REM / MREM trains the latent weights on these scales
 

@@ -4,6 +4,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_nlp import models
+from efficient_nlp.models import family as F
 
 
 def tiny_bert(seed=0, *, vocab=50, hidden=16, layers=2, heads=2, intermediate=24, labels=3, positions=16,
@@ -47,3 +48,18 @@ def tiny_decoder(kind="llama", *, vocab=61, layers=2, seed=0, heads=4, kv_heads=
     keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
     nnx.update(model, jax.tree.map(lambda x: x + noise * jax.random.normal(next(keys), x.shape), params))
     return model
+
+
+def lm_batch(n, length, vocab, seed=0):
+    """Random ids in [2, vocab) for a causal LM, the second row padded after position 6."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, vocab, (n, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@nnx.jit
+def logits(model, batch):
+    """The logits of any family's model on a batch dict (jitted once per model structure)."""
+    return F.forward(model, batch).logits

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient_nlp import distill, models, prune, quant, tree
+from efficient_nlp import distill, prune, quant, tree
 from efficient_nlp.models import family as F
 from efficient_nlp.quant import mrem, ptq
 from efficient_nlp.quant.mrem_parallel import module_slice
 
-from _tiny import tiny_decoder  # tests/_tiny.py
+from _tiny import lm_batch, logits, tiny_decoder  # tests/_tiny.py
 
 V, T = 50, 10
 KINDS = ("llama", "gpt2")
@@ -24,16 +24,7 @@ def tiny(kind="llama", layers=2, seed=0):
 
 
 def batch(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(2, V, (n, T)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@nnx.jit
-def logits(model, b):
-    return F.forward(model, b).logits
+    return lm_batch(n, T, V, seed)
 
 
 def valid(x, b):

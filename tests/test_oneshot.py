@@ -6,31 +6,22 @@ hidden states, never a whole model's activations."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from efficient_nlp import oneshot, quant
 from efficient_nlp.models import family as F
 
-from _tiny import tiny_bert, tiny_decoder  # tests/_tiny.py
+from _tiny import lm_batch, tiny_bert, tiny_decoder  # tests/_tiny.py
+from _tiny import logits as jit_logits
 
 V, T = 61, 12
 
 
-def calib(n=24, seed=0, vocab=V):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(2, vocab, (n, T)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@nnx.jit
-def _logits(model, b):
-    return F.forward(model, b).logits
+def calib(n=24, seed=0):
+    return lm_batch(n, T, V, seed)
 
 
 def logits(model, b):
-    return np.asarray(_logits(model, {k: jnp.asarray(v) for k, v in b.items()}))
+    return np.asarray(jit_logits(model, {k: jnp.asarray(v) for k, v in b.items()}))
 
 
 def lsq_spec(bits=4, a_bits=32, group_size=0):

@@ -14,6 +14,7 @@ from efficient_nlp import quant
 from efficient_nlp.quant import integer, quantizers
 
 import _tiny  # tests/_tiny.py
+from _tiny import logits
 
 H, L, N, I, C, T, V = 64, 1, 2, 128, 3, 8, 64
 G = 32  # group size: 2 groups per kernel of d_in = H, 4 for the FFN output (d_in = I)
@@ -25,11 +26,6 @@ def tiny_bert(seed=0):
 
 def batch(b=4):
     return _tiny.token_batch(b, T, V)
-
-
-@nnx.jit
-def logits(model, b):
-    return model(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits
 
 
 @pytest.fixture(scope="module")

@@ -166,7 +166,7 @@ def run(config, workdir):
             result = oneshot.quantize(quantized(float_model), calib, method=method, act_order=bool(o.act_order),
                                       damp=float(o.damp), **pass_kw)
             base[key or method] = result.model
-            return result.model, {"packed_mb": _packed_mb(result.model, workdir, o, setting.name, method),
+            return result.model, {"packed_mb": _packed_mb(result.model, workdir, o, setting.name, key or method),
                                   "layer_error": _mean(result.report, "error"),
                                   "rtn_layer_error": _mean(result.report, "rtn_error"), **kw}
 
@@ -176,7 +176,7 @@ def run(config, workdir):
             done = sum(r["smoothed"] for r in sm.report)
             return one("rtn", sm.model, key=method, smoothed_sites=done, sites=len(sm.report))
 
-        def reconstructed(name, start):
+        def reconstructed(name, start, row):
             kw = dict(num_modules=int(o.mrem.num_modules), steps=int(o.mrem.steps),
                       learning_rate=float(o.mrem.learning_rate), batch_size=int(o.batch_size), eval_batch_size=bs,
                       seed=int(o.seed))
@@ -187,7 +187,7 @@ def run(config, workdir):
                 out = mrem.mrem_s(start, teacher, calib, log=None, **kw)
             else:
                 out = mrem_p(start, teacher, calib, **kw)
-            return out.model, {"packed_mb": _packed_mb(out.model, workdir, o, setting.name, name)}
+            return out.model, {"packed_mb": _packed_mb(out.model, workdir, o, setting.name, row)}
 
         for name in methods:
             if name in ("rtn", "gptq"):
@@ -198,7 +198,7 @@ def run(config, workdir):
                 init, _, rec = name.partition("+")
                 init, rec = ("rtn", init) if not rec else (init, rec)
                 start = _start(init, base, one, smoothed)
-                record(results["quant"], setting.name, name, lambda: reconstructed(rec, start))
+                record(results["quant"], setting.name, name, lambda: reconstructed(rec, start, name))
 
     for sparsity, n_m in sparsities:
         key = f"{n_m[0]}:{n_m[1]}" if n_m else f"{sparsity:g}"
@@ -239,12 +239,18 @@ def _float_mb(model) -> float:
     return sum(int(np.size(x)) * 4 for x in jax.tree.leaves(nnx.state(model, nnx.Param))) / 2**20
 
 
-def _packed_mb(qmodel, workdir, o, setting, method) -> float:
-    """Size on disk of the packed integer artefact (kept under ``workdir/<setting>/<method>``
-    with ``config.oneshot.save_packed``, else written to a temporary directory and measured)."""
+def packed_dir(workdir: str, setting: str, row: str) -> str:
+    """Where a quantized row's packed artefact is kept with ``config.oneshot.save_packed``."""
+    return os.path.join(workdir, setting, row.replace("+", "_"))
+
+
+def _packed_mb(qmodel, workdir, o, setting, row) -> float:
+    """Size on disk of the packed integer artefact of table row ``row`` (kept under
+    `packed_dir` with ``config.oneshot.save_packed``, else written to a temporary directory and
+    measured)."""
     artifact = quant.export_packed(qmodel)
     if o.save_packed and train_lib.is_main_process():
-        out = os.path.join(workdir, setting, method.replace("+", "_"))
+        out = packed_dir(workdir, setting, row)
         quant.save_packed(artifact, out)
         return quant.packed_size_mb(out)
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,12 +6,13 @@
 The encoder section runs, with fixed seeds, on the built-in task with the embedded
 MiniLM-L6-H384 (or ``--model_dir``): full precision; QAT at W-E-A 4-4-8 / 2-2-8 / 1-1-8
 (METHODS.md 1.3); PTQ by REM, MREM-S and MREM-P at 4-4-8 and 2-2-8 (1.4); BinaryBERT, BWN vs TWS
-(1.5); pruning, magnitude vs movement at 90% and heads + FFN neurons at 50% with physical removal
+(1.5); one-shot RTN / GPTQ / AWQ / SmoothQuant / GPTQ + MREM-S at W4 g128 and W8A8 and
+SparseGPT / Wanda / magnitude at 2:4 (docs/oneshot.md); pruning, magnitude vs movement at 90% and heads + FFN neurons at 50% with physical removal
 (2.1); few-shot pruning with and without cross distillation, one example per class (2.2); a
 distilled 2-layer student (section 3).  The decoder section compresses the pre-trained decoder
 (`efficient_nlp.models.default_decoder_dir`, or ``--decoder``) with the configs/lm_*.py files and
 reports held-out perplexity (lower is better) and token accuracy: full precision, QAT 4-4-8, PTQ
-4-4-8 by REM and MREM-S, 50% key/value head groups + FFN neurons removed, 50% magnitude pruning
+4-4-8 by REM and MREM-S, the one-shot rows at W4 g64 and W8A8 and 2:4, 50% key/value head groups + FFN neurons removed, 50% magnitude pruning
 and a half-depth distilled student; without the decoder it is skipped, with the command that
 creates it.  Every row is a recipe of `efficient_nlp.recipes` run on its config file from
 ``configs/`` with overrides (step counts, teacher, seed): no recipe logic lives here.

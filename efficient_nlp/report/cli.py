@@ -217,8 +217,8 @@ def main(argv=None):
                    "methods on the built-in task, the pre-trained decoder's, or both; the page keeps the "
                    "other table from its last run")
     p.add_argument("--fast", action="store_true", help="small step counts and short sequences: the encoder "
-                   "section is sized for under 30 min on 2 idle CPU cores with --teacher and --jobs 2, the "
-                   "decoder section for a few minutes; the page says what it ran")
+                   "section is sized for about 30 min on 2 idle CPU cores with --teacher and --jobs 2, the "
+                   "decoder section for about 10 min; the page says what it ran")
     p.add_argument("--teacher", default="", help="a fine-tuned teacher (HF dir, e.g. runs/quickstart/model); "
                    "empty: fine-tune one first with configs/quickstart.py")
     p.add_argument("--model_dir", default="", help="pretrained model to fine-tune ('' = embedded MiniLM)")

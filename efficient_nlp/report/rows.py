@@ -434,11 +434,6 @@ def oneshot_overrides(o, settings: tuple, calibration: int, mrem_steps: int, num
     o.mrem.num_modules = min(int(o.mrem.num_modules), num_layers)
 
 
-def oneshot_packed_dir(run_dir: str, setting: str, method: str) -> str:
-    """Where the oneshot recipe keeps a quantized row's packed artefact (``config.oneshot.save_packed``)."""
-    return os.path.join(run_dir, setting, method.replace("+", "_"))
-
-
 def oneshot_collect(ctx, config, results: dict, run_dir: str, settings: tuple, make_row: Callable,
                     unit: str) -> list[Row]:
     """The rows of `oneshot_table` from the oneshot recipe's results: each quantized row measured
@@ -446,7 +441,7 @@ def oneshot_collect(ctx, config, results: dict, run_dir: str, settings: tuple, m
     recipe's density (`Context.pruned_row`); compression s is the row's own time as the recipe
     took it.  ``make_row(metrics, **fields) -> Row`` reads the section's metric; ``unit`` names
     a calibration example ("rows", "blocks")."""
-    from efficient_nlp.recipes.oneshot import parse_setting
+    from efficient_nlp.recipes.oneshot import packed_dir, parse_setting
     o = config.oneshot
     calib = f"{results['calibration']['size']} calibration {unit}"
     how = {"awq": "AWQ scales, then RTN", "smoothquant": f"SmoothQuant scales (alpha {o.smoothquant_alpha}), then RTN",
@@ -458,7 +453,7 @@ def oneshot_collect(ctx, config, results: dict, run_dir: str, settings: tuple, m
             note = "; ".join([calib] + ([how[method]] if method in how else []) + ["embeddings and head in float"])
             row = make_row(r["metrics"], seconds=r["seconds"], note=note)
             spec = parse_setting(key).spec(str(o.activation_method))
-            rows.append(ctx.quantized_row(row, spec, oneshot_packed_dir(run_dir, key, method)))
+            rows.append(ctx.quantized_row(row, spec, packed_dir(run_dir, key, method)))
         else:
             row = make_row(r["metrics"], seconds=r["seconds"],
                            note=f"{calib}; {key} in every layer Linear, stored and run dense; latency not "
