@@ -2,6 +2,7 @@
 import os
 import shutil
 
+import jax
 import pytest
 from flax import nnx
 
@@ -9,6 +10,14 @@ from efficient_nlp import models
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs():
+    """Drops jax's compiled programs after each test module: the suite compiles thousands, and
+    keeping them all grows the process by gigabytes."""
+    yield
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")
