@@ -20,7 +20,8 @@ sys.path.insert(0, REPO)  # configs/ is importable from the repository root
 TINY = dict(name="tiny", description="tiny settings for tests", max_length=16, batch_size=8, eval_batch_size=64,
             max_train_examples=96, qat_steps=(2, 2), ptq_calibration=16, ptq_batch_size=8, rem_steps=2,
             mrem_steps=2, binarybert_steps=2, prune_steps=4, cd_steps=2, distill_steps=(2, 2),
-            oneshot_calibration=16, oneshot_mrem_steps=2, latency_batch=2, latency_repeats=2)
+            oneshot_calibration=16, oneshot_mrem_steps=2, lowrank_steps=(2, 2), sharing_steps=(2, 2), peft_steps=2,
+            latency_batch=2, latency_repeats=2)
 TINY_LM = dict(lm_description="tiny decoder settings for tests", lm_block_size=32, lm_max_documents=200,
                lm_eval_blocks=8, lm_batch_size=4, lm_qat_steps=(2, 2), lm_ptq_calibration=16, lm_rem_steps=2,
                lm_mrem_steps=2, lm_prune_steps=4, lm_distill_steps=(2, 2), lm_oneshot_calibration=16,
@@ -164,13 +165,15 @@ def test_every_row_config_passes_its_recipe_checks(tiny_teacher, tmp_path):
         if hasattr(recipe, "check_config"):
             recipe.check_config(config)
         teacher = config.get("teacher_dir") or config.get("model_dir")
-        assert teacher == tiny_teacher, exp.key
+        # the parameter-efficient rows fine-tune the pretrained model, as the teacher was
+        assert teacher == (ctx.settings.model_dir if exp.key == "peft" else tiny_teacher), exp.key
         if "train" in config:
             assert config.train.seed == 0 and config.train.batch_size == 8
         for stage in config.get("distill", {}).get("stages", []):
             assert stage["num_steps"] == 2, exp.key
     assert {"qat_4_4_8", "qat_2_2_8", "qat_1_1_8", "ptq_4_4_8", "ptq_2_2_8", "oneshot", "prune_magnitude_90",
-            "prune_movement_90", "prune_structured_50", "fewshot_wo_cd", "fewshot_cd", "distill_2l"} <= keys
+            "prune_movement_90", "prune_structured_50", "fewshot_wo_cd", "fewshot_cd", "distill_2l", "lowrank_svd",
+            "sharing", "peft"} <= keys
 
 
 # ----------------------------------------------------------------------------- one-shot rows

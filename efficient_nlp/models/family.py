@@ -299,9 +299,15 @@ def head_layout(model, i: int = 0) -> HeadLayout:
     """Heads, KV heads and head width of layer ``i`` (read from its kernels, so physically
     pruned layers report what they hold)."""
     d = model.config.attention_head_dim
-    q = get_module(model, site_path(model, i, "q")).kernel.get_value()
-    k = get_module(model, site_path(model, i, "k")).kernel.get_value()
-    return HeadLayout(int(np.shape(q)[-1]) // d, int(np.shape(k)[-1]) // d, d)
+    q = _out_features(get_module(model, site_path(model, i, "q")))
+    k = _out_features(get_module(model, site_path(model, i, "k")))
+    return HeadLayout(q // d, k // d, d)
+
+
+def _out_features(linear) -> int:
+    """Output width of a Linear or of a module standing in for one (quantized, factorised, LoRA)."""
+    width = getattr(linear, "out_features", None)
+    return int(width) if width is not None else int(np.shape(linear.kernel.get_value())[-1])
 
 
 def num_neurons(model, i: int) -> int:

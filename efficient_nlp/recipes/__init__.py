@@ -17,6 +17,9 @@ RECIPES = {
     "binarybert": "efficient_nlp.recipes.binarybert",
     "binarybert_adaptive": "efficient_nlp.recipes.adaptive_split",
     "causal_lm": "efficient_nlp.recipes.causal_lm",
+    "lowrank": "efficient_nlp.recipes.lowrank",
+    "sharing": "efficient_nlp.recipes.sharing",
+    "peft": "efficient_nlp.recipes.peft",
 }
 
 

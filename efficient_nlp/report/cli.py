@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -161,7 +162,8 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
     returns every row of both sections (earlier records kept for the others).
 
     The encoder section compresses ``teacher_dir`` (fine-tuned first from ``model_dir`` when
-    empty); the decoder section ``decoder_dir`` ("" = `efficient_nlp.models.default_decoder_dir`;
+    empty; the parameter-efficient rows fine-tune ``model_dir`` itself); the decoder section
+    ``decoder_dir`` ("" = `efficient_nlp.models.default_decoder_dir`;
     when that holds no decoder the section is skipped with the command that creates it).  The
     page holds both sections' tables, the one not run kept from its last run; the decoder's plot
     is ``<plot>_decoder.png``.  ``jobs`` > 1: the recipes run that many at a time in fresh
@@ -171,6 +173,7 @@ def build_report(workdir: str, settings: Settings, *, teacher_dir: str = "", mod
     if section not in SECTIONS:
         raise ValueError(f"unknown section {section!r}; choose one of {', '.join(SECTIONS)}")
     ensure_configs_importable()
+    settings = dataclasses.replace(settings, model_dir=model_dir)
     os.makedirs(workdir, exist_ok=True)
     markdown = markdown or os.path.join(workdir, "results.md")
     plot = plot or os.path.join(os.path.dirname(os.path.abspath(markdown)), "results_pareto.png")

@@ -111,7 +111,8 @@ def run_experiment(exp: Experiment, ctx: Context, *, remeasure: bool = False) ->
 # recorded wall time: the pool starts the longest first so that two workers finish together.
 _TYPICAL_SECONDS = {"oneshot": 830, "ptq": 600, "binarybert": 460, "fewshot_cd": 420, "prune": 320, "distill": 320,
                     "fewshot_wo_cd": 300, "qat": 200, "lm_oneshot": 610, "lm_ptq": 150, "lm_qat": 120,
-                    "lm_prune": 90, "lm_distill": 90}
+                    "lm_prune": 90, "lm_distill": 90, "lowrank": 400, "sharing": 250,
+                    "peft": 300}
 
 
 def load_walls(path) -> dict:

@@ -25,6 +25,7 @@ class Settings:
     name: str
     description: str
     seed: int = 0
+    model_dir: str = ""                # the pretrained model ("" = the embedded MiniLM): the teacher's and PEFT rows' start
     max_length: int = 64
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -42,6 +43,9 @@ class Settings:
     distill_steps: tuple = (200, 200)  # intermediate, prediction stage
     oneshot_calibration: int = 128     # one-shot rows: calibration rows (the literature's 128)
     oneshot_mrem_steps: int = 100      # per module, GPTQ + MREM-S
+    lowrank_steps: tuple = (200, 200)  # SVD rows: intermediate, prediction stage of the recovery
+    sharing_steps: tuple = (200, 200)  # sharing row: the same
+    peft_steps: int = 300              # LoRA / QLoRA rows: fine-tuning steps
     latency_batch: int = 8
     latency_repeats: int = 10
     # The decoder section (0 or (): the value of its configs/lm_*.py file).
@@ -69,7 +73,7 @@ class Settings:
     def fast(cls):
         s = dict(max_length=32, qat_steps=(30, 30), ptq_calibration=256, rem_steps=10, mrem_steps=20,
                  binarybert_steps=20, prune_steps=60, cd_steps=40, distill_steps=(40, 40),
-                 oneshot_mrem_steps=20,
+                 oneshot_mrem_steps=20, lowrank_steps=(40, 40), sharing_steps=(40, 40), peft_steps=100,
                  lm_max_documents=1000, lm_eval_blocks=32, lm_batch_size=8, lm_qat_steps=(20, 20),
                  lm_ptq_calibration=64, lm_rem_steps=10, lm_mrem_steps=20, lm_prune_steps=40,
                  lm_distill_steps=(20, 20), lm_oneshot_calibration=64, lm_oneshot_mrem_steps=20,
@@ -79,7 +83,8 @@ class Settings:
                 "with REM 10 steps per matmul and MREM 20 steps per module, BinaryBERT 20 steps per "
                 "stage, pruning 60 steps of fine-tuning from the teacher, CD 40 steps per layer, "
                 "distillation 40+40 steps (the configs use 5-15x more), one-shot rows on 128 "
-                "calibration rows with MREM-S 20 steps per module; numbers show directions, "
+                "calibration rows with MREM-S 20 steps per module, SVD and sharing recovered by "
+                "40+40 distillation steps, LoRA / QLoRA 100 steps; numbers show directions, "
                 "not converged results")
         lm_desc = ("--fast: 1000 training documents, 32 held-out blocks of 128 tokens, batches of 8 "
                    "blocks, QAT 20+20 steps, PTQ 64 calibration blocks with REM 10 steps per matmul and "
@@ -574,6 +579,7 @@ DISTILL = Experiment("distill_2l", ("distilled 2-layer student (two-stage KD)",)
 # ----------------------------------------------------------------------------- the list
 def experiments() -> list[Experiment]:
     """Every experiment of the report, in table order."""
+    from efficient_nlp.report import lowrank_rows
     return [
         _qat((4, 4, 8)), _qat((2, 2, 8)), _qat((1, 1, 8)),
         _ptq((4, 4, 8)), _ptq((2, 2, 8)),
@@ -584,7 +590,7 @@ def experiments() -> list[Experiment]:
         _prune_experiment("prune_structured_50", "pruning, 50% heads + FFN neurons, shrunk", "prune_structured", "0.5"),
         _cd("wo_cd"), _cd("cd"),
         DISTILL,
-    ]
+    ] + lowrank_rows.experiments()
 
 
 def row_keys(exp: Experiment) -> list[str]:

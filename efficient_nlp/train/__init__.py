@@ -60,6 +60,7 @@ from efficient_nlp.train.optim import (
 
 from efficient_nlp.train.evaluate import make_eval_fn, predict, predict_logits
 from efficient_nlp.train.latency import compare_latency, measure_latency, token_batch
+from efficient_nlp.train.memory import step_memory, tree_bytes
 
 __all__ = [
     "CheckpointError", "Checkpointer", "CorruptCheckpointError", "DATA_AXIS",
@@ -68,6 +69,6 @@ __all__ = [
     "default_distributed_config", "default_train_config", "fit", "init_distributed", "init_state",
     "is_main_process", "make_eval_fn", "make_lr_schedule", "make_mesh", "make_optimizer", "make_step",
     "make_step_runner", "mean_metrics", "measure_latency", "place", "predict", "predict_logits", "read_metrics",
-    "replicate", "replicated", "run", "scalars_to_host", "shard_batch", "to_host", "token_batch",
-    "train_options", "weight_decay_mask",
+    "replicate", "replicated", "run", "scalars_to_host", "shard_batch", "step_memory", "to_host", "token_batch",
+    "train_options", "tree_bytes", "weight_decay_mask",
 ]
