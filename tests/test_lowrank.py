@@ -385,3 +385,13 @@ def test_load_a_factorised_encoder_with_a_fresh_classifier(tiny, tmp_path):
     assert lowrank.layout(clf) == lowrank.layout(small)
     np.testing.assert_array_equal(np.asarray(F.forward(clf, batch).last_hidden_state),
                                   np.asarray(F.forward(small, batch).last_hidden_state))
+
+
+def test_the_first_factor_of_an_ffn_out_site_keeps_its_unsigned_input():
+    """The input of ``ffn_out``'s ``down`` factor is the GELU output, as the dense site's was;
+    ``up`` reads the thin intermediate (signed)."""
+    model, _ = lowrank.factorize(tiny_bert(), rank=2)
+    _, sites = quant.find_sites(model)
+    ffn_out = F.site_path(model, 0, "ffn_out")
+    assert sites[f"{ffn_out}.down.input"] == "activation_unsigned"
+    assert sites[f"{ffn_out}.up.input"] == "activation"

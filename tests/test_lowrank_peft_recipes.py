@@ -127,3 +127,28 @@ def test_lm_peft_keeps_the_decoder_head_frozen(tiny_decoder_dir, tmp_path):
     trained_params = results["methods"]["lora"]["trainable_params"]
     model, _ = peft.add_lora(base, roles=tuple(config.peft.roles.split(",")), rank=8)
     assert trained_params == count_params(model, peft.trainable(model, head=False))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lm_lowrank", "lm_sharing"])
+def test_decoder_configs_recover_a_factorised_or_shared_decoder(name, tiny_decoder_dir, tmp_path):
+    from configs.lm_lowrank import lm_recovery_stages
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.teacher_dir = tiny_decoder_dir
+    config.data.update(max_length=32, max_documents=200, eval_blocks=8)
+    config.train.update(dict(batch_size=4, eval_batch_size=8, eval_every=0, checkpoint_every=0,
+                             progress_bar=False, tensorboard=False))
+    config.distill.stages = lm_recovery_stages(2, steps=(2, 2))
+    if name == "lm_lowrank":
+        config.lowrank.settings = "r4"
+    else:
+        config.sharing.num_unique = 1
+    results = run_recipe(config, str(tmp_path))
+    if name == "lm_lowrank":
+        reported = results["settings"]["r4"]["student"]
+        model = lowrank.load(os.path.join(tmp_path, "r4", "student"))
+    else:
+        reported = results["student"]
+        model = sharing.load(os.path.join(tmp_path, "student"))
+    assert _dev_metrics(config, tiny_decoder_dir, model)["perplexity"] == pytest.approx(reported["perplexity"],
+                                                                                        rel=1e-5)

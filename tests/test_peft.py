@@ -433,3 +433,17 @@ def test_a_directory_written_by_hf_peft_loads_with_the_same_logits(tmp_path):
     loaded = peft.load_peft_dir(model, tmp_path / "adapter")
     assert sorted(peft.lora.wrappers(loaded)) == sorted(s.path for s in F.sites(model, ("q", "v")))
     np.testing.assert_allclose(eager_logits(loaded, BERT_BATCH), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_a_physically_pruned_model_follows_its_smaller_widths():
+    """Composes with structured pruning: after heads and FFN neurons are removed, LoRA's factors
+    take the pruned Linears' widths and the start still equals the pruned model."""
+    model = tiny_bert()
+    small = F.resized(model, heads=[[1], [0]], neurons=[list(range(0, 24, 2)), list(range(10))])
+    lmodel, _ = peft.add_lora(small, roles=("q", "ffn_in", "ffn_out"), rank=2)
+    batch = token_batch(2, 8, 50)
+    np.testing.assert_array_equal(F.forward(lmodel, batch).logits, F.forward(small, batch).logits)
+    q = F.get_module(lmodel, F.site_path(lmodel, 0, "q"))
+    ffn_out = F.get_module(lmodel, F.site_path(lmodel, 1, "ffn_out"))
+    assert q.lora_b.get_value().shape == (2, 8)          # one head of 8 kept
+    assert ffn_out.lora_a.get_value().shape == (10, 2)   # 10 neurons kept

@@ -50,10 +50,20 @@ def _attention_paths(model, fam) -> set[str]:
     return paths
 
 
+#: Sub-module names of a wrapped Linear that read the site's own input: the first factor of a
+#: factorised Linear (`efficient_nlp.lowrank.LowRankLinear`), the base under LoRA / an adapter.
+_SAME_INPUT = (".down", ".base")
+
+
 def _unsigned_input(model, fam, name: str) -> bool:
-    """Whether the Linear at ``name`` has a mostly non-negative input (its role is one of the
-    family's ``unsigned_input_roles``: after GELU / ReLU)."""
-    site = None if fam is None else F.site_of(model, name)
+    """Whether the Linear at ``name`` has a mostly non-negative input (its role, or the role of
+    the site it is the input-reading part of, is one of the family's ``unsigned_input_roles``:
+    after GELU / ReLU)."""
+    if fam is None:
+        return False
+    while name.endswith(_SAME_INPUT) and F.site_of(model, name) is None:
+        name = name.rpartition(".")[0]
+    site = F.site_of(model, name)
     return site is not None and site.role in fam.unsigned_input_roles
 
 

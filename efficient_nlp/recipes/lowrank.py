@@ -140,16 +140,21 @@ def run(config, workdir):
     return results
 
 
+def _width(metric: str) -> int:
+    return len(metric) + 7
+
+
 def format_results(results) -> str:
     """Teacher and each setting: dev metrics before / after recovery, parameters, speed-up."""
     keys = list(results["teacher"])
     lines = [f"Task {results['task']}: low rank ({results['method']}); forward batch time of the teacher "
              f"{results['teacher_forward_ms']:.1f} ms",
-             f"{'model':<16}" + "".join(f"{k + ' init':>16}{k:>12}" for k in keys) + f"{'params':>12}{'ratio':>7}{'speed-up':>9}"]
-    lines.append(f"{'teacher':<16}" + "".join(f"{'':>16}{results['teacher'][k]:>12.4f}" for k in keys)
+             f"{'model':<16}" + "".join(f"{k + ' init':>{_width(k)}}{k:>{_width(k)}}" for k in keys)
+             + f"{'params':>12}{'ratio':>7}{'speed-up':>9}"]
+    lines.append(f"{'teacher':<16}" + "".join(f"{'':>{_width(k)}}{results['teacher'][k]:>{_width(k)}.4f}" for k in keys)
                  + f"{results['teacher_params']:>12,}{1:>7.2f}{1:>9.2f}")
     for name, r in results["settings"].items():
-        lines.append(f"{name:<16}" + "".join(f"{r['student_init'].get(k, np.nan):>16.4f}{r['student'].get(k, np.nan):>12.4f}"
-                                             for k in keys)
+        lines.append(f"{name:<16}" + "".join(f"{r['student_init'].get(k, np.nan):>{_width(k)}.4f}"
+                                             f"{r['student'].get(k, np.nan):>{_width(k)}.4f}" for k in keys)
                      + f"{r['params']:>12,}{r['params_ratio']:>7.2f}{r['speedup']:>9.2f}")
     return "\n".join(lines)
