@@ -1,5 +1,21 @@
-"""Shared pieces of the benchmark scripts: a synthetic BERT batch (timing: `efficient_nlp.train.compare_latency`)."""
+"""Shared pieces of the benchmark scripts: the model they time and a synthetic BERT batch (timing:
+`efficient_nlp.train.compare_latency`)."""
 import numpy as np
+from flax import nnx
+
+from efficient_nlp import models
+
+
+def minilm(model_dir=""):
+    """``(model, source)``: the sequence classifier (2 labels) of ``model_dir``, default the embedded
+    MiniLM-L6-H384, or a random model of its shape when that package is not installed."""
+    try:
+        return (models.from_pretrained(model_dir or models.default_model_dir(), num_labels=2),
+                model_dir or "embedded MiniLM-L6-H384")
+    except ModuleNotFoundError:
+        cfg = models.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                intermediate_size=1536, num_labels=2)
+        return models.BertForSequenceClassification(cfg, rngs=nnx.Rngs(0)), "random MiniLM-L6-H384-shaped model"
 
 
 def random_batch(vocab_size, batch, seq, seed=0, low=1000):

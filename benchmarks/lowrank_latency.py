@@ -18,11 +18,12 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from efficient_nlp import lowrank, models, train  # noqa: E402
+from efficient_nlp import lowrank, train  # noqa: E402
 from efficient_nlp.models.flops import forward_flops  # noqa: E402
 from efficient_nlp.prune import count_params  # noqa: E402
+
+from _common import minilm  # noqa: E402
 
 ROLES = ("q", "k", "v", "o", "ffn_in", "ffn_out")
 
@@ -39,14 +40,7 @@ def main():
     ap.add_argument("--batch_sizes", default="8,1")
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
-    try:
-        model = models.from_pretrained(args.model_dir or models.default_model_dir(), num_labels=2)
-        source = args.model_dir or "embedded MiniLM-L6-H384"
-    except ModuleNotFoundError:
-        cfg = models.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                intermediate_size=1536, num_labels=2)
-        model = models.BertForSequenceClassification(cfg, rngs=nnx.Rngs(0))
-        source = "random MiniLM-L6-H384-shaped model"
+    model, source = minilm(args.model_dir)
     log(f"{source}: {count_params(model) / 1e6:.2f}M parameters; {jax.devices()[0].platform}, "
         f"{os.cpu_count()} cores")
     t = args.seq_len

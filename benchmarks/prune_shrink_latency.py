@@ -18,7 +18,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from efficient_nlp import models, prune, train  # noqa: E402
+from efficient_nlp import prune, train  # noqa: E402
+
+from _common import minilm  # noqa: E402
 
 
 def main():
@@ -29,14 +31,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
-    try:
-        model = models.from_pretrained(args.model_dir or models.default_model_dir(), num_labels=2)
-        source = args.model_dir or "embedded MiniLM-L6-H384"
-    except ModuleNotFoundError:
-        cfg = models.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                intermediate_size=1536)
-        model = models.BertForSequenceClassification(cfg, rngs=nnx.Rngs(0))
-        source = "random MiniLM-L6-H384-shaped model"
+    model, source = minilm(args.model_dir)
     d = model.config.attention_head_dim
     rules = [prune.rule(r"attention\.(query|key|value)\.(kernel|bias)$|attention\.output\.kernel$", "heads",
                         args.fraction, "uniform", head_dim=d),

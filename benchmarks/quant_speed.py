@@ -25,22 +25,14 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from efficient_nlp import models, quant, train, tree  # noqa: E402
+from efficient_nlp import quant, train, tree  # noqa: E402
 from efficient_nlp.recipes.finetune import task_loss  # noqa: E402
 
-from _common import random_batch  # noqa: E402
+from _common import minilm, random_batch  # noqa: E402
 
 
 
 
-def load(model_dir):
-    try:
-        return models.from_pretrained(model_dir or models.default_model_dir(), num_labels=2), \
-            model_dir or "embedded MiniLM-L6-H384"
-    except ModuleNotFoundError:
-        cfg = models.BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                intermediate_size=1536, num_labels=2)
-        return models.BertForSequenceClassification(cfg, rngs=nnx.Rngs(0)), "random MiniLM-shaped model"
 
 
 def train_steps(model, batch, args):
@@ -102,7 +94,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: train,infer,size")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    model, source = load(args.model_dir)
+    model, source = minilm(args.model_dir)
     batch = random_batch(model.config.vocab_size, max(args.batch, args.infer_batch), args.seq)
     print(f"{source}; jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} cores")
     if "train" not in skip:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_nlp import models
+from efficient_nlp import models, train
 from efficient_nlp.models import family as F
 
 MODES = ("all", "sequence", "cycle", "cycle_rev")
@@ -128,7 +128,7 @@ def _groups(assign) -> list[list[int]]:
 def unique_param_count(model) -> int:
     """Parameters stored: every ``nnx.Param`` element once, a shared layer counted once (what
     ``efficient_nlp.prune.count_params`` and ``efficient_nlp.distill.num_params`` count)."""
-    return int(sum(np.prod(v.get_value().shape) for v in models.named_params(model).values()))
+    return train.count_params(model)
 
 
 def param_count(model) -> int:
@@ -142,7 +142,7 @@ def param_count(model) -> int:
 
 def stored_nbytes(model) -> int:
     """Bytes of the parameters stored (each shared parameter once)."""
-    return int(sum(np.asarray(v.get_value()).nbytes for v in models.named_params(model).values()))
+    return train.tree_bytes(nnx.state(model, nnx.Param))
 
 
 # ----------------------------------------------------------------------------- sharing

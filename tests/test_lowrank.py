@@ -395,3 +395,11 @@ def test_the_first_factor_of_an_ffn_out_site_keeps_its_unsigned_input():
     ffn_out = F.site_path(model, 0, "ffn_out")
     assert sites[f"{ffn_out}.down.input"] == "activation_unsigned"
     assert sites[f"{ffn_out}.up.input"] == "activation"
+
+
+def test_saving_a_factorised_model_with_lora_says_what_to_do(tmp_path):
+    from efficient_nlp import peft
+    model, _ = lowrank.factorize(tiny_bert(), rank=2)
+    lora, _ = peft.add_lora(model)
+    with pytest.raises(ValueError, match="save_adapter|merge"):
+        lowrank.save(lora, tmp_path / "out")

@@ -9,7 +9,6 @@ import pytest
 from efficient_nlp import data as data_lib
 from efficient_nlp import lowrank, models, peft, sharing
 from efficient_nlp import train
-from efficient_nlp.peft.lora import count_params
 from efficient_nlp.recipes import lowrank as lowrank_recipe
 from efficient_nlp.recipes import peft as peft_recipe
 from efficient_nlp.recipes import run_recipe
@@ -25,7 +24,7 @@ def _tiny(config, **data):
 
 def _dev_metrics(config, model_dir, model):
     task = load_data(config, model_dir)
-    logits = train.predict(peft_recipe.in_eval_mode(model), task.dev, 32)
+    logits = train.predict(model, task.dev, 32)
     return data_lib.compute_metrics(task.spec, logits, task.dev["labels"], None)
 
 
@@ -126,7 +125,7 @@ def test_lm_peft_keeps_the_decoder_head_frozen(tiny_decoder_dir, tmp_path):
     base = models.from_pretrained(tiny_decoder_dir)
     trained_params = results["methods"]["lora"]["trainable_params"]
     model, _ = peft.add_lora(base, roles=tuple(config.peft.roles.split(",")), rank=8)
-    assert trained_params == count_params(model, peft.trainable(model, head=False))
+    assert trained_params == train.count_params(model, peft.trainable(model, head=False))
 
 
 @pytest.mark.slow
@@ -152,3 +151,13 @@ def test_decoder_configs_recover_a_factorised_or_shared_decoder(name, tiny_decod
         model = sharing.load(os.path.join(tmp_path, "student"))
     assert _dev_metrics(config, tiny_decoder_dir, model)["perplexity"] == pytest.approx(reported["perplexity"],
                                                                                         rel=1e-5)
+
+
+@pytest.mark.parametrize("module,key,value", [("peft", "roles", "q,value"), ("peft", "adapter_roles", "ffn"),
+                                              ("peft", "grid", "lsq"), ("lowrank", "roles", "attention")])
+def test_bad_roles_and_grids_fail_at_config_time(module, key, value):
+    config = importlib.import_module(f"configs.{module}").get_config()
+    config[module][key] = value
+    recipe = peft_recipe if module == "peft" else lowrank_recipe
+    with pytest.raises(ValueError, match="role|grid"):
+        recipe.check_config(config)

@@ -447,3 +447,20 @@ def test_lora_on_a_physically_pruned_model_follows_its_smaller_widths():
     ffn_out = F.get_module(lmodel, F.site_path(lmodel, 1, "ffn_out"))
     assert q.lora_b.get_value().shape == (2, 8)          # one head of 8 kept
     assert ffn_out.lora_a.get_value().shape == (10, 2)   # 10 neurons kept
+
+
+def test_predict_switches_lora_dropout_off_and_qlora_reports_every_weight():
+    """Evaluation (`train.predict`) runs LoRA with its dropout off, whatever the module's mode;
+    the report of LoRA on a packed base counts the packed weights as parameters."""
+    model, report = peft.add_lora(tiny_bert(), dropout=0.5)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, peft.LoraLinear):
+            module.lora_b.set_value(module.lora_b.get_value() + 1.0)
+    arrays = {**token_batch(4, 8, 50), "labels": np.zeros(4, np.int32)}
+    first, second = train.predict(model, arrays, 2), train.predict(model, arrays, 2)
+    np.testing.assert_array_equal(first, second)
+    off = train.copy_model(model)
+    off.eval()
+    np.testing.assert_allclose(first, F.forward(off, arrays).logits, atol=1e-5)
+    packed, _ = peft.qlora.quantize_base(tiny_bert(), block_size=8)
+    assert peft.add_lora(packed)[1].total_params == report.total_params

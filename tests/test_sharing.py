@@ -213,3 +213,20 @@ def test_save_needs_a_shared_model_with_intact_ties(tmp_path):
     F.layer_stack(shared)[3] = nnx.clone(F.layer_stack(shared)[0])
     with pytest.raises(ValueError, match=r"positions \[0, 3\] to one layer, but position\(s\) \[3\]"):
         sharing.save(shared, tmp_path / "b")
+
+
+def test_module_replacing_transforms_keep_a_shared_layer_shared():
+    """LoRA, factorisation and the packed 4-bit base wrap a shared layer's Linears once: every
+    position still runs the same (wrapped) module, and nothing is wrapped twice."""
+    from efficient_nlp import lowrank, peft
+
+    shared, _ = sharing.share_layers(tiny_bert(), 1, "all")
+    lora, report = peft.add_lora(shared, roles=("q",))
+    assert len(report.targets) == 1
+    q0, q1 = (F.get_module(lora, F.site_path(lora, i, "q")) for i in (0, 1))
+    assert q0 is q1 and not isinstance(q0.base, peft.LoraLinear)
+    factorised, report = lowrank.factorize(shared, rank=2)
+    assert len(report.rows) == len(F.family_of(shared).layer_sites)
+    packed, report = peft.qlora.quantize_base(shared, block_size=8)
+    assert len(report.sites) == len(F.family_of(shared).layer_sites)
+    assert F.layer_stack(packed)[0] is F.layer_stack(packed)[1]

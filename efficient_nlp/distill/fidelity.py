@@ -6,9 +6,7 @@ next to the task metric by `make_fidelity_eval_fn`.
 """
 from __future__ import annotations
 
-import jax
 import numpy as np
-from flax import nnx
 
 from efficient_nlp.distill import losses as L
 
@@ -61,8 +59,10 @@ def make_fidelity_eval_fn(arrays, batch_size, metric_fn, teacher_logits):
 
 
 def num_params(model) -> int:
-    """Number of parameters (``nnx.Param`` leaves) of a model."""
-    return int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    """Number of parameters (``nnx.Param`` leaves) of a model: `efficient_nlp.train.count_params`."""
+    from efficient_nlp import train
+
+    return train.count_params(model)
 
 
 def forward_seconds(model, batch, *, repeats=5) -> float:

@@ -46,7 +46,12 @@ def restructure(model, layout: dict, *, seed: int = 0):
     ``layout["embedding_dim"]`` (if not None); returns ``model``.  The structure `load` fills."""
     rngs = nnx.Rngs(seed)
     for path, rank in layout["ranks"].items():
-        linear = F.get_module(model, path)
+        try:
+            linear = F.get_module(model, path)
+        except (AttributeError, IndexError):
+            raise ValueError(f"lowrank.json names {path}, which the model built from config.json does not have: "
+                             "the two files are from different models; save the model again with "
+                             "efficient_nlp.lowrank.save") from None
         if not isinstance(linear, nnx.Linear):
             raise ValueError(f"lowrank layout names {path}, which is a {type(linear).__name__}, not an nnx.Linear")
         F.set_module(model, path, LowRankLinear.like(linear, int(rank), rngs=rngs))
@@ -82,6 +87,11 @@ def save(model, out_dir: str | os.PathLike) -> str:
     kind = type(model).__name__
     if kind not in fam.architectures:
         raise TypeError(f"save writes the models of efficient_nlp.models ({sorted(fam.architectures)}), got {kind}")
+    wrapped = [".".join(map(str, path)) for path, m in nnx.iter_modules(model) if hasattr(m, "base")]
+    if wrapped:
+        raise ValueError(f"{wrapped[0]} wraps its Linear (LoRA or an adapter); save the factorised model before "
+                         "adding them and the adapter with efficient_nlp.peft.save_adapter, or merge LoRA first "
+                         "(efficient_nlp.peft.merge)")
     lay = layout(model)
     if not lay["ranks"] and lay["embedding_dim"] is None:
         raise ValueError("the model is not factorised (no LowRankLinear, no FactorizedEmbed); save it with "

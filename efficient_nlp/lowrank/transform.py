@@ -45,7 +45,7 @@ def _select(model, roles, rules) -> list[F.Site]:
     unknown = sorted(set(roles) - set(F.LAYER_ROLES))
     if unknown:
         raise ValueError(f"unknown role(s) {unknown}; roles are {F.LAYER_ROLES}")
-    sites = F.sites(model, tuple(roles))
+    sites = F.sites(model, tuple(roles), unique=True)
     if not sites:
         raise ValueError(f"family {F.family_of(model).name!r} has none of the roles {tuple(roles)}")
     if rules is None:
@@ -289,7 +289,7 @@ def factorize_embedding(model, dim: int):
 
 # ----------------------------------------------------------------------------- data for the weights
 def _site_paths(model, sites) -> list[str]:
-    paths = [s.path for s in F.sites(model)] if sites is None else list(sites)
+    paths = [s.path for s in F.sites(model, unique=True)] if sites is None else list(sites)
     for path in paths:
         _linear(model, path)
     return paths

@@ -225,12 +225,23 @@ def site_path(model, i: int, role: str) -> str:
     return f"{layer_path(model, i)}.{fam.layer_sites[role]}"
 
 
-def sites(model, roles=LAYER_ROLES) -> list[Site]:
+def sites(model, roles=LAYER_ROLES, *, unique: bool = False) -> list[Site]:
     """Every matmul site of the layer stack with a role in ``roles``, layer by layer, each layer
-    in the order of `LAYER_ROLES` (roles the family lacks are skipped)."""
+    in the order of `LAYER_ROLES` (roles the family lacks are skipped).  ``unique``: each module
+    once, so a layer that several positions share (`efficient_nlp.sharing`) gives its sites at
+    its first position only (for transforms that replace modules: wrapping twice is wrong)."""
     fam = family_of(model)
-    return [Site(i, r, f"{layer_path(model, i)}.{fam.layer_sites[r]}")
-            for i in range(num_layers(model)) for r in LAYER_ROLES if r in roles and r in fam.layer_sites]
+    out = [Site(i, r, f"{layer_path(model, i)}.{fam.layer_sites[r]}")
+           for i in range(num_layers(model)) for r in LAYER_ROLES if r in roles and r in fam.layer_sites]
+    if not unique:
+        return out
+    seen, kept = set(), []
+    for site in out:
+        key = id(get_module(model, site.path))
+        if key not in seen:
+            seen.add(key)
+            kept.append(site)
+    return kept
 
 
 def _parse_site(fam: Family, path: str) -> Site | None:

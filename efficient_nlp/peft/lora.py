@@ -190,7 +190,7 @@ def find_targets(model, roles, rules, *, what: str) -> list[str]:
             raise ValueError(f"{what}: roles need a model family ({type(model).__name__} has none); choose "
                              "targets with rules=[regex over module paths] and roles=()")
         fam.require(*roles, what=what)
-        paths += [s.path for s in F.sites(model, roles)]
+        paths += [s.path for s in F.sites(model, roles, unique=True)]
     if rules is not None:
         candidates = linear_paths(model)
         compiled = tree.compile_rules(rules)
@@ -244,11 +244,6 @@ def trainable(model, *, head: bool = True) -> Trainable:
     return Trainable(tuple(F.head_paths(model)))
 
 
-def count_params(model, filter_=nnx.Param) -> int:
-    """Number of parameter elements of ``model`` selected by ``filter_``."""
-    return int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, filter_))))
-
-
 @dataclasses.dataclass(frozen=True)
 class PeftReport:
     """What `add_lora` / `efficient_nlp.peft.add_adapters` did: the ``method`` with its settings,
@@ -276,7 +271,11 @@ class PeftReport:
 def report(model, method: str, targets) -> PeftReport:
     """The `PeftReport` of a wrapped ``model``."""
     filt = trainable(model) if family_or_none(model) is not None else Trainable()
-    return PeftReport(method, tuple(targets), count_params(model, filt), count_params(model), filt.heads)
+    # a packed 4-bit base (efficient_nlp.peft.qlora) holds its weights outside nnx.Param
+    packed = sum(m.in_features * m.out_features + (0 if m.bias is None else m.out_features)
+                 for _, m in nnx.iter_modules(model) if type(m).__name__ == "PackedLinear")
+    return PeftReport(method, tuple(targets), train.count_params(model, filt), train.count_params(model) + packed,
+                      filt.heads)
 
 
 def add_lora(model, *, roles=("q", "v"), rules=None, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
@@ -417,5 +416,5 @@ def merge(model):
 
 
 __all__ = ["INITS", "LoraLinear", "LoraParam", "PeftError", "PeftParam", "PeftReport", "PeftWrapper", "Trainable",
-           "add_lora", "count_params", "dequantize_base", "find_targets", "linear_paths", "low_rank_linear", "merge",
+           "add_lora", "dequantize_base", "find_targets", "linear_paths", "low_rank_linear", "merge",
            "trainable", "wrappers"]

@@ -409,7 +409,7 @@ def quantize_base(model, *, grid: str = "nf4", block_size: int = 64, double_quan
         raise ValueError(f"quantize_base: unknown role(s) {unknown or roles!r}; roles are a sequence of "
                          f"{F.LAYER_ROLES}")
     model = train.copy_model(model)
-    sites = F.sites(model, tuple(roles))
+    sites = F.sites(model, tuple(roles), unique=True)
     if not sites:
         raise ValueError(f"quantize_base: the model has no site of the roles {tuple(roles)} (its family has "
                          f"{sorted(F.family_of(model).layer_sites)})")

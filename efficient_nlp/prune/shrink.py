@@ -24,7 +24,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from efficient_nlp import models
+from efficient_nlp import models, train
 from efficient_nlp.models import family as F
 from efficient_nlp.models.flops import forward_flops
 
@@ -133,8 +133,8 @@ def shrink(model, masks=None, structure=None):
 
 # ----------------------------------------------------------------------------- accounting
 def count_params(model) -> int:
-    """Number of parameters (elements of every ``nnx.Param``)."""
-    return int(sum(np.prod(v.get_value().shape) for v in models.named_params(model).values()))
+    """Number of parameters (elements of every ``nnx.Param``): `efficient_nlp.train.count_params`."""
+    return train.count_params(model)
 
 
 def gated_ffn(config) -> bool:

@@ -30,12 +30,12 @@ import numpy as np
 
 from efficient_nlp import data as data_lib
 from efficient_nlp import distill, lowrank, models, quant
+from efficient_nlp.models import family as F
 from efficient_nlp import train as train_lib
 from efficient_nlp.recipes.common import check_stages, default_dir, run_kd_stages, teacher_and_task
 from efficient_nlp.recipes.finetune import task_loss
 from efficient_nlp.recipes.outputs import save_outputs
 
-METHODS = ("svd", "fwsvd", "asvd")
 _KINDS = {"r": "rank", "e": "energy", "p": "params", "f": "flops"}
 
 
@@ -66,14 +66,22 @@ def settings(config) -> list[str]:
 def check_config(config):
     """Config-time validation: settings, method, roles and every stage's matches."""
     names = settings(config)
-    if config.lowrank.method not in METHODS:
-        raise ValueError(f"config.lowrank.method={config.lowrank.method!r}; choose from {METHODS}")
+    if config.lowrank.method not in lowrank.METHODS:
+        raise ValueError(f"config.lowrank.method={config.lowrank.method!r}; choose from {lowrank.METHODS}")
+    check_roles(_roles(config), "config.lowrank.roles")
     teacher_cfg = models.config_from_pretrained(default_dir(config))
     return names, check_stages(config.distill.stages, teacher_cfg, teacher_cfg, "config.distill.stages")
 
 
 def _roles(config) -> tuple[str, ...]:
     return tuple(r.strip() for r in str(config.lowrank.roles).split(",") if r.strip())
+
+
+def check_roles(roles, where: str) -> None:
+    """Config-time check of comma-separated family roles (before any teacher is trained)."""
+    unknown = sorted(set(roles) - set(F.LAYER_ROLES))
+    if unknown or not roles:
+        raise ValueError(f"{where}: unknown role(s) {unknown or 'none given'}; roles are {', '.join(F.LAYER_ROLES)}")
 
 
 def _weights(config, teacher, task, batches):

@@ -41,6 +41,7 @@ from efficient_nlp import models, peft
 from efficient_nlp import train as train_lib
 from efficient_nlp.recipes.common import default_dir, final_eval, is_lm, load_data, stage_config
 from efficient_nlp.recipes.finetune import task_loss
+from efficient_nlp.recipes.lowrank import check_roles
 from efficient_nlp.recipes.outputs import save_outputs
 
 METHODS = ("full", "lora", "adapters", "qlora")
@@ -67,6 +68,10 @@ def check_config(config) -> list[str]:
     if missing:
         raise ValueError(f"config.peft.learning_rates has no entry for {missing}; add e.g. "
                          f"--config.peft.learning_rates.{missing[0]}=1e-3")
+    check_roles(_roles(p.roles), "config.peft.roles")
+    check_roles(_roles(p.adapter_roles), "config.peft.adapter_roles")
+    if "qlora" in methods and p.grid not in peft.qlora.BLOCK_GRIDS:
+        raise ValueError(f"config.peft.grid={p.grid!r}; QLoRA's base grid is one of {peft.qlora.BLOCK_GRIDS}")
     if int(p.rank) < 1 or int(p.adapter_size) < 1:
         raise ValueError(f"config.peft.rank={p.rank} and config.peft.adapter_size={p.adapter_size} must be >= 1")
     return methods
@@ -92,14 +97,6 @@ def adapt(model, method: str, p, *, head: bool = True):
     return model, peft.trainable(model, head=head), "; ".join(what)
 
 
-def in_eval_mode(model):
-    """A copy of ``model`` with its own dropout off (LoRA dropout keeps its random stream in the
-    module, so evaluation must switch it off: ``Module.eval``)."""
-    model = train_lib.copy_model(model)
-    model.eval()
-    return model
-
-
 def _save(model, method, out, config, model_dir) -> int:
     """Writes what ``method`` adds under ``out``; returns its bytes on disk (0 for ``full``)."""
     if method == "full" or not train_lib.is_main_process():
@@ -123,12 +120,9 @@ def run(config, workdir):
     task = load_data(config, model_dir)
     spec = task.spec
     base = models.from_pretrained(model_dir, num_labels=spec.num_labels, seed=config.train.seed)
-    metrics_fn = train_lib.make_eval_fn(
+    eval_fn = train_lib.make_eval_fn(
         task.dev, config.train.eval_batch_size,
         lambda predictions, labels, weights: data_lib.compute_metrics(spec, predictions, labels, weights))
-
-    def eval_fn(model):
-        return metrics_fn(in_eval_mode(model))
 
     def batches(start_step):
         return data_lib.train_batches(task.train, config.train.batch_size, seed=config.train.seed,
@@ -182,4 +176,4 @@ def format_results(results) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METHODS", "adapt", "check_config", "format_results", "in_eval_mode", "parse_methods", "run"]
+__all__ = ["METHODS", "adapt", "check_config", "format_results", "parse_methods", "run"]

@@ -34,8 +34,8 @@ def check_config(config):
     teacher_cfg = models.config_from_pretrained(default_dir(config))
     s = config.sharing
     sharing.assignment(teacher_cfg.num_hidden_layers, int(s.num_unique), s.mode)
-    if s.init not in ("average", "first"):
-        raise ValueError(f"config.sharing.init={s.init!r}; use 'average' or 'first'")
+    if s.init not in sharing.INITS:
+        raise ValueError(f"config.sharing.init={s.init!r}; use one of {sharing.INITS}")
     return check_stages(config.distill.stages, teacher_cfg, teacher_cfg, "config.distill.stages")
 
 
@@ -48,7 +48,7 @@ def run(config, workdir):
     student, report = sharing.share_layers(teacher, int(s.num_unique), s.mode, init=s.init)
     print(report)
     results = {"task": task.spec.name, "teacher_dir": teacher_dir, "mode": s.mode,
-               "assignment": list(sharing.assignment(models.family.num_layers(teacher), int(s.num_unique), s.mode)),
+               "assignment": list(report.assignment),
                "teacher": eval_fn(teacher), "student_init": eval_fn(student)}
     student, results["stages"] = run_kd_stages(student, teacher, config.distill.stages, checked,
                                                config, workdir, batches, eval_fn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from efficient_nlp.report.rows import Experiment, Row, _config, _data_overrides, _metric, _train_overrides, _with_steps
+from efficient_nlp.report.rows import Experiment, Row, _config, _data_overrides, _metric, _train_overrides
 
 #: The two SVD rows: every layer Linear at these ranks (MiniLM's d = 384, FFN 1536).
 LOWRANK_SETTINGS = ("r128", "r64")
@@ -13,10 +13,6 @@ LOWRANK_SETTINGS = ("r128", "r64")
 #: (`Settings.model_dir`), not from the teacher.
 PEFT_METHODS = ("lora", "qlora")
 _PEFT_TITLES = {"lora": "LoRA fine-tuning (r 8, q v)", "qlora": "QLoRA fine-tuning (NF4 base, r 8, q v)"}
-
-
-def _stages(config, steps):
-    config.distill.stages = _with_steps(list(config.distill.stages), steps)
 
 
 # ----------------------------------------------------------------------------- SVD

@@ -26,11 +26,24 @@ def _predict_step(graphdef, state, batch, predict):
     return predict(nnx.merge(graphdef, state), batch)
 
 
+def eval_mode(model):
+    """``model`` with every ``nnx.Dropout`` switched off: the model itself when none is on, else
+    a copy.  The models' own dropout follows each call's ``deterministic`` argument; a module
+    that holds its own random stream (LoRA's dropout, `efficient_nlp.peft`) must be switched."""
+    if not any(isinstance(m, nnx.Dropout) and not m.deterministic for _, m in nnx.iter_modules(model)):
+        return model
+    model = nnx.clone(model)
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Dropout):
+            module.deterministic = True
+    return model
+
+
 def placed_state(model, mesh):
-    """``(graphdef, state)`` of ``model`` with the state replicated over ``mesh``; arrays
-    already there (a single-device model on a one-device mesh, a model trained by ``fit``)
-    are used as they are, so repeated evaluations transfer nothing."""
-    graphdef, state = nnx.split(model)
+    """``(graphdef, state)`` of ``model`` in `eval_mode` with the state replicated over ``mesh``;
+    arrays already there (a single-device model on a one-device mesh, a model trained by
+    ``fit``) are used as they are, so repeated evaluations transfer nothing."""
+    graphdef, state = nnx.split(eval_mode(model))
     return graphdef, distributed.place(state, mesh)
 
 

@@ -31,6 +31,12 @@ def tree_bytes(tree) -> int:
     return sum(_nbytes(x) for x in jax.tree.leaves(tree))
 
 
+def count_params(model, filter_=nnx.Param) -> int:
+    """Elements of the variables of ``model`` that ``filter_`` selects (default: every
+    ``nnx.Param``; a layer shared by several positions counts once)."""
+    return int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(model, filter_))))
+
+
 def step_memory(model, loss_fn, optimizer, batch, trainable=nnx.Param) -> dict[str, int]:
     """Planned memory of the jitted update ``make_step(loss_fn, optimizer, trainable)`` on
     ``batch`` (compiled, not run): ``peak_bytes`` (arguments + outputs + temporaries - aliased),
