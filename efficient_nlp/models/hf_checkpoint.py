@@ -441,6 +441,14 @@ def _check_shapes_match_config(model) -> None:
             "BertConfig first:\n  " + "\n  ".join(bad[:_MAX_LISTED]))
 
 
+def hf_tensor_name(model: nnx.Module, name: str) -> str:
+    """The full tensor name `save_hf_checkpoint` writes for the `hf_name_map` entry ``name``: with
+    the task model's base prefix (``roberta.``), except for the tensors of the task heads."""
+    fam = family_of(model)
+    prefix = "" if _kind(model) in ("BertModel", "DecoderModel") else fam.hf_prefix
+    return name if _group(name, fam.hf_head_groups) not in (None, "pooler.") else prefix + name
+
+
 def save_hf_checkpoint(model: nnx.Module, out_dir: str | os.PathLike) -> str:
     """Write ``model.safetensors`` + ``config.json`` in HF names/layout; returns ``out_dir``.
 
@@ -455,15 +463,12 @@ def save_hf_checkpoint(model: nnx.Module, out_dir: str | os.PathLike) -> str:
     mapping = hf_name_map(model)
     params = named_params(model)
     fam = family_of(model)
-    prefix = "" if kind in ("BertModel", "DecoderModel") else fam.hf_prefix
     tensors = {}
     for name, (ours, transpose) in mapping.items():
         arr = np.concatenate([np.asarray(jax.device_get(params[t].get_value())) for t in _targets(ours)], axis=-1)
         if transpose:
             arr = arr.T
-        group = _group(name, fam.hf_head_groups)
-        full = name if group not in (None, "pooler.") else prefix + name
-        tensors[full] = np.ascontiguousarray(arr)
+        tensors[hf_tensor_name(model, name)] = np.ascontiguousarray(arr)
     unmapped = sorted(set(params) - {t for ours, _ in mapping.values() for t in _targets(ours)})
     if unmapped:
         logger.warning("save_hf_checkpoint: parameters outside the family's HF layout are not saved: %s",

@@ -25,6 +25,7 @@ from flax import nnx
 from efficient_nlp import models, train
 from efficient_nlp.lowrank.modules import LowRankLinear
 from efficient_nlp.models import family as F
+from efficient_nlp.models.hf_checkpoint import hf_tensor_name
 from efficient_nlp.peft.adapters import AdapterLinear
 from efficient_nlp.peft.lora import (LoraLinear, PeftError, PeftParam, PeftWrapper, Trainable, features,
                                      linear_paths, low_rank_linear, wrappers)
@@ -197,12 +198,9 @@ def load_adapter(model, path):
 def _hf_names(model) -> dict[str, tuple[str, bool, bool]]:
     """Our parameter path -> (full HF tensor name, transpose?, fused?) in the family's HF
     layout, with the task model's prefix as `efficient_nlp.models.save_hf_checkpoint` writes it."""
-    fam = F.family_of(model)
-    prefix = "" if isinstance(model, (models.BertModel, models.DecoderModel)) else fam.hf_prefix
-    heads = [g for g in fam.hf_head_groups if g != "pooler."]
     out = {}
     for name, (ours, transpose) in models.hf_name_map(model).items():
-        full = name if any(name.startswith(g) for g in heads) else prefix + name
+        full = hf_tensor_name(model, name)
         for path in ours if isinstance(ours, tuple) else (ours,):
             out[path] = (full, transpose, isinstance(ours, tuple))
     return out
