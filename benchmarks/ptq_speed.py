@@ -1,4 +1,4 @@
-"""MREM-P vs MREM-S wall time (METHODS.md 1.4: "MREM-P about N times faster on N devices").
+"""MREM-P vs MREM-S wall time (Bai et al. 2022: MREM-P is about N times faster on N devices).
 
     python benchmarks/ptq_speed.py --teacher_dir runs/quickstart/model [--devices 4] [--steps 40]
         [--calibration 512] [--bits 2,2,8] [--queue 8] [--threads one|all]

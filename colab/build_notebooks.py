@@ -157,7 +157,7 @@ QAT = notebook(
     "Quantization-aware training (TernaryBERT two-stage distillation)",
     "Quantizes the fine-tuned teacher at W-E-A bits (`configs/qat_2_2_8.py`: TWN 2-bit or BWN 1-bit or "
     "uniform weights, 8-bit activations) and trains it by intermediate-layer then prediction-layer "
-    "distillation (METHODS.md 1.3). Then the bit-packed artefact is restored and run through the int8 "
+    "distillation (docs/quantization.md). Then the bit-packed artefact is restored and run through the int8 "
     "integer path.",
     TEACHER + DATA + [("bits", "2-2-8", "W-E-A, e.g. 4-4-8, 2-2-8, 1-1-8"),
                       ("steps", 200, "steps per distillation stage"), ("workdir", "runs/colab_qat", "")],
@@ -200,7 +200,7 @@ print(f"size: full precision {fp['size_mb']:.2f} MB, packed {q['packed_mb']:.2f}
 PTQ = notebook(
     "Post-training quantization by reconstruction: REM, MREM-S, MREM-P",
     "Quantizes the fine-tuned teacher without training it on the task: a calibration set of training "
-    "rows and module-wise reconstruction of the full-precision outputs (METHODS.md 1.4). MREM-P puts "
+    "rows and module-wise reconstruction of the full-precision outputs (docs/quantization.md). MREM-P puts "
     "each module on its own device and trains them all at once (on one device they share it).",
     TEACHER + DATA + [("bits", "2-2-8", "W-E-A"),
                       ("methods", "rem,mrem_s,mrem_p", "those this checkout's ptq recipe offers run"),
@@ -235,7 +235,7 @@ BINARYBERT = notebook(
     "BinaryBERT: ternary weight splitting vs direct binarization",
     "A half-width ternary model is trained by two-stage distillation, split into a full-width binary "
     "model computing the same function (TWS), and fine-tuned; the baseline binarizes the teacher "
-    "directly (BWN) and trains as many steps (METHODS.md 1.5, `configs/binarybert_1_1_8.py`).",
+    "directly (BWN) and trains as many steps (docs/binarybert.md, `configs/binarybert_1_1_8.py`).",
     TEACHER + DATA + [("a_bits", 8, "activation bits (8: uniform, 4: LSQ)"),
                       ("method", "tws,bwn", "tws, bwn or both"),
                       ("steps", 100, "steps per ternary / BWN distillation stage"),
@@ -276,7 +276,7 @@ PRUNING = notebook(
     "Two runs of the `prune` recipe while fine-tuning: movement pruning to an unstructured sparsity "
     "(`configs/prune_movement.py`, a simulation: zeros in dense matrices) and structured pruning of "
     "attention heads and FFN neurons followed by their physical removal (`configs/prune_structured.py`; "
-    "the smaller model is saved and timed against the dense one) (METHODS.md 2.1).",
+    "the smaller model is saved and timed against the dense one) (docs/pruning.md).",
     [("model_dir", "", "pretrained HF directory (or a fine-tuned one); '' = the embedded MiniLM")] + DATA + [
         ("sparsity", 0.9, "movement pruning: fraction of encoder weights removed"),
         ("fraction", 0.5, "structured: fraction of heads and of FFN neurons removed"),
@@ -309,7 +309,7 @@ CROSS_DISTILL = notebook(
     "Few-shot pruning by cross distillation",
     "Prunes the fine-tuned teacher layer by layer from K examples per class: layer-wise regression "
     "without (w/o CD) and with cross connections (CD), against data-free L1 pruning "
-    "(METHODS.md 2.2, `configs/cd_bert.py`). Fewer samples and higher sparsity favour CD.",
+    "(docs/cross_distillation.md, `configs/cd_bert.py`). Fewer samples and higher sparsity favour CD.",
     TEACHER + DATA + [("shots", 1, "examples per class"), ("sparsity", 0.9, "unstructured"),
                       ("methods", "l1,wo_cd,cd", "any of l1, bp, fitnet, wo_cd, cd, scd"),
                       ("seeds", "0", "comma-separated"), ("steps", 300, "optimisation steps per layer"),
@@ -336,7 +336,7 @@ APS = notebook(
     "Architecture search with affine parameter sharing (APS)",
     "Searches the widths of a pretrained BERT (heads and FFN neurons per layer) or of a digits ResNet "
     "under a FLOPs budget with an LSTM controller over an affine-shared supernet, then retrains the "
-    "chosen network (METHODS.md 4, `configs/aps_bert_transitional.py`, `configs/aps_cnn.py`).",
+    "chosen network (docs/nas.md, `configs/aps_bert_transitional.py`, `configs/aps_cnn.py`).",
     [("space", "bert", "bert (widths of model_dir) or cnn (digits ResNet)"),
      ("sharing", "transitional", "ordinal, independent or transitional"),
      ("model_dir", "", "bert space: pretrained HF directory; '' = the embedded MiniLM")] + DATA + [

@@ -1,4 +1,4 @@
-"""APS width search on the digits images with a ResNet-20-style CNN (METHODS.md 4).
+"""APS width search on the digits images with a ResNet-20-style CNN (docs/nas.md).
 
     python train.py --config configs/aps_cnn.py:transitional --workdir runs/aps_cnn_t
     python train.py --config configs/aps_cnn_ordinal.py --workdir runs/aps_cnn_o \

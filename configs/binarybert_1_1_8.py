@@ -1,4 +1,4 @@
-"""BinaryBERT at W-E-A 1-1-8 (METHODS.md 1.5): half-width ternary QAT -> ternary weight splitting
+"""BinaryBERT at W-E-A 1-1-8 (docs/binarybert.md): half-width ternary QAT -> ternary weight splitting
 -> binary fine-tuning, next to a BWN baseline trained directly for the same number of steps.
 
     python train.py --config configs/binarybert_1_1_8.py --workdir runs/binarybert_1_1_8 \\
@@ -22,7 +22,7 @@ LAYERS = MINILM_LAYERS
 
 def intermediate_matches(layers=LAYERS):
     """Stage 1 without attention scores (the half-width student has fewer heads): embedding,
-    MHA and FFN outputs of every layer (METHODS.md 1.3)."""
+    MHA and FFN outputs of every layer (TernaryBERT, docs/quantization.md)."""
     return layerwise_matches(layers, (("mha_out", "hidden_mse"), ("ffn_out", "hidden_mse")))
 
 

@@ -1,4 +1,4 @@
-"""BinaryBERT adaptive splitting at W-E-A 1-1-8 (METHODS.md 1.5): a family of binary models between
+"""BinaryBERT adaptive splitting at W-E-A 1-1-8 (docs/binarybert_adaptive.md): a family of binary models between
 "all binary" and "everything split", chosen by sensitivity + exact knapsack, against random and
 uniform assignments under the same budgets (`efficient_nlp.recipes.adaptive_split`).
 
@@ -27,7 +27,7 @@ def get_config(a_bits=8, activation_method="uniform"):
         cost="size_mb",                 # size_mb | flops | bops
         by="part_layer",                # sensitivity groups: part_layer | layer | part
         uniform_by="part",              # uniform baseline: the same part in every layer | whole layers
-        reference="binary",             # sensitivity: gain vs all binary (METHODS.md) | loss vs all split
+        reference="binary",             # sensitivity: gain vs all binary (BinaryBERT) | loss vs all split
         sensitivity_examples=256,       # seeded sample of the training split (dev stays untouched)
         seed=0))                        # the sample and the random baseline
     return config

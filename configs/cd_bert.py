@@ -1,5 +1,5 @@
 """Few-shot pruning of a fine-tuned BERT (MiniLM-L6 on the built-in task) by cross distillation
-(METHODS.md 2.2), every dense layer of every encoder layer in order.
+(docs/cross_distillation.md), every dense layer of every encoder layer in order.
 
     python train.py --config configs/cd_bert.py --workdir runs/cd_bert                 # unstructured
     python train.py --config configs/cd_bert.py:structured --workdir runs/cd_bert_heads  # heads + FFN neurons
@@ -22,7 +22,7 @@ def get_config(structure="unstructured"):
     add_fewshot_grid(config, structure)   # "unstructured" | "structured" (heads + FFN neurons)
     config.error_examples = 64
     config.save_models = False       # True: every pruned student as a HF dir under workdir/models/
-    config.cd = cd_settings(mu=0.9, alpha=0.9, beta=0.5,   # residual-net defaults of METHODS 2.2
+    config.cd = cd_settings(mu=0.9, alpha=0.9, beta=0.5,   # residual-net defaults of Bai et al. 2020
                             steps=300, learning_rate=1e-3, finetune_lr=1e-5)
     config.baselines = cd_baselines(learning_rate=1e-4)
     return config

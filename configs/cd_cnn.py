@@ -1,5 +1,5 @@
 """Few-shot pruning of a small VGG-like CNN on scikit-learn's digits by cross distillation
-(METHODS.md 2.2), against L1-norm, back-prop, FitNet and layer-wise ("w/o CD") baselines.
+(docs/cross_distillation.md), against L1-norm, back-prop, FitNet and layer-wise ("w/o CD") baselines.
 
     python train.py --config configs/cd_cnn.py --workdir runs/cd_cnn                  # unstructured
     python train.py --config configs/cd_cnn.py:structured --workdir runs/cd_cnn_struct
@@ -25,7 +25,7 @@ def get_config(structure="unstructured"):
         teacher_steps=800, teacher_lr=2e-3, batch_size=64, teacher_seed=0,
         data_seed=0, test_fraction=0.25,
         prune_first_conv=False, prune_dense=False))  # as Bai et al.'s code: convs 1.. only
-    config.cd = cd_settings(mu=0.6, alpha=0.9, beta=0.3,        # VGG-like defaults of METHODS 2.2
+    config.cd = cd_settings(mu=0.6, alpha=0.9, beta=0.3,        # VGG-like defaults of Bai et al. 2020
                             # per layer: Adam converges on the mask (300 x 1e-3 did not)
                             steps=1000, learning_rate=1e-2, finetune_lr=1e-4)
     config.baselines = cd_baselines(learning_rate=1e-3)

@@ -1,5 +1,5 @@
 """Post-training quantization of the fine-tuned MiniLM-L6 at W-E-A 2-2-8 (TWN weights and word
-embeddings, 8-bit activations with learned LSQ step sizes) by reconstruction (METHODS.md 1.4).
+embeddings, 8-bit activations with learned LSQ step sizes) by reconstruction (docs/quantization.md).
 
     python train.py --config configs/ptq_2_2_8.py --workdir runs/ptq_2_2_8 \
         --config.teacher_dir=runs/quickstart/model --config.ptq.method=rem,mrem_s,mrem_p \
@@ -10,7 +10,7 @@ embeddings, 8-bit activations with learned LSQ step sizes) by reconstruction (ME
 same calibrated quantized copy; a table and a plot compare them).  MREM-P wants one device per
 module: on CPU start with ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (with fewer
 devices the modules share them round-robin and the run says so).
-Defaults follow METHODS.md 1.4 (4 modules, lr 1e-4 with linear decay, 4,096 calibration
+Defaults follow the published setting (Bai et al. 2022: 4 modules, lr 1e-4 with linear decay, 4,096 calibration
 samples: the built-in task's whole training split of 2,016, T0 = 40 % of the steps) EXCEPT the
 step counts, sized for 2 CPU cores: MREM-S / MREM-P 200 steps per module instead of 2,000
 (--config.ptq.mrem.steps=2000 for the published setting) and REM 100 steps per matmul.  With ``teacher_dir`` empty the teacher is

@@ -1,5 +1,5 @@
 """QAT of the fine-tuned MiniLM-L6 at W-E-A 2-2-8 (TWN weights and embeddings, 8-bit activations),
-TernaryBERT-style two-stage distillation from the full-precision teacher (METHODS.md 1.3).
+TernaryBERT-style two-stage distillation from the full-precision teacher (Zhang et al. 2020; docs/quantization.md).
 
     python train.py --config configs/qat_2_2_8.py --workdir runs/qat_2_2_8
 

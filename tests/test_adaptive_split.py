@@ -1,4 +1,4 @@
-"""Adaptive splitting (METHODS.md 1.5): groups, sensitivity, costs, exact knapsack, choosers."""
+"""Adaptive splitting (docs/binarybert_adaptive.md): groups, sensitivity, costs, exact knapsack, choosers."""
 import itertools
 import math
 from fractions import Fraction

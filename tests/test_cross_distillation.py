@@ -1,4 +1,4 @@
-"""Cross distillation (METHODS.md 2.2): losses, sparsifiers, the layer-wise algorithm, the recipe."""
+"""Cross distillation (docs/cross_distillation.md): losses, sparsifiers, the layer-wise algorithm, the recipe."""
 import json
 
 import jax

@@ -162,7 +162,7 @@ def test_distilled_student_beats_labels_only_student_with_a_transfer_set(finetun
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "Not reached yet (issue 3 open). Teacher (configs/quickstart.py) 0.811 dev accuracy; the same "
+    "Not reached yet. Teacher (configs/quickstart.py) 0.811 dev accuracy; the same "
     "3-layer student (teacher layers 0, 2, 4) trained on labels for 400 steps at 1e-4: 0.801. "
     "Distilled for the same 400 steps: two-stage (this config) 0.768; Hinton KD on logits "
     "(KL at T=2 times T^2 + 0.5 hard labels, 400 steps) 0.787; one stage with hidden-state MSE "

@@ -1,4 +1,4 @@
-"""MREM-P (METHODS.md 1.4): queues, teacher forcing, module-local gradients, placement, quality.
+"""MREM-P (docs/quantization.md): queues, teacher forcing, module-local gradients, placement, quality.
 
 The 4-simulated-device run happens in a subprocess (this file run as a script: ``python
 tests/test_mrem_p.py devices``), started before the in-process tests so that it overlaps them;

@@ -1,4 +1,4 @@
-"""APS (METHODS.md 4): shared layers, sharing level, annealing, controller, beam search, FLOPs."""
+"""APS (docs/nas.md): shared layers, sharing level, annealing, controller, beam search, FLOPs."""
 import itertools
 
 import jax

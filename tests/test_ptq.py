@@ -1,4 +1,4 @@
-"""Post-training quantization (METHODS.md 1.4): calibration, partition, REM, MREM-S, the recipe."""
+"""Post-training quantization (docs/quantization.md): calibration, partition, REM, MREM-S, the recipe."""
 import json
 import os
 import sys

@@ -1,4 +1,4 @@
-"""efficient_nlp.quant quantizers and packing against direct NumPy formulas (METHODS.md 1.1)."""
+"""efficient_nlp.quant quantizers and packing against direct NumPy formulas (docs/quantization.md)."""
 import math
 
 import jax

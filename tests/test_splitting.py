@@ -1,4 +1,4 @@
-"""Ternary weight splitting (METHODS.md 1.5): the operator as a property over random matrices, the
+"""Ternary weight splitting (docs/binarybert.md): the operator as a property over random matrices, the
 split model's equivalence, its cost accounting and its packed export."""
 import functools
 import math
@@ -32,7 +32,7 @@ def _split_and_check(w, axis):
 
 
 def check_split(w, axis=None):
-    """Both conditions of METHODS.md 1.5 element by element, and the scalars' ranges."""
+    """Both conditions of docs/binarybert.md element by element, and the scalars' ranges."""
     w = jnp.asarray(w, jnp.float32)
     w1, w2, a, b, t, alpha, codes, zeros, split = map(np.asarray, _split_and_check(w, axis))
     scale = float(np.max(alpha)) + 1e-30

@@ -11,7 +11,7 @@
     model, _ = train.fit(model, distill.make_distill_loss(matches), batches, config=config,
                          workdir=workdir, trainable=distill.STUDENT_FILTER)
 
-See shared/METHODS.md section 3; the recipe is `efficient_nlp.recipes.distill`.
+See docs/distillation.md; the recipe is `efficient_nlp.recipes.distill`.
 """
 from efficient_nlp.distill.distiller import (
     STUDENT_FILTER,

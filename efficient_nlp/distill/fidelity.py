@@ -1,4 +1,4 @@
-"""Fidelity of a student to its teacher (METHODS.md 3, "Fidelity metrics"), and size / speed.
+"""Fidelity of a student to its teacher (docs/distillation.md, "Fidelity"), and size / speed.
 
 ``loyalty`` is the fraction of examples where the student predicts the teacher's class;
 ``mean_kl`` the mean KL(teacher || student) of their output distributions.  Both are logged

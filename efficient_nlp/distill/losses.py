@@ -2,7 +2,7 @@
 
 Every function takes the student's tensor first and the teacher's second (the teacher is
 treated as a constant: wrap it in ``jax.lax.stop_gradient`` or compute it outside the
-differentiated function).  Equations refer to shared/METHODS.md section 3.
+differentiated function).  Methods: docs/distillation.md.
 
 Reductions (one convention everywhere):
 
@@ -59,7 +59,7 @@ def _query_weights(mask, ndim):
 
 # ----------------------------------------------------------------------------- logits
 def soft_cross_entropy(student_logits, teacher_logits, temperature=1.0, *, t2_scale=False, mask=None):
-    """Hinton soft cross-entropy (METHODS.md 3, "Logits").
+    """Hinton soft cross-entropy (Hinton et al. 2015).
 
     ``-sum_c softmax(z_t / T)_c * log_softmax(z_s / T)_c``, summed over the last (class) axis,
     averaged over the other axes (over ``mask``-selected rows when given), times ``T^2``
@@ -73,7 +73,7 @@ def soft_cross_entropy(student_logits, teacher_logits, temperature=1.0, *, t2_sc
 
 
 def kl_divergence(student_logits, teacher_logits, temperature=1.0, *, t2_scale=False, mask=None):
-    """KL(p_teacher || p_student) at temperature T (METHODS.md 3, "Logits").
+    """KL(p_teacher || p_student) at temperature T (Hinton et al. 2015).
 
     ``sum_c p_t,c (log p_t,c - log p_s,c)`` with ``p = softmax(z / T)``; same reduction as
     `soft_cross_entropy` (which it equals minus the teacher's entropy, so the gradients match).
@@ -87,7 +87,7 @@ def kl_divergence(student_logits, teacher_logits, temperature=1.0, *, t2_scale=F
 
 
 def logits_mse(student_logits, teacher_logits, *, mask=None):
-    """Mean squared error between logits (METHODS.md 3, "MSE on logits"), mean over all entries."""
+    """Mean squared error between logits (docs/distillation.md, Hinton KD), mean over all entries."""
     sq = jnp.mean((_f32(student_logits) - _f32(teacher_logits)) ** 2, axis=-1)
     return _lead_mean(sq, mask)
 
@@ -131,7 +131,7 @@ def next_token_loss(logits, input_ids, mask=None):
 
 
 def hinton_loss(student_logits, teacher_logits, labels, *, temperature=1.0, hard_weight=0.5):
-    """Hinton's mix (METHODS.md 3): ``a * CE(y, z_s) + (1 - a) * T^2 * softCE(z_t/T, z_s/T)``.
+    """Hinton's mix (Hinton et al. 2015): ``a * CE(y, z_s) + (1 - a) * T^2 * softCE(z_t/T, z_s/T)``.
 
     ``a`` = ``hard_weight``; the ``T^2`` factor is always applied here, as the paper says to
     when mixing with the hard-label loss.
@@ -157,7 +157,7 @@ def _check_widths(student, teacher, what):
 
 
 def hidden_mse(student, teacher, mask=None, *, kernel=None, bias=None):
-    """Hidden-state MSE (METHODS.md 3, "Hidden states"; FitNet, TinyBERT eq. for H^S W_h).
+    """Hidden-state MSE (FitNet, Romero et al. 2015; TinyBERT eq. for H^S W_h).
 
     ``mean over valid tokens and features of (h_s W + b - h_t)^2`` for [B,T,H] inputs (or any
     [..., H]); ``kernel``/``bias`` is the optional learned projection (W: [H_s, H_t]).
@@ -170,7 +170,7 @@ def hidden_mse(student, teacher, mask=None, *, kernel=None, bias=None):
 
 
 def cosine_embedding_loss(student, teacher, mask=None, *, kernel=None, bias=None, eps=1e-8):
-    """DistilBERT's cosine embedding loss (METHODS.md 3): mean over valid tokens of ``1 - cos(h_s, h_t)``."""
+    """DistilBERT's cosine embedding loss (Sanh et al. 2019): mean over valid tokens of ``1 - cos(h_s, h_t)``."""
     s = project(_f32(student), kernel, bias)
     t = _f32(teacher)
     _check_widths(s, t, "cosine_embedding_loss")
@@ -179,7 +179,7 @@ def cosine_embedding_loss(student, teacher, mask=None, *, kernel=None, bias=None
 
 
 def pkd_loss(student, teacher, mask=None, *, kernel=None, bias=None, eps=1e-8):
-    """Patient-KD (METHODS.md 3, "PKD"): squared distance of the L2-normalised [CLS] states.
+    """Patient-KD (Sun et al. 2019): squared distance of the L2-normalised [CLS] states.
 
     ``mean_b || s_cls / ||s_cls|| - t_cls / ||t_cls|| ||^2`` on the first token of [B,T,H]
     inputs (``mask`` is unused: the first token is never padding).
@@ -195,7 +195,7 @@ def pkd_loss(student, teacher, mask=None, *, kernel=None, bias=None, eps=1e-8):
 
 # ----------------------------------------------------------------------------- attention
 def attention_mse(student, teacher, mask=None):
-    """TinyBERT attention MSE (METHODS.md 3, "Attention") on scores or probabilities [B,N,T,T].
+    """TinyBERT attention MSE (Jiao et al. 2020) on scores or probabilities [B,N,T,T].
 
     Mean over batch, heads and valid (query, key) pairs: pairs with a padded query or key are
     excluded (TinyBERT zeroes them; here they do not count in the mean either).
@@ -232,7 +232,7 @@ def log_distribution_kl(student_log_p, teacher_log_p, mask=None):
 
 
 def attention_kl(student, teacher, mask=None, *, from_scores=False):
-    """KL(teacher attention || student attention) per query row (TinyBERT / MiniLM, METHODS.md 3).
+    """KL(teacher attention || student attention) per query row (TinyBERT / MiniLM, docs/distillation.md).
 
     Inputs [B,N,T,T] are probabilities (``attn_probs``) or, with ``from_scores=True``, scaled
     scores before the mask (``attn_scores``) turned into distributions over the valid keys.
@@ -278,7 +278,7 @@ def self_relation(x, mask=None, num_relation_heads=None):
 
 
 def value_relation_kl(student_values, teacher_values, mask=None):
-    """MiniLM value-relation transfer (METHODS.md 3): KL between ``softmax(V V^T / sqrt(d))``.
+    """MiniLM value-relation transfer (Wang et al. 2020): KL between ``softmax(V V^T / sqrt(d))``.
 
     Per attention head (teacher and student need the same number of heads; their head
     widths may differ); averaged over batch, heads and valid queries.
@@ -291,7 +291,7 @@ def value_relation_kl(student_values, teacher_values, mask=None):
 
 
 def relation_kl(student, teacher, mask=None, *, num_relation_heads=1):
-    """MiniLMv2 multi-head self-attention relation transfer (METHODS.md 3).
+    """MiniLMv2 multi-head self-attention relation transfer (Wang et al. 2021).
 
     ``student``/``teacher`` are queries, keys or values ([B,N,T,D] or [B,T,A]); both are
     re-split into ``num_relation_heads`` heads and the KL between their

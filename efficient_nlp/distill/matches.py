@@ -71,7 +71,7 @@ def register_loss(name: str, fn: Callable, features) -> None:
     batch's attention mask ``[B, T]`` (1 = token, 0 = padding), which token losses use to skip
     padding.  ``features``: the names in `FEATURES` the loss accepts; `check_matches` refuses
     any other, and widths must agree (no projection for registered losses).  The distiller
-    adds ``weight(step) * fn(...)`` to the loss (METHODS.md 3).  Registration lasts for the
+    adds ``weight(step) * fn(...)`` to the loss (docs/distillation.md).  Registration lasts for the
     process (a notebook cell works).  A taken name, an unknown feature or a ``fn`` that cannot
     take three positional arguments raises ``ValueError``.
     """
@@ -312,7 +312,7 @@ def layer_matches(feature, loss, pairs, **kw) -> list[dict]:
 
 
 def pkd_matches(num_teacher_layers, num_student_layers, *, strategy="skip", weight=1.0) -> list[dict]:
-    """PKD (METHODS.md 3): normalised [CLS] matches to the teacher's last-k or every k-th layer.
+    """PKD (Sun et al. 2019): normalised [CLS] matches to the teacher's last-k or every k-th layer.
 
     Student layer i's output (hidden state i+1) meets the teacher layer of `pkd_skip` /
     `pkd_last_k`; the last pair is left out, as in the paper (the logits cover it).

@@ -1,4 +1,4 @@
-"""BERT-of-Theseus module replacing (METHODS.md 3, "Module replacing").
+"""BERT-of-Theseus module replacing (Xu et al. 2020).
 
 The teacher ("predecessor") is frozen; its ``L_t`` encoder layers are cut into ``L_s`` equal
 blocks and student ("successor") layer ``i`` replaces block ``i`` with probability ``p(step)``

@@ -329,7 +329,7 @@ def drop_rates(value, n: int) -> tuple[float, ...]:
 class BertEncoder(nnx.Module):
     """The stack of layers (``layers`` is an ``nnx.List``); can run any range [start, stop).
 
-    LayerDrop (Fan et al. 2020, METHODS.md 2.1): with ``deterministic=False`` each layer is
+    LayerDrop (Fan et al. 2020, docs/pruning.md): with ``deterministic=False`` each layer is
     skipped (its input passed through unchanged) with probability ``layer_drop``; the Bernoulli
     draw comes from the ``dropout`` stream of ``rngs`` and selects with ``jnp.where`` (jit-safe;
     the layer is still computed).  ``layer_drop`` is a float or one float per layer; when not

@@ -1,4 +1,4 @@
-"""Neural architecture search with affine parameter sharing (APS; METHODS.md section 4).
+"""Neural architecture search with affine parameter sharing (APS; Wang et al. 2020; docs/nas.md).
 
     from efficient_nlp import nas
     nas.sharing_level(Ps, Qs)                  # Phi of one layer (closed form)

@@ -1,6 +1,6 @@
 """Affine parameter sharing (APS) layers: a meta weight of maximal width plus P / Q transforms.
 
-METHODS.md section 4.  A layer holds a meta kernel ``W`` of the maximal widths (``[c_in, c_out]``
+Wang et al. 2020; docs/nas.md.  A layer holds a meta kernel ``W`` of the maximal widths (``[c_in, c_out]``
 for a dense layer, ``[k, k, c_in, c_out]`` for a conv, channel axes last as in Flax) and, for
 every searched channel axis, one transformation matrix per candidate width:
 ``Q^i in R^{c_in x c_i}`` (input axis), ``P^o in R^{c_out x c_o}`` (output axis), unit-norm

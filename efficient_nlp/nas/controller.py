@@ -1,6 +1,6 @@
 """The APS controller: a 2-layer LSTM policy over widths, REINFORCE, beam search.
 
-METHODS.md section 4.  One step per searchable decision ``d``; its input is the embedding of the
+Wang et al. 2020; docs/nas.md.  One step per searchable decision ``d``; its input is the embedding of the
 previous action (a start token first), the one-hot decision index and the remaining budget
 fraction ``(B - F_partial) / B`` where ``F_partial`` is the FLOPs of the decided prefix with every
 later decision at its smallest width.  Decision ``d`` has its own linear head over its candidates

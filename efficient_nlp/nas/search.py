@@ -1,4 +1,4 @@
-"""The two-stage APS search loop (METHODS.md section 4), data parallel, checkpointed, resumable.
+"""The two-stage APS search loop (docs/nas.md), data parallel, checkpointed, resumable.
 
 Stage 1 (warm-up, ``warmup_fraction`` of the steps): every step samples one width per decision
 uniformly and trains the supernet's meta weights (``nnx.Param``) on a training batch.

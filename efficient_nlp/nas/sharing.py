@@ -1,6 +1,6 @@
 """The sharing level Phi of affine parameter sharing, its gradient and the annealing step.
 
-METHODS.md section 4: with transformation matrices ``Q^i`` (input-channel candidates) and ``P^o``
+Wang et al. 2020 (docs/nas.md): with transformation matrices ``Q^i`` (input-channel candidates) and ``P^o``
 (output-channel candidates) of one layer,
 
     Phi = sum_{i <= i~} sum_{o <= o~} ||Q^i^T Q^i~||_F^2 * ||P^o^T P^o~||_F^2
@@ -54,7 +54,7 @@ def pair_sum_grad(ts):
 
 
 def sharing_level(Ps, Qs) -> jnp.ndarray:
-    """Phi of one layer (METHODS.md 4): ``S(Q) * S(P)``; see the module docstring.
+    """Phi of one layer (docs/nas.md): ``S(Q) * S(P)``; see the module docstring.
 
     ``Ps``: output-channel transforms ``P^o`` (``[A_out, c_out, m]`` or a list of ``[c_out, c_o]``);
     ``Qs``: input-channel transforms ``Q^i``.  A fixed (unsearched) axis is ``[eye(c)]``.
@@ -78,7 +78,7 @@ def projected_step(t, grad, tau):
     """``normalize(t - tau * g)`` per column with ``g`` the gradient's component tangent to the
     unit sphere at the column (``g - (t.g) t``); padding (zero) columns remain zero.
 
-    For small ``tau`` this is METHODS.md's ``normalize(p - tau dPhi/dp)``: the radial component
+    For small ``tau`` this is the paper's ``normalize(p - tau dPhi/dp)``: the radial component
     is removed by the normalisation anyway, but a large radial gradient (Phi's gradient at the
     ordinal start is exactly radial) would otherwise flip the column when ``tau |g| > 1``.
     """
@@ -91,7 +91,7 @@ def projected_step(t, grad, tau):
 def anneal_step(Ps, Qs, tau: float = 1e-3, update: str = "both"):
     """One projected-gradient step decreasing Phi of one layer; ``update`` in {"p", "q", "both"}.
 
-    METHODS.md 4 alternates: P fixed while Q updates for some steps, then the reverse
+    The paper alternates: P fixed while Q updates for some steps, then the reverse
     (``efficient_nlp.nas.search`` does that with ``anneal_period``).  Returns stacked ``(Ps, Qs)``.
     """
     if update not in ("p", "q", "both"):

@@ -1,4 +1,4 @@
-"""Pruning (METHODS.md section 2.1): scores, patterns, distributions, schedules, an optax wrapper
+"""Pruning (docs/pruning.md): scores, patterns, distributions, schedules, an optax wrapper
 keeping masks in the optimizer state, proximal operators, physical shrink of a model.
 
     from efficient_nlp import prune

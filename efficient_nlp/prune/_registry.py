@@ -24,7 +24,7 @@ def register_score(name, fn):
 
     ``fn(params, grads) -> scores`` maps a pytree of the selected weights and their gradients
     (``{path: array}``) to scores of the same shapes; higher = more important, the lowest are
-    pruned.  Like movement and saliency (METHODS.md 2.1), the criterion keeps the running sum
+    pruned.  Like movement and saliency (docs/pruning.md), the criterion keeps the running sum
     ``S = sum_t fn(w_t, g_t)`` over the updates in the optimizer state and prunes by ``S`` (at a
     one-shot step 0, before any update, ``S`` is 0 everywhere).  Registration lasts for the
     process (a notebook cell works).  A taken name or a ``fn`` that cannot take two positional

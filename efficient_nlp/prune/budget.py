@@ -92,7 +92,7 @@ def flops_structure(model, target, *, seq_len: int = 128, scores=None, normalize
 
 def taylor_scores(model, loss_fn, batches, num_batches: int = 8, seed: int = 0) -> dict:
     """``{parameter name: sum_t |w * g_t|}`` over ``num_batches`` batches of the iterator
-    ``batches`` (first-order Taylor saliency, METHODS.md 2.1); ``loss_fn(model, batch, rngs)``."""
+    ``batches`` (first-order Taylor saliency, Molchanov et al. 2019); ``loss_fn(model, batch, rngs)``."""
     import jax
     from flax import nnx
 

@@ -1,6 +1,6 @@
 """Cross distillation (CD) for few-shot pruning: pure per-layer losses and sparsifiers.
 
-METHODS.md section 2.2 (Bai et al., "Few shot network compression via cross distillation").
+Bai et al. 2020, "Few shot network compression via cross distillation"; docs/cross_distillation.md.
 A prunable layer computes ``layer_fn(w, h)`` (a dense layer ``h @ kernel + bias``, a
 convolution, ...); ``w`` is any pytree (e.g. ``{"kernel", "bias"}``).  Teacher and student
 run the same layer with their own weights ``w_t``, ``w_s`` on their own inputs ``h_t``, ``h_s``
@@ -26,7 +26,7 @@ together (elements; kernel rows / conv input channels; heads):
   `efficient_nlp.prune.transform.group_shrink`, with ``lambda`` = the smallest value that zeroes
   ``s`` of the units (the ``round(s n)``-th smallest unit norm), plus an optional extra
   ``lam_extra``; surviving weights shrink by ``lambda``, which is about the size of one step's
-  regrowth once the target is reached.  METHODS' linear lambda schedule is this lambda driven
+  regrowth once the target is reached.  The paper's linear lambda schedule is this lambda driven
   by a linear sparsity ramp (`linear_ramp`).
 """
 from __future__ import annotations
@@ -66,28 +66,28 @@ def _const(*xs):
 
 # ----------------------------------------------------------------------------- losses
 def layerwise_loss(w_s, w_t, h_s, h_t, layer_fn: Callable, activation: Callable | None = None):
-    """Plain layer-wise distillation ("w/o CD", METHODS 2.2): ``|| s(w_T h_T) - s(w_S h_S) ||^2``."""
+    """Plain layer-wise distillation ("w/o CD", Bai et al. 2020): ``|| s(w_T h_T) - s(w_S h_S) ||^2``."""
     w_t, h_s, h_t = _const(w_t, h_s, h_t)
     s = activation or (lambda x: x)
     return _mse(s(layer_fn(w_t, h_t)), s(layer_fn(w_s, h_s)))
 
 
 def correction_loss(w_s, w_t, h_t, layer_fn: Callable):
-    """Correction loss ``L_c = || w_T h_T - w_S h_T ||^2`` (METHODS 2.2): the teacher's input
+    """Correction loss ``L_c = || w_T h_T - w_S h_T ||^2`` (Bai et al. 2020): the teacher's input
     fed to the student layer."""
     w_t, h_t = _const(w_t, h_t)
     return _mse(layer_fn(w_t, h_t), layer_fn(w_s, h_t))
 
 
 def imitation_loss(w_s, w_t, h_s, layer_fn: Callable):
-    """Imitation loss ``L_i = || w_T h_S - w_S h_S ||^2`` (METHODS 2.2): the student's input
+    """Imitation loss ``L_i = || w_T h_S - w_S h_S ||^2`` (Bai et al. 2020): the student's input
     fed to the teacher layer."""
     w_t, h_s = _const(w_t, h_s)
     return _mse(layer_fn(w_t, h_s), layer_fn(w_s, h_s))
 
 
 def cross_distillation_loss(w_s, w_t, h_s, h_t, mu, layer_fn: Callable):
-    """Cross distillation ``L = mu L_c + (1 - mu) L_i`` (METHODS 2.2; defaults mu = 0.6 for
+    """Cross distillation ``L = mu L_c + (1 - mu) L_i`` (Bai et al. 2020; defaults mu = 0.6 for
     VGG-like nets, 0.9 for residual nets).  ``mu = 1`` is the correction loss, ``mu = 0`` the
     imitation loss.  Gradients flow into ``w_s`` only."""
     mu = jnp.asarray(mu, jnp.float32)
@@ -96,7 +96,7 @@ def cross_distillation_loss(w_s, w_t, h_s, h_t, mu, layer_fn: Callable):
 
 def soft_cross_distillation_loss(w_s, w_t, h_s, h_t, alpha, beta, layer_fn: Callable,
                                  activation: Callable | None = None):
-    """Soft cross distillation (METHODS 2.2): inputs mixed as ``h_T~ = alpha h_T + (1-alpha) h_S``
+    """Soft cross distillation (Bai et al. 2020): inputs mixed as ``h_T~ = alpha h_T + (1-alpha) h_S``
     and ``h_S~ = (1-beta) h_T + beta h_S``, loss ``|| s(w_T h_T~) - s(w_S h_S~) ||^2`` with ``s``
     the layer's ``activation`` (None: identity).  ``(alpha, beta) = (1, 1)`` is plain layer-wise
     distillation (`layerwise_loss`); defaults (0.9, 0.3) VGG-like, (0.9, 0.5) residual nets;

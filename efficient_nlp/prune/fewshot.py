@@ -1,4 +1,4 @@
-"""Few-shot pruning (METHODS.md 2.2): layer-wise cross distillation and its baselines.
+"""Few-shot pruning (docs/cross_distillation.md): layer-wise cross distillation and its baselines.
 
     adapter = fewshot.cnn_adapter(model, fewshot.cnn_rules("unstructured"))
     # or, for a model of efficient_nlp.models: fewshot.encoder_adapter(model, fewshot.encoder_rules(model))

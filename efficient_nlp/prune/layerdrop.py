@@ -1,4 +1,4 @@
-"""LayerDrop (Fan et al. 2020; METHODS.md 2.1): drop whole layers at random while training, then
+"""LayerDrop (Fan et al. 2020; docs/pruning.md): drop whole layers at random while training, then
 remove layers on demand.
 
 Training: `with_layer_drop` sets the ``layer_drop`` rate of the module that runs the model's

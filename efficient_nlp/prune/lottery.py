@@ -1,4 +1,4 @@
-"""Lottery tickets: iterative magnitude pruning (IMP) with weight rewinding (METHODS.md 2.1).
+"""Lottery tickets: iterative magnitude pruning (IMP) with weight rewinding (docs/pruning.md).
 
 Frankle & Carbin 2019, with rewinding to an early step (Frankle et al. 2020): train; prune the
 smallest-magnitude fraction of the SURVIVING weights; rewind the survivors to their values at

@@ -1,4 +1,4 @@
-"""Sparsity patterns (METHODS.md 2.1 "granularity"): which weights are removed together.
+"""Sparsity patterns (docs/pruning.md, "Patterns"): which weights are removed together.
 
 A pattern maps a tensor to *units* (what is kept or removed as a whole) and back:
 

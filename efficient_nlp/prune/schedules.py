@@ -1,4 +1,4 @@
-"""Pruning schedules (METHODS.md 2.1 "schedules"): when to recompute masks, and how far.
+"""Pruning schedules (docs/pruning.md, "Schedules"): when to recompute masks, and how far.
 
 A `Schedule` is a pair of jit-safe pure functions of ``count`` (completed updates, as in
 optax): ``progress(count) -> [0, 1]`` (fraction of each rule's target sparsity) and

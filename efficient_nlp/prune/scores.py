@@ -1,4 +1,4 @@
-"""Pruning criteria (METHODS.md section 2.1, "criterion" table): pure score functions.
+"""Pruning criteria (docs/pruning.md, "Scores" table): pure score functions.
 
 A score says how much a weight matters; pruning removes the LOWEST scores.  Each criterion is
 offered twice:
@@ -25,13 +25,13 @@ from efficient_nlp.prune._registry import resolve
 
 # ----------------------------------------------------------------------------- one-step scores
 def magnitude_score(params, grads=None):
-    """Magnitude (0th order): ``|w|`` (METHODS.md 2.1; Han et al. 2015, Zhu & Gupta 2017)."""
+    """Magnitude (0th order): ``|w|`` (Han et al. 2015, Zhu & Gupta 2017)."""
     del grads
     return jax.tree.map(jnp.abs, params)
 
 
 def movement_score(params, grads):
-    """Movement (1st order), one step: ``-grad * w`` (METHODS.md 2.1; Sanh et al. 2020).
+    """Movement (1st order), one step: ``-grad * w`` (Sanh et al. 2020).
 
     Summed over steps (`movement`) it is large for weights moving AWAY from zero, which survive.
     """
@@ -39,7 +39,7 @@ def movement_score(params, grads):
 
 
 def saliency_score(params, grads):
-    """Saliency / first-order Taylor, one step: ``|w * grad|`` (METHODS.md 2.1; Molchanov et al. 2019)."""
+    """Saliency / first-order Taylor, one step: ``|w * grad|`` (Molchanov et al. 2019)."""
     return jax.tree.map(lambda w, g: jnp.abs(w * g), params, grads)
 
 
@@ -80,7 +80,7 @@ def magnitude() -> Criterion:
 
 def movement(learning_rate: float | None = None, b1: float = 0.9, b2: float = 0.999,
              eps: float = 1e-8) -> Criterion:
-    """Movement pruning (METHODS.md 2.1; Sanh et al. 2020): weights moving away from zero get high
+    """Movement pruning (Sanh et al. 2020): weights moving away from zero get high
     scores and survive.
 
     ``learning_rate=None``: ``S = -sum_t grad_t * W_t`` accumulated since the start of training.
@@ -124,7 +124,7 @@ def movement(learning_rate: float | None = None, b1: float = 0.9, b2: float = 0.
 
 
 def saliency() -> Criterion:
-    """Taylor saliency ``sum_t |w_t * grad_t|`` accumulated since the start (METHODS.md 2.1)."""
+    """Taylor saliency ``sum_t |w_t * grad_t|`` accumulated since the start (Molchanov et al. 2019)."""
     def accumulate(stats, params, grads):
         return jax.tree.map(lambda s, w, g: s + jnp.abs(w * g).astype(jnp.float32), stats, params, grads)
 

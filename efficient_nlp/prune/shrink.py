@@ -1,6 +1,6 @@
 """Physical shrink: a head/neuron/layer-pruned model -> a smaller model of the same family
-(METHODS.md 2.1: "structured pruning only speeds up inference if the pruned units are
-physically removed").
+(docs/pruning.md: structured pruning only speeds up inference if the pruned units are
+physically removed).
 
 Units are read from the model's family description (`efficient_nlp.models.family`): head ``h``
 of layer ``i`` is the ``head_dim`` columns of the ``q`` / ``k`` / ``v`` kernels and biases and the

@@ -1,4 +1,4 @@
-"""EarlyBERT-style slimming (Chen et al. 2021; METHODS.md 2.1): learnable scalar gates on every
+"""EarlyBERT-style slimming (Chen et al. 2021; docs/pruning.md): learnable scalar gates on every
 attention head and every FFN neuron, an L1 penalty on the gates, and pruning of the units with
 the smallest gates once the gate mask has stabilised (the "early-bird" ticket).
 

@@ -1,4 +1,4 @@
-"""Quantization (METHODS.md section 1): quantizers, W-E-A specs by rules, the fake-quant model
+"""Quantization (docs/quantization.md): quantizers, W-E-A specs by rules, the fake-quant model
 transform, packed integer export, integer inference, cost accounting.
 
     from efficient_nlp import quant
@@ -14,7 +14,7 @@ One-shot per-layer methods (docs/oneshot.md): `rtn`, `gptq`, `awq_scales`, `awq_
 ``make_spec(..., weight_group_size=128)``.  The compressed-tensors format:
 `save_compressed_tensors`, `load_compressed_tensors`.
 
-Post-training quantization by reconstruction (METHODS.md 1.4): `ptq` (calibration_set,
+Post-training quantization by reconstruction (docs/quantization.md): `ptq` (calibration_set,
 partition, rem, layer_errors), `mrem` (mrem_s) and `mrem_parallel` (mrem_p), all three returning
 a `ptq.Reconstruction` ``(model, report, info)``; see those modules.  Every transform reads the
 model's layout from its family (`efficient_nlp.models.family`).

@@ -1,4 +1,4 @@
-"""Adaptive splitting (BinaryBERT, METHODS.md 1.5 "Adaptive splitting"): which TWN matrices of a
+"""Adaptive splitting (BinaryBERT, Bai et al. 2021; docs/binarybert_adaptive.md): which TWN matrices of a
 half-width ternary model are ternary-then-split (two binary halves, the ternary function) and
 which become plain binary, under a size or FLOPs / BOPs budget.
 
@@ -23,13 +23,13 @@ Terms (one meaning throughout):
   (word embedding, head modules) are one group each in every mode.
 * *Sensitivity* of a group: the gain ``score(group split, rest binary) - score(all binary)`` of
   a higher-is-better ``score_fn`` on held-out data (e.g. minus a loss, or accuracy), and its
-  *value* ``u = gain / parameter count`` (METHODS.md: "gain ... divided by its parameter
-  count").  The recipe (`efficient_nlp.recipes.adaptive_split`) scores with minus the soft
+  *value* ``u = gain / parameter count`` (BinaryBERT's definition: the gain divided by the
+  parameter count).  The recipe (`efficient_nlp.recipes.adaptive_split`) scores with minus the soft
   cross-entropy to the teacher's logits, the loss the split model is then fine-tuned with.
 * *Cost*: ``C0`` is the cost of the all-binary (nothing split) model; splitting a site adds
   ``size_mb``: one more bit per weight and one more float32 scale per scale group; ``flops``:
   one more matmul of the same shape (FLOPs per example); ``bops``: that matmul counted at 1-bit
-  weights and its input's bits, ``FLOPs * 1 * a_bits / 64`` (METHODS.md 1.2; the conventions
+  weights and its input's bits, ``FLOPs * 1 * a_bits / 64`` (docs/quantization.md; the conventions
   of `efficient_nlp.quant.cost`).  The problem ``max u^T s  s.t.  c^T s <= C - C0,
   s in {0,1}^Z`` over groups is solved exactly by `knapsack` after the conservative `discretise`.
 """
@@ -173,10 +173,10 @@ REFERENCES = ("binary", "split")
 
 
 def sensitivity(qmodel, groups, score_fn, *, reference: str = "binary") -> tuple[float, dict[str, Sensitivity]]:
-    """``(score of the reference model, {group name: Sensitivity})`` (METHODS.md 1.5).
+    """``(score of the reference model, {group name: Sensitivity})`` (docs/binarybert_adaptive.md).
 
     ``score_fn(model) -> float`` is higher-is-better on held-out data (minus a loss, or a
-    metric).  ``reference="binary"`` (METHODS.md): the gain of splitting the group alone,
+    metric).  ``reference="binary"`` (BinaryBERT's): the gain of splitting the group alone,
     ``score(group split, every other site binary) - score(all binary)``; ``"split"``: the loss
     of binarizing the group alone, ``score(all split) - score(all split but the group)``, i.e.
     measured around the ternary model instead of around the all-binary one (useful when the
@@ -357,7 +357,7 @@ def _uniform_units(groups, by):
 
 def choose_split(groups, values, costs, budget, *, base: float = 0.0, method: str = "knapsack",
                  seed: int = 0, uniform_by: str = "part", max_units: int = 100_000) -> Choice:
-    """The sites to split under ``budget`` (METHODS.md 1.5: ``max u^T s  s.t.  c^T s <= C - C0``).
+    """The sites to split under ``budget`` (BinaryBERT: ``max u^T s  s.t.  c^T s <= C - C0``).
 
     ``groups``: `group_sites` output; ``values``: ``{group name: u}`` (e.g. `Sensitivity.value`);
     ``costs``: ``{site: extra cost}`` and ``base`` = ``C0`` from `split_costs`; ``budget`` = C

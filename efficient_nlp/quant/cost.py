@@ -6,10 +6,10 @@
   embeddings, classifier, learned quantizer state) at 32 bits.
 * FLOPs per example: ``2 x MACs`` of every matmul (Linear layers and the two attention
   matmuls of each layer), found by tracing one forward pass abstractly (``jax.eval_shape``, nothing runs).
-* BOPs (METHODS.md 1.2): a matmul whose two operands are both quantized to m and n <= 8 bits
+* BOPs (docs/quantization.md): a matmul whose two operands are both quantized to m and n <= 8 bits
   counts ``FLOPs * m * n / 64``; a matmul with a float operand counts its full FLOPs.  This is
   the convention of the BinaryBERT / TernaryBERT tables (full-precision BERT-base: 22.5 G).
-* Ternary weight splitting (``split=``, METHODS.md 1.5): a split matrix is two binary matrices:
+* Ternary weight splitting (``split=``, docs/binarybert.md): a split matrix is two binary matrices:
   2 x 1 bit per weight plus two sets of scales, and the BOPs of both binary matmuls.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def cost_report(model, spec: QuantSpec | None, inputs: dict[str, Any] | Callable
 
     ``inputs``: one example batch for the models of `efficient_nlp.models` (``input_ids``
     [B,T] ...; costs are divided by B), or a callable ``fn(model) -> output`` (then B = 1).  ``split`` (ternary weight splitting,
-    METHODS.md 1.5; needs TWN weights in ``spec``): True splits every TWN matrix, a list of sites
+    docs/binarybert.md; needs TWN weights in ``spec``): True splits every TWN matrix, a list of sites
     only those (`efficient_nlp.quant.split_model`): a split matrix stores two 1-bit weights and
     two sets of scales and its matmul counts the BOPs of both binary halves; TWN matrices not
     split count as BWN (1 bit).  ``params`` then counts both halves.

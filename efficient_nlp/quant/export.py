@@ -10,7 +10,7 @@ What is stored (every value float32 unless said otherwise):
 
 * every quantized weight (a `QuantLinear` kernel, a `QuantEmbed` table, and each binary half
   ``kernel1`` / ``kernel2`` (``embedding1`` / ``embedding2``) of a ternary-split `SplitLinear` /
-  `SplitEmbed`, METHODS.md 1.5: two 1-bit code tensors and two scales) at parameter path ``P`` as
+  `SplitEmbed`, docs/binarybert.md: two 1-bit code tensors and two scales) at parameter path ``P`` as
   ``P.codes`` (``uint8``: the int8 codes of `efficient_nlp.quant.quantizers` packed by
   `efficient_nlp.quant.packing` at 1 bit (BWN), 2 bits (TWN and 2-bit), 4 bits (3- and 4-bit) or
   8 bits (5..8-bit), C order), ``P.scale`` (0-d per tensor, keepdims ``[1, out]`` / ``[V, 1]`` per

@@ -3,7 +3,7 @@
 `QuantLinear` / `QuantEmbed` take over the parameters of an ``nnx.Linear`` / ``nnx.Embed`` (same
 Variable objects, same names: ``...query.kernel`` stays ``...query.kernel``) and quantize the
 weight (and the Linear's input) with straight-through gradients on every call, so the latent
-full-precision weights are what the optimizer updates (QAT, METHODS.md 1.3).  `AttentionQuant`
+full-precision weights are what the optimizer updates (QAT, docs/quantization.md).  `AttentionQuant`
 is plugged into the attention module's ``matmul_quant`` hook and quantizes the inputs of the two
 activation-activation matmuls (q.k^T and probs.v).  Learned quantizer state (LSQ step and
 offset, PACT clip values) are ``nnx.Param`` under ``<module>.weight_quant`` /

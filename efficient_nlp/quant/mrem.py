@@ -1,4 +1,4 @@
-"""Module-wise reconstruction error minimisation, sequential (MREM-S, METHODS.md 1.4).
+"""Module-wise reconstruction error minimisation, sequential (MREM-S, docs/quantization.md).
 
     parts = ptq.partition(num_layers, 4)                   # [(0, 2), (2, 4), (4, 5), (5, 6)]
     qmodel, report, info = mrem.mrem_s(qmodel, teacher, calib, num_modules=4, steps=2000)

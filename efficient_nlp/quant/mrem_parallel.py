@@ -1,4 +1,4 @@
-"""Module-wise reconstruction error minimisation, parallel (MREM-P, METHODS.md 1.4).
+"""Module-wise reconstruction error minimisation, parallel (MREM-P, docs/quantization.md).
 
     from efficient_nlp.quant.mrem_parallel import mrem_p
     qmodel, report, info = mrem_p(qmodel, teacher, calib, num_modules=4, steps=2000)   # a ptq.Reconstruction
@@ -31,7 +31,7 @@ The partition, the module loss l_n and its forward are MREM-S's (`efficient_nlp.
   ``f~ = lam_t * f_fp + (1 - lam_t) * f_q`` with ``lam_t = max(1 - t / T0, 0)``, ``T0 =
   teacher_forcing * steps`` (default 40 %); module 0 reads token ids (no forcing).  The
   quantized output pushed downstream is the module's output on ``f~`` (the forward of the loss).
-- Defaults as METHODS.md 1.4: 4 modules, 2,000 steps, Adam with lr 1e-4 decaying linearly to 0.
+- Defaults as published (Bai et al. 2022): 4 modules, 2,000 steps, Adam with lr 1e-4 decaying linearly to 0.
   ``queue_size`` (t0) has no published default here: 8 (our choice).
 
 Report rows (one per module) match MREM-S's: ``loss_before`` / ``loss_after`` are l_n over the
@@ -56,7 +56,7 @@ from efficient_nlp.quant import mrem, ptq
 
 # ----------------------------------------------------------------------------- schedules
 def forcing_lambda(step, anneal_steps):
-    """``lam_t = max(1 - t / T0, 0)`` (METHODS.md 1.4, annealed teacher forcing); ``T0 <= 0``
+    """``lam_t = max(1 - t / T0, 0)`` (docs/quantization.md, annealed teacher forcing); ``T0 <= 0``
     gives 0 (no forcing).  Works on Python numbers and on traced / numpy arrays."""
     if isinstance(anneal_steps, (int, float)) and anneal_steps <= 0:
         return 0.0 * step

@@ -1,4 +1,4 @@
-"""Post-training quantization by reconstruction (METHODS.md 1.4): calibration set, partition, REM.
+"""Post-training quantization by reconstruction (docs/quantization.md): calibration set, partition, REM.
 
     calib, rows = ptq.calibration_set(task.train, k=4096, seed=0)    # the only training rows read
     qmodel, report = quant.quantize_model(teacher, spec); quant.calibrate(qmodel, first_batch)

@@ -1,6 +1,6 @@
 """Quantizers with straight-through gradients: pure, jit-able ``fn(x, ...) -> x_hat``.
 
-Equations are those of shared/METHODS.md section 1.1.  Every quantizer returns a *fake-quantized*
+Equations as in docs/quantization.md ("Quantizers").  Every quantizer returns a *fake-quantized*
 float tensor (the values lie on a b-bit grid, the dtype is that of ``x``); the integer codes behind
 it are available from `quantize_codes` (uniform grids), `ternary_codes` and `binary_codes`, and
 ``x_hat`` equals the dequantized codes exactly, so integer export reproduces QAT bit for bit.
@@ -43,9 +43,9 @@ Integer codes (`uniform_params` / `quantize_codes` / `dequantize`)::
   offset by ``-2^(b-1)`` (``codes = u - 2^(b-1)``) so that every code fits int8 (also at 8 bits)
   and lies in the same range as signed codes; ``scale = (max - min) / Qp`` and
   ``zero_point = -min / scale - 2^(b-1)`` (a float, not rounded: ``min`` itself is on the grid,
-  as METHODS.md prescribes, so 0 is generally not).  An int8 x int8 matmul then needs one
-  correction for both kinds: ``sum_k x_hat_k w_hat_k = s_x s_w (sum_k c_k d_k - zp_x sum_k d_k)``
-  for symmetric weights ``w_hat = s_w d``.
+  the grid being that of ``x - min`` shifted back by ``min``, so 0 is generally not).  An int8 x
+  int8 matmul then needs one correction for both kinds:
+  ``sum_k x_hat_k w_hat_k = s_x s_w (sum_k c_k d_k - zp_x sum_k d_k)`` for symmetric weights ``w_hat = s_w d``.
 * At 1 bit (unsigned only) the codes are {-1, 0}: pack them with
   ``packing.pack(codes + 1, 1, signed=False)`` (the signed 1-bit packing is for binary codes
   {-1, +1}).
@@ -215,7 +215,7 @@ def group_size_of(x, p) -> int:
 
 # ----------------------------------------------------------------------------- uniform
 def uniform_params(x, bits, signed=True, axis=None, range_mode="absmax", *, group_size=0):
-    """``(scale, zero_point)`` of the uniform b-bit grid of ``x`` (METHODS.md 1.1, "Uniform").
+    """``(scale, zero_point)`` of the uniform b-bit grid of ``x`` (docs/quantization.md, "Quantizers").
 
     signed: ``scale = max|x| / Qp``, ``zero_point = 0``.  ``range_mode="minmax"`` uses
     ``max(|min x|, |max x|) / Qp``, which is the same number (a symmetric grid needs a symmetric
@@ -282,7 +282,7 @@ def dequantize(codes, scale, zero_point):
 
 
 def uniform(x, bits, signed=True, axis=None, range_mode="absmax", *, group_size=0):
-    """Uniform b-bit fake quantization with the range from the data (METHODS.md 1.1, "Uniform").
+    """Uniform b-bit fake quantization with the range from the data (docs/quantization.md, "Quantizers").
 
     ``q(x) = s * clip(round(x / s), Qn, Qp)`` (signed, ``s = max|x| / Qp``) or
     ``s * clip(round((x - min) / s), 0, 2^b - 1) + min`` (unsigned, ``s = (max - min) / Qp``),
@@ -334,7 +334,7 @@ _clip_quant.defvjp(_clip_quant_fwd, _clip_quant_bwd)
 
 
 def clip_quant(x, lo, hi, bits, signed=True):
-    """PACT-style quantization with learnable clip values (METHODS.md 1.1, "Clipping").
+    """PACT-style quantization with learnable clip values (PACT, Choi et al. 2018).
 
     Forward: ``y = clip(x, lo, hi)`` quantized on a b-bit grid
 
@@ -394,7 +394,7 @@ _lsq.defvjp(_lsq_fwd, _lsq_bwd)
 
 
 def lsq(x, step, bits, signed=True, *, grad_scale=None):
-    """LSQ: learned step size (METHODS.md 1.1, "LSQ").
+    """LSQ: learned step size (Esser et al. 2020).
 
     Forward ``s * clip(round(x / s), Qn, Qp)``.  Backward (``v = x / s``):
 
@@ -466,7 +466,7 @@ _lsq_plus.defvjp(_lsq_plus_fwd, _lsq_plus_bwd)
 
 
 def lsq_plus(x, step, offset, bits, *, grad_scale=None):
-    """LSQ+: asymmetric LSQ with a learnable offset (METHODS.md 1.1, "LSQ+").
+    """LSQ+: asymmetric LSQ with a learnable offset (Bhalgat et al. 2020).
 
     Forward ``s * clip(round((x - b) / s), 0, Qp) + b`` with ``Qp = 2^b - 1`` (unsigned grid,
     ``bits`` in 1..8).  Backward (``v = (x - b) / s``): ``d/dx = grad`` where ``0 < v < Qp``, else
@@ -489,7 +489,7 @@ def lsq_plus(x, step, offset, bits, *, grad_scale=None):
 
 # ----------------------------------------------------------------------------- TWN / BWN
 def ternary_codes(w, axis=None):
-    """TWN codes and scale (METHODS.md 1.1, "TWN"): ``(codes int8 in {-1, 0, 1}, alpha)``.
+    """TWN codes and scale (Li et al. 2016; docs/quantization.md): ``(codes int8 in {-1, 0, 1}, alpha)``.
 
     ``Delta = 0.7 * mean|w|`` and ``alpha = mean of |w_i| over {|w_i| >= Delta}``, both over
     ``axis`` (keepdims; 0-d for None); ``codes = sign(w)`` where ``|w| >= Delta``, else 0.  An
@@ -507,11 +507,11 @@ def ternary_codes(w, axis=None):
 
 
 def binary_codes(w, axis=None):
-    """BWN codes and scale (METHODS.md 1.1, "BWN"): ``(codes int8 in {-1, +1}, alpha)``.
+    """BWN codes and scale (Rastegari et al. 2016; docs/quantization.md): ``(codes int8 in {-1, +1}, alpha)``.
 
     ``alpha = mean|w|`` over ``axis`` (keepdims; 0-d for None); ``codes = sign(w)`` with
     ``sign(0) = +1``, so every element is +-alpha and ``bwn(w1) + bwn(w2)`` is exact algebra
-    (the ternary weight splitting of METHODS.md 1.5 relies on it).
+    (the ternary weight splitting of docs/binarybert.md relies on it).
     """
     w = jax.lax.stop_gradient(_float(w))
     alpha = _reduce(jnp.mean, jnp.abs(w), axis, "binary_codes")

@@ -1,6 +1,6 @@
 """Loss sharpness per Transformer part: the top Hessian eigenvalue of the loss with respect to the
 weights of one part (and layer), by power iteration on Hessian-vector products (BinaryBERT's
-loss-landscape argument, METHODS.md 1.5: binary models sit in sharper, harder-to-train regions
+loss-landscape argument, Bai et al. 2021: binary models sit in sharper, harder-to-train regions
 than ternary and full-precision ones).
 
     rows = part_sharpness(model, data)        # data: a few batches stacked [nb, B, T]

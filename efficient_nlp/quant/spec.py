@@ -1,4 +1,4 @@
-"""Quantization specs: which quantizer goes where (METHODS.md 1.2).
+"""Quantization specs: which quantizer goes where (docs/quantization.md, "Specs and the model transform").
 
 A model has *sites*, each named by a dotted module path plus a suffix:
 
@@ -51,7 +51,7 @@ def register_quantizer(name: str, fn: Callable) -> None:
     ``bits`` 1..8, ``signed`` the grid (False: asymmetric, for attention probabilities and
     post-GELU inputs), ``axis`` the axis reduced for per-channel scales (None: per tensor).  Its
     gradient is the caller's choice; most quantizers want a straight-through one
-    (``x + stop_gradient(x_hat - x)``, METHODS.md 1.1).  Registration lasts for the process (a
+    (``x + stop_gradient(x_hat - x)``, docs/quantization.md).  Registration lasts for the process (a
     notebook cell works; no entry points).  A name already taken (built-in or registered) or a
     ``fn`` that cannot take the four positional arguments raises ``ValueError``.
     """
@@ -72,7 +72,7 @@ def _methods() -> tuple[str, ...]:
     return METHODS + tuple(QUANTIZERS)
 
 
-#: Sites left in float unless a user rule says otherwise (METHODS.md 1.2).
+#: Sites left in float unless a user rule says otherwise (the literature's defaults, docs/quantization.md).
 DEFAULT_SKIP = (
     r"(^|\.)classifier(\.input)?$",
     r"(^|\.)(position|token_type)_embeddings$",
@@ -209,7 +209,7 @@ def make_spec(w_bits: int = 8, e_bits: int | None = None, a_bits: int | None = 8
               weight_method: str | None = None, activation_method: str = "uniform",
               weight_granularity: str | None = None, weight_group_size: int = 0,
               rules: Any = ()) -> QuantSpec:
-    """A W-E-A spec with the literature's defaults (METHODS.md 1.2).
+    """A W-E-A spec with the literature's defaults (docs/quantization.md).
 
     Weights: ``w_bits`` 1 -> BWN, 2 -> TWN, else uniform symmetric; scales per output channel
     for uniform / LSQ weights and per tensor for TWN / BWN unless ``weight_granularity``

@@ -1,4 +1,4 @@
-"""Ternary weight splitting (TWS, BinaryBERT; METHODS.md 1.5): a ternary model -> a binary model
+"""Ternary weight splitting (TWS, BinaryBERT, Bai et al. 2021; docs/binarybert.md): a ternary model -> a binary model
 that computes the same function.
 
     qmodel, _ = quant.quantize_model(half_width_model, quant.make_spec(2, 2, 8))   # TWN weights
@@ -9,10 +9,10 @@ that computes the same function.
 The operator (`ternary_weight_split`)
 -------------------------------------
 Given a latent weight ``w`` (one scale group: the whole matrix, or one embedding row), let
-``TWN(w) = alpha * sign(w)`` on ``I = {|w| >= Delta}`` and 0 on the zero set ``J`` (METHODS.md
-1.1; ``n = |I| + |J|`` elements, ``S_I = sum_I |w| = |I| alpha``, ``S_J = sum_J |w|``).  We want
+``TWN(w) = alpha * sign(w)`` on ``I = {|w| >= Delta}`` and 0 on the zero set ``J`` (TWN,
+docs/quantization.md; ``n = |I| + |J|`` elements, ``S_I = sum_I |w| = |I| alpha``, ``S_J = sum_J |w|``).  We want
 ``w1 + w2 = w`` and ``BWN(w1) + BWN(w2) = TWN(w)`` with ``BWN(v) = mean|v| * sign(v)``.
-METHODS.md prescribes the form::
+BinaryBERT prescribes the form::
 
     on I:                  w1 = a w,        w2 = (1 - a) w          0 < a < 1
     on J with w > 0:       w1 = w + b,      w2 = -b                 b > 0
@@ -117,7 +117,7 @@ def _split(w, axis):
         s1 = _group_sum(jnp.where(carry1, mag, fz), axis)
         return jnp.where(s_i > 0, 0.5 + (s_j - 2.0 * s1) / (2.0 * safe_s_i), jnp.full_like(s_i, 0.5))
 
-    by_sign = zero & (w > 0)                       # METHODS.md's form: w1 carries the positive zeros
+    by_sign = zero & (w > 0)                       # BinaryBERT's form: w1 carries the positive zeros
     a_sign = a_of(by_sign)
     ok = (a_sign > 0) & (a_sign < 1)
     balanced = _alternate_by_magnitude(mag, zero, axis)
@@ -130,7 +130,7 @@ def _split(w, axis):
 
 
 def ternary_weight_split(w, axis=None):
-    """The TWS operator (METHODS.md 1.5): latent ``w`` of a TWN matrix -> binary latent weights
+    """The TWS operator (docs/binarybert.md): latent ``w`` of a TWN matrix -> binary latent weights
     ``(w1, w2)`` with ``w1 + w2 == w`` and ``bwn(w1) + bwn(w2) == twn(w)`` element by element (up
     to float rounding of the means).  ``axis`` reduces like `twn` (None: layer-wise; the reduced
     axis, e.g. 1 for a ``[V, H]`` embedding: row-wise).  Derivation of the split's scalars ``a``,

@@ -1,4 +1,4 @@
-"""Turn a model into a fake-quantized model from a `QuantSpec` (METHODS.md 1.2).
+"""Turn a model into a fake-quantized model from a `QuantSpec` (docs/quantization.md).
 
     qmodel, report = quant.quantize_model(model, quant.make_spec(2, 2, 8))
     print(report)                      # every site, its quantizer and why

@@ -1,5 +1,5 @@
 """BinaryBERT adaptive splitting: a family of binary models of different sizes from one half-width
-ternary model (METHODS.md 1.5 "Adaptive splitting"; `efficient_nlp.quant.adaptive`).
+ternary model (docs/binarybert_adaptive.md; `efficient_nlp.quant.adaptive`).
 
     python train.py --config configs/binarybert_adaptive.py --workdir runs/binarybert_adaptive \\
         --config.teacher_dir=runs/quickstart/model
@@ -15,7 +15,7 @@ ternary model (METHODS.md 1.5 "Adaptive splitting"; `efficient_nlp.quant.adaptiv
    stays untouched): the score is minus the soft cross-entropy to the teacher's logits, the
    prediction-layer distillation loss the split models are fine-tuned with; value = gain per
    parameter, measured against the all-binary model (``config.adaptive.reference="binary"``,
-   METHODS.md) or as the loss of binarizing one group of the all-split model (``"split"``).
+   as in BinaryBERT) or as the loss of binarizing one group of the all-split model (``"split"``).
 4. For every budget fraction ``f`` in ``config.adaptive.budgets`` the budget is
    ``C = C0 + f (C_full - C0)`` in ``config.adaptive.cost`` (``size_mb``, ``flops`` or ``bops``;
    ``C0`` all binary, ``C_full`` everything split), and every method of

@@ -1,5 +1,5 @@
 """BinaryBERT: half-width ternary QAT -> ternary weight splitting -> binary fine-tuning, next to a
-BWN baseline trained directly (METHODS.md 1.5).
+BWN baseline trained directly (docs/binarybert.md).
 
     python train.py --config configs/binarybert_1_1_8.py --workdir runs/binarybert_1_1_8
 

@@ -1,4 +1,4 @@
-"""Few-shot pruning by cross distillation (METHODS.md 2.2): methods x shots table over seeds.
+"""Few-shot pruning by cross distillation (docs/cross_distillation.md): methods x shots table over seeds.
 
     python train.py --config configs/cd_cnn.py --workdir runs/cd_cnn
     python train.py --config configs/cd_bert.py --workdir runs/cd_bert

@@ -2,7 +2,7 @@
 
 Cross-entropy for classification (and sentence pairs), mean squared error for
 regression (``num_labels == 1``, e.g. STS-B). Every other recipe starts from a model
-fine-tuned this way (the full-precision teacher of METHODS.md sections 1.3-1.5).
+fine-tuned this way (the full-precision teacher of docs/quantization.md, docs/binarybert.md, docs/distillation.md).
 """
 
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""NAS recipe (METHODS.md 4): width search with affine parameter sharing, then retraining.
+"""NAS recipe (docs/nas.md): width search with affine parameter sharing, then retraining.
 
     python train.py --config configs/aps_cnn_transitional.py --workdir runs/aps_t
 

@@ -1,4 +1,4 @@
-"""Pruning recipe (METHODS.md 2.1): prune a model (any family of `efficient_nlp.models`) while
+"""Pruning recipe (docs/pruning.md): prune a model (any family of `efficient_nlp.models`) while
 fine-tuning it on a task.
 
 The pruning optimizer is `efficient_nlp.prune.pruning` around the default AdamW, so the masks

@@ -1,4 +1,4 @@
-"""Post-training quantization by reconstruction: REM, MREM-S and MREM-P (METHODS.md 1.4).
+"""Post-training quantization by reconstruction: REM, MREM-S and MREM-P (docs/quantization.md).
 
     python train.py --config configs/ptq_2_2_8.py --workdir runs/ptq_2_2_8
     python train.py --config configs/ptq_2_2_8.py --workdir runs/ptq --config.ptq.method=rem,mrem_s,mrem_p \

@@ -1,4 +1,4 @@
-"""Quantization-aware training with two-stage distillation (TernaryBERT recipe, METHODS.md 1.3).
+"""Quantization-aware training with two-stage distillation (TernaryBERT, Zhang et al. 2020; docs/quantization.md).
 
     python train.py --config configs/qat_2_2_8.py --workdir runs/qat_2_2_8
 

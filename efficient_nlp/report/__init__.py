@@ -5,11 +5,12 @@
 
 The encoder section runs, with fixed seeds, on the built-in task with the embedded
 MiniLM-L6-H384 (or ``--model_dir``): full precision; QAT at W-E-A 4-4-8 / 2-2-8 / 1-1-8
-(METHODS.md 1.3); PTQ by REM, MREM-S and MREM-P at 4-4-8 and 2-2-8 (1.4); BinaryBERT, BWN vs TWS
-(1.5); one-shot RTN / GPTQ / AWQ / SmoothQuant / GPTQ + MREM-S at W4 g128 and W8A8 and
-SparseGPT / Wanda / magnitude at 2:4 (docs/oneshot.md); pruning, magnitude vs movement at 90% and heads + FFN neurons at 50% with physical removal
-(2.1); few-shot pruning with and without cross distillation, one example per class (2.2); a
-distilled 2-layer student (section 3).  The decoder section compresses the pre-trained decoder
+(docs/quantization.md); PTQ by REM, MREM-S and MREM-P at 4-4-8 and 2-2-8 (docs/quantization.md);
+BinaryBERT, BWN vs TWS (docs/binarybert.md); one-shot RTN / GPTQ / AWQ / SmoothQuant / GPTQ + MREM-S
+at W4 g128 and W8A8 and SparseGPT / Wanda / magnitude at 2:4 (docs/oneshot.md); pruning, magnitude
+vs movement at 90% and heads + FFN neurons at 50% with physical removal (docs/pruning.md); few-shot
+pruning with and without cross distillation, one example per class (docs/cross_distillation.md); a
+distilled 2-layer student (docs/distillation.md).  The decoder section compresses the pre-trained decoder
 (`efficient_nlp.models.default_decoder_dir`, or ``--decoder``) with the configs/lm_*.py files and
 reports held-out perplexity (lower is better) and token accuracy: full precision, QAT 4-4-8, PTQ
 4-4-8 by REM and MREM-S, the one-shot rows at W4 g64 and W8A8 and 2:4, 50% key/value head groups + FFN neurons removed, 50% magnitude pruning
@@ -20,7 +21,7 @@ creates it.  Every row is a recipe of `efficient_nlp.recipes` run on its config 
 Each row's recipe writes its own ``results.json`` under ``workdir/<row key>/``; the report reads
 it, then measures what the recipes do not report uniformly: size (bytes of the saved artefact:
 the bit-packed file for quantized models, the float32 safetensors file otherwise), nonzero
-parameters, FLOPs and BOPs (`efficient_nlp.quant.cost_report`, METHODS.md 1.2; per example,
+parameters, FLOPs and BOPs (`efficient_nlp.quant.cost_report`, docs/quantization.md; per example,
 per token for the decoder) and CPU latency of the saved model (`efficient_nlp.train.measure_latency`;
 decoder rows per token, prefill and greedy decoding; quantized models through the int8 path
 `efficient_nlp.quant.to_integer_model`).  A row whose recipe or method is not in this checkout is

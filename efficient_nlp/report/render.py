@@ -115,7 +115,7 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         "",
         "Size: bytes of the saved artefact (bit-packed file for quantized rows, float32 safetensors "
         "otherwise). GFLOPs / GBOPs per example of one dev sequence (BOPs: an m-bit x n-bit multiply "
-        "counts m*n/64 FLOPs, METHODS.md 1.2). CPU latency: median of "
+        "counts m*n/64 FLOPs, docs/quantization.md). CPU latency: median of "
         f"{s.latency_repeats} jitted forward passes of a {s.latency_batch} x {s.max_length} batch "
         "(quantized rows through the int8 integer model). Compression s: wall time of the recipe run "
         "(PTQ rows: the reconstruction only, one-shot rows: that row's compression, as timed by the "

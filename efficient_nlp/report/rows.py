@@ -265,7 +265,7 @@ def teacher_config(settings: Settings, model_dir: str = ""):
 
 
 
-# ----------------------------------------------------------------------------- QAT (1.3)
+# ----------------------------------------------------------------------------- QAT
 def _qat(bits):
     def build(ctx):
         from configs import qat_2_2_8
@@ -288,7 +288,7 @@ def _qat(bits):
     return Experiment(f"qat_{name.replace('-', '_')}", (f"QAT {name} (TernaryBERT two-stage KD)",), build, collect)
 
 
-# ----------------------------------------------------------------------------- PTQ (1.4)
+# ----------------------------------------------------------------------------- PTQ
 PTQ_METHODS = ("rem", "mrem_s", "mrem_p")
 _PTQ_TITLES = {"rem": "REM", "mrem_s": "MREM-S", "mrem_p": "MREM-P"}
 
@@ -329,7 +329,7 @@ def _ptq(bits):
                       build, collect)
 
 
-# ----------------------------------------------------------------------------- BinaryBERT (1.5)
+# ----------------------------------------------------------------------------- BinaryBERT
 def _binarybert_missing(ctx):
     from efficient_nlp.recipes import RECIPES
     if "binarybert" not in RECIPES:
@@ -486,7 +486,7 @@ def _oneshot_collect(ctx, config, results, run_dir, seconds):
 ONESHOT = Experiment("oneshot", oneshot_titles(ONESHOT_SETTINGS), _oneshot_build, _oneshot_collect)
 
 
-# ----------------------------------------------------------------------------- pruning (2.1)
+# ----------------------------------------------------------------------------- pruning
 def _prune(module, arg):
     def build(ctx):
         s = ctx.settings
@@ -520,7 +520,7 @@ def _prune_experiment(key, title, module, arg):
     return Experiment(key, (title,), build, collect)
 
 
-# ----------------------------------------------------------------------------- cross distillation (2.2)
+# ----------------------------------------------------------------------------- cross distillation
 def _cd(method):
     def build(ctx):
         s = ctx.settings
@@ -544,7 +544,7 @@ def _cd(method):
     return Experiment({"cd": "fewshot_cd", "wo_cd": "fewshot_wo_cd"}[method], (title,), build, collect)
 
 
-# ----------------------------------------------------------------------------- distillation (3)
+# ----------------------------------------------------------------------------- distillation
 def _distill_build(ctx):
     """A 2-layer student initialised from the last teacher layer of each half (TinyBERT two-stage):
     hidden states on the uniform map, attention scores of the same layers, then soft CE."""
