@@ -16,22 +16,25 @@ _PEFT_TITLES = {"lora": "LoRA fine-tuning (r 8, q v)", "qlora": "QLoRA fine-tuni
 
 
 # ----------------------------------------------------------------------------- SVD
-def _lowrank_build(ctx):
+def _recovery_config(ctx, module: str, steps):
+    """configs/<module>.py on the report's teacher, data and training settings, its recovery stages
+    (every layer's hidden states and attention scores, then the logits) resized to the teacher's
+    layers and run ``steps`` each, at the config's learning rates."""
+    from configs import sharing
     s = ctx.settings
-    config = _config("lowrank")
+    config = _config(module)
     config.teacher_dir = ctx.teacher_dir
-    config.lowrank.settings = ",".join(LOWRANK_SETTINGS)
     _data_overrides(config.data, s)
     _train_overrides(config.train, s)
-    config.distill.stages = _layer_stages(config, ctx.num_layers, s.lowrank_steps)
+    lrs = tuple(stage["learning_rate"] for stage in config.distill.stages)
+    config.distill.stages = sharing.recovery_stages(ctx.num_layers, steps=tuple(steps), learning_rates=lrs)
     return config
 
 
-def _layer_stages(config, num_layers, steps):
-    """The config's recovery stages for a teacher of ``num_layers`` layers, ``steps`` each."""
-    from configs import sharing
-    lrs = tuple(stage["learning_rate"] for stage in config.distill.stages)
-    return sharing.recovery_stages(num_layers, steps=tuple(steps), learning_rates=lrs)
+def _lowrank_build(ctx):
+    config = _recovery_config(ctx, "lowrank", ctx.settings.lowrank_steps)
+    config.lowrank.settings = ",".join(LOWRANK_SETTINGS)
+    return config
 
 
 def _lowrank_collect(ctx, config, results, run_dir, seconds):
@@ -54,13 +57,8 @@ LOWRANK = Experiment("lowrank_svd", tuple(f"low rank, SVD rank {n[1:]} + KD" for
 
 # ----------------------------------------------------------------------------- sharing
 def _sharing_build(ctx):
-    s = ctx.settings
-    config = _config("sharing")
-    config.teacher_dir = ctx.teacher_dir
+    config = _recovery_config(ctx, "sharing", ctx.settings.sharing_steps)
     config.sharing.num_unique = max(1, ctx.num_layers // 2)
-    _data_overrides(config.data, s)
-    _train_overrides(config.train, s)
-    config.distill.stages = _layer_stages(config, ctx.num_layers, s.sharing_steps)
     return config
 
 
