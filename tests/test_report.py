@@ -21,6 +21,7 @@ TINY = dict(name="tiny", description="tiny settings for tests", max_length=16, b
             max_train_examples=96, qat_steps=(2, 2), ptq_calibration=16, ptq_batch_size=8, rem_steps=2,
             mrem_steps=2, binarybert_steps=2, prune_steps=4, cd_steps=2, distill_steps=(2, 2),
             oneshot_calibration=16, oneshot_mrem_steps=2, lowrank_steps=(2, 2), sharing_steps=(2, 2), peft_steps=2,
+            early_exit_steps=2, token_skip_steps=(2, 2),
             latency_batch=2, latency_repeats=2)
 TINY_LM = dict(lm_description="tiny decoder settings for tests", lm_block_size=32, lm_max_documents=200,
                lm_eval_blocks=8, lm_batch_size=4, lm_qat_steps=(2, 2), lm_ptq_calibration=16, lm_rem_steps=2,

@@ -346,7 +346,8 @@ class BertEncoder(nnx.Module):
         self.layer_drop = 0.0
 
     def __call__(self, hidden_states, attention_mask=None, *, start: int = 0, stop: int | None = None,
-                 capture: Iterable[str] = (), deterministic: bool = True, rngs=None, layer_drop=None):
+                 capture: Iterable[str] = (), deterministic: bool = True, rngs=None, layer_drop=None,
+                 bias=None):
         """Run layers ``start .. stop-1`` on ``hidden_states`` [B,T,H].
 
         Returns ``(hidden_states, intermediates)``; per-layer captures are tuples with one entry
@@ -354,6 +355,9 @@ class BertEncoder(nnx.Module):
         ``stop - start + 1``.  ``embedding`` is produced by the model, not here (ignored).
         ``layer_drop``: skip probability (float, or a sequence indexed by absolute layer number;
         see the class docstring); for a dropped layer ``hidden_states`` holds its input.
+        ``bias``: an additive float32 attention bias [B,1,1,T] (per key) or [B,1,T,T] used by every
+        layer run instead of the one built from ``attention_mask`` (token skipping re-weights keys
+        with it, `efficient_nlp.dynamic.tokens`); None (default): built from ``attention_mask``.
         """
         _check_rngs(deterministic, rngs)
         want = check_capture(capture)
@@ -362,7 +366,7 @@ class BertEncoder(nnx.Module):
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
             raise ValueError(f"need 0 <= start <= stop <= {n} (number of layers); got start={start}, stop={stop}")
         rates = drop_rates(self.layer_drop if layer_drop is None else layer_drop, n)
-        bias = attention_bias(attention_mask)
+        bias = attention_bias(attention_mask) if bias is None else jnp.asarray(bias, jnp.float32)
         per_layer = {name: [] for name in LAYER_CAPTURE_NAMES if name in want}
         states = [hidden_states] if "hidden_states" in want else None
         for i in range(start, stop):

@@ -20,6 +20,8 @@ RECIPES = {
     "lowrank": "efficient_nlp.recipes.lowrank",
     "sharing": "efficient_nlp.recipes.sharing",
     "peft": "efficient_nlp.recipes.peft",
+    "early_exit": "efficient_nlp.recipes.early_exit",
+    "token_skip": "efficient_nlp.recipes.token_skip",
 }
 
 

@@ -46,6 +46,8 @@ class Settings:
     lowrank_steps: tuple = (200, 200)  # SVD rows: intermediate, prediction stage of the recovery
     sharing_steps: tuple = (200, 200)  # sharing row: the same
     peft_steps: int = 300              # LoRA / QLoRA rows: fine-tuning steps
+    early_exit_steps: int = 300        # early-exit row: steps training the exits
+    token_skip_steps: tuple = (200, 100)  # token-skipping rows: soft stage, hard stage
     latency_batch: int = 8
     latency_repeats: int = 10
     # The decoder section (0 or (): the value of its configs/lm_*.py file).
@@ -74,6 +76,7 @@ class Settings:
         s = dict(max_length=32, qat_steps=(30, 30), ptq_calibration=256, rem_steps=10, mrem_steps=20,
                  binarybert_steps=20, prune_steps=60, cd_steps=40, distill_steps=(40, 40),
                  oneshot_mrem_steps=20, lowrank_steps=(40, 40), sharing_steps=(40, 40), peft_steps=100,
+                 early_exit_steps=100, token_skip_steps=(60, 40),
                  lm_max_documents=1000, lm_eval_blocks=32, lm_batch_size=8, lm_qat_steps=(20, 20),
                  lm_ptq_calibration=64, lm_rem_steps=10, lm_mrem_steps=20, lm_prune_steps=40,
                  lm_distill_steps=(20, 20), lm_oneshot_calibration=64, lm_oneshot_mrem_steps=20,
@@ -579,7 +582,7 @@ DISTILL = Experiment("distill_2l", ("distilled 2-layer student (two-stage KD)",)
 # ----------------------------------------------------------------------------- the list
 def experiments() -> list[Experiment]:
     """Every experiment of the report, in table order."""
-    from efficient_nlp.report import lowrank_rows
+    from efficient_nlp.report import dynamic_rows, lowrank_rows
     return [
         _qat((4, 4, 8)), _qat((2, 2, 8)), _qat((1, 1, 8)),
         _ptq((4, 4, 8)), _ptq((2, 2, 8)),
@@ -590,7 +593,7 @@ def experiments() -> list[Experiment]:
         _prune_experiment("prune_structured_50", "pruning, 50% heads + FFN neurons, shrunk", "prune_structured", "0.5"),
         _cd("wo_cd"), _cd("cd"),
         DISTILL,
-    ] + lowrank_rows.experiments()
+    ] + lowrank_rows.experiments() + dynamic_rows.experiments()
 
 
 def row_keys(exp: Experiment) -> list[str]:
