@@ -20,6 +20,9 @@ def early_exit_config(rules="entropy,confidence,patience", training="two_stage")
     return ml_collections.ConfigDict(dict(
         layers="",                 # exit after these layer counts, e.g. "2,4" ("" = every layer; the last
                                    # exit is always the model's own head)
+        pooling="mean",            # what an exit reads: mean of the real tokens | first (DeeBERT's first token;
+                                   # MiniLM was trained with mean pooling, so its first token says little
+                                   # before the last layers)
         training=training,         # two_stage: only the exits train (backbone frozen) | joint: everything
         weights="pabee",           # per-exit loss weights: pabee (exit k weighs k) | uniform
         distill_weight=1.0,        # KL(final exit || exit k) at `temperature` (FastBERT); 0 = labels only
@@ -39,6 +42,6 @@ def early_exit_config(rules="entropy,confidence,patience", training="two_stage")
 def get_config():
     config = add_teacher(new_config("early_exit"))
     config.early_exit = early_exit_config()
-    config.train = student_train_config(num_steps=300, learning_rate=5e-4, weight_decay=0.01, keep_checkpoints=1)
+    config.train = student_train_config(num_steps=300, learning_rate=1e-3, weight_decay=0.01, keep_checkpoints=1)
     config.distributed = default_distributed_config()
     return config

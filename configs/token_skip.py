@@ -19,9 +19,11 @@ def token_skip_config(method="ltp"):
     return ml_collections.ConfigDict(dict(
         method=method,             # ltp | power
         penalty=0.1,               # lambda of the L1 term (LTP: mean soft mask; PoWER: retention weights)
-        temperature=0.01,          # LTP soft mask sigmoid((s - theta) / temperature), s = mean attention received
+        temperature=2e-3,          # LTP soft mask sigmoid((s - theta) / temperature), s = mean attention received
+                                   # (~1/n for n tokens)
         soft_steps=200,            # model + retention parameters, soft masks
-        soft_learning_rate=5e-5,
+        soft_learning_rate=5e-5,   # the model's
+        skip_learning_rate=2e-3,   # the thresholds' (LTP) / retention weights' (PoWER)
         hard_steps=100,            # model only, tokens removed for real
         hard_learning_rate=2e-5,
         scales="0.5,0.75,1,1.25,1.5,2,3",  # sweep: learned thresholds (LTP) / counts (PoWER) times each

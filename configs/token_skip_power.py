@@ -10,5 +10,6 @@ from configs import token_skip
 def get_config():
     config = token_skip.get_config()
     config.token_skip.method = "power"
+    config.token_skip.skip_learning_rate = 5e-3
     config.token_skip.scales = "0.5,0.75,1,1.25,1.5"
     return config

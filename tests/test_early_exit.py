@@ -211,7 +211,7 @@ def test_rules_that_always_exit_stop_at_the_first_exit(rule):
         np.testing.assert_allclose(decision.logits, first, rtol=0, atol=1e-6)
 
 
-def spread_threshold(z, exit_layers):
+def spread_threshold(z, exit_layers, need=3):
     """An entropy threshold, away from every row's entropy, under which rows exit at the most
     different exits."""
     ent = np.sort(np.unique(R.entropy(z[:-1])))
@@ -221,7 +221,7 @@ def spread_threshold(z, exit_layers):
         key = (len(np.unique(d.exit_index)), np.abs(ent - t).min())
         best = max(best or (key, t), (key, t))
     (distinct, margin), t = best
-    assert distinct >= 3 and margin > 1e-4
+    assert distinct >= need and margin > 1e-4
     return R.Entropy(float(t))
 
 
@@ -299,3 +299,23 @@ def test_quantized_exits_and_the_integer_model_agree():
     # batch keeps its rows (no early exit, no padding).
     decision = EarlyExitRunner(imodel, R.Entropy(0.0), max_batch=8)(b)
     np.testing.assert_allclose(decision.logits, integer[-1], rtol=0, atol=1e-5 * np.abs(fake).max())
+
+
+# ----------------------------------------------------------------------------- mean pooling
+def test_mean_pooled_exits_read_only_real_tokens_and_survive_the_runner_and_saving(tmp_path):
+    model = spread(exits.add_exits(_tiny.tiny_bert(layers=L, labels=C), pooling="mean"))
+    b = batch(5)
+    b["attention_mask"][:, 5:] = 0
+    h = np.random.default_rng(0).normal(size=(5, T, 16)).astype(np.float32)
+    np.testing.assert_allclose(exits.pool(h, b["attention_mask"], "mean"), h[:, :5].mean(1), rtol=1e-6, atol=1e-6)
+    z = all_logits(model, b)
+    cut = {k: v[:, :5] for k, v in b.items()}  # trailing padding removed: the same exits
+    np.testing.assert_allclose(all_logits(model, cut), z, rtol=0, atol=1e-5)
+    rule = spread_threshold(z, model.exit_layers, need=2)
+    assert_same(EarlyExitRunner(model, rule, max_batch=4)(b), R.simulate(z, rule, model.exit_layers), atol=1e-5)
+    exits.save(model, tmp_path)
+    again, _ = exits.load(tmp_path)
+    assert again.exits[0].pooling == "mean"
+    np.testing.assert_array_equal(all_logits(again, b), z)
+    with pytest.raises(ValueError, match="pooling"):
+        exits.add_exits(_tiny.tiny_bert(layers=L, labels=C), pooling="max")

@@ -48,7 +48,7 @@ def _segment_body(model, s: int, inputs):
         hidden, mask = inputs
     hidden, _ = F.run_layers(model, hidden, mask, start=start, stop=exit_layers[s])
     if s < len(model.exits):
-        return hidden, model.exits[s](hidden)
+        return hidden, model.exits[s](hidden, mask)
     return None, F.head(model, hidden)
 
 

@@ -48,14 +48,32 @@ EARLY_EXIT_NAME = "early_exit.json"
 EXITS = nnx.All(nnx.Param, nnx.PathContains("exits"))
 
 
+#: How an exit reads the layer's output: ``first``, the first token (DeeBERT, like BERT's pooler);
+#: ``mean``, the mean over the real tokens (for models whose first token carries little before the
+#: last layers, e.g. sentence encoders trained with mean pooling such as MiniLM).
+POOLINGS = ("first", "mean")
+
+
+def pool(hidden, attention_mask, pooling: str):
+    """[B, T, H] -> [B, H]: the first token, or the mean over real tokens (mask 1)."""
+    if pooling == "first":
+        return hidden[:, 0]
+    mask = (jnp.ones(hidden.shape[:2]) if attention_mask is None else jnp.asarray(attention_mask)).astype(hidden.dtype)
+    return jnp.einsum("bth,bt->bh", hidden, mask) / jnp.maximum(mask.sum(-1, keepdims=True), 1.0)
+
+
 class ExitHead(nnx.Module):
-    """DeeBERT's off-ramp: ``classifier(dropout(tanh(dense(h[:, 0]))))``, hidden [B, T, H] -> [B, C].
+    """DeeBERT's off-ramp: ``classifier(dropout(tanh(dense(pool(h)))))``, hidden [B, T, H] -> [B, C],
+    ``pool`` the first token (``pooling="first"``, DeeBERT) or the mean over real tokens.
 
     Dropout follows the call's ``deterministic`` (``rngs=nnx.Rngs(dropout=key)`` when False).
     """
 
     def __init__(self, hidden_size: int, num_labels: int, *, dropout: float = 0.1, init_range: float = 0.02,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 pooling: str = "first", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}; use one of {POOLINGS}")
+        self.pooling = pooling
         def linear(n_out):
             return nnx.Linear(hidden_size, n_out, kernel_init=jax.nn.initializers.normal(init_range),
                               bias_init=jax.nn.initializers.zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -64,8 +82,8 @@ class ExitHead(nnx.Module):
         self.dropout = Dropout(dropout)
         self.classifier = linear(num_labels)
 
-    def __call__(self, hidden, *, deterministic: bool = True, rngs=None):
-        x = jnp.tanh(self.dense(hidden[:, 0]))
+    def __call__(self, hidden, attention_mask=None, *, deterministic: bool = True, rngs=None):
+        x = jnp.tanh(self.dense(pool(hidden, attention_mask, self.pooling)))
         return self.classifier(self.dropout(x, deterministic=deterministic, rngs=rngs))
 
 
@@ -99,7 +117,7 @@ def _num_labels(model) -> int:
 
 
 def add_exits(model, layers: Sequence[int] | None = None, *, seed: int = 0, dropout: float | None = None,
-              init_range: float | None = None):
+              init_range: float | None = None, pooling: str = "first"):
     """A copy of ``model`` with an `ExitHead` after each of ``layers`` (1-based layer counts).
 
     Args:
@@ -110,6 +128,8 @@ def add_exits(model, layers: Sequence[int] | None = None, *, seed: int = 0, drop
       dropout: the heads' dropout rate (default the model head's: ``classifier_dropout``, else
         ``hidden_dropout_prob``).
       init_range: std of the heads' normal initialiser (default ``config.initializer_range``).
+      pooling: what the heads read (`POOLINGS`): the first token (DeeBERT) or the mean of the
+        real tokens.
 
     Returns:
       The copy, with ``exits`` (``nnx.List`` of `ExitHead`) and ``exit_layers`` (sorted tuple,
@@ -135,7 +155,7 @@ def add_exits(model, layers: Sequence[int] | None = None, *, seed: int = 0, drop
     rngs = nnx.Rngs(seed)
     out = train.copy_model(model)
     out.exits = nnx.List([ExitHead(cfg.hidden_size, num_labels, dropout=dropout, init_range=init_range,
-                                   param_dtype=dtype, rngs=rngs) for _ in exit_layers[:-1]])
+                                   pooling=pooling, param_dtype=dtype, rngs=rngs) for _ in exit_layers[:-1]])
     out.exit_layers = exit_layers
     return out
 
@@ -162,7 +182,7 @@ def exit_logits(model, batch, *, deterministic: bool = True, rngs=None):
         h, _ = F.run_layers(model, h, mask, start=start, stop=stop, deterministic=deterministic, rngs=rngs)
         start = stop
         if e < len(model.exits):
-            out.append(model.exits[e](h, deterministic=deterministic, rngs=rngs))
+            out.append(model.exits[e](h, mask, deterministic=deterministic, rngs=rngs))
         else:
             out.append(F.head(model, h, deterministic=deterministic, rngs=rngs))
     return jnp.stack(out)
@@ -281,6 +301,7 @@ def save(model, out_dir: str | os.PathLike, rule=None) -> str:
     save_file(tensors, os.path.join(out_dir, EXITS_WEIGHTS_NAME))
     record = {"exit_layers": list(exit_layers), "num_labels": int(model.config.num_labels),
               "dropout": float(model.exits[0].dropout.rate) if len(model.exits) else None,
+              "pooling": model.exits[0].pooling if len(model.exits) else "first",
               "rule": None if rule is None else exit_rules.rule_to_dict(rule)}
     with open(os.path.join(out_dir, EARLY_EXIT_NAME), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
@@ -312,7 +333,7 @@ def load(out_dir: str | os.PathLike, **kwargs):
     n = F.num_layers(base)
     if not exit_layers or exit_layers[-1] != n:
         raise ValueError(f"{record_path}: exit_layers {exit_layers} must end with the checkpoint's {n} layers")
-    model = add_exits(base, exit_layers, dropout=record.get("dropout"))
+    model = add_exits(base, exit_layers, dropout=record.get("dropout"), pooling=record.get("pooling", "first"))
     tensors = read_safetensors(weights_path)
     params = _exit_params(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
@@ -328,5 +349,5 @@ def load(out_dir: str | os.PathLike, **kwargs):
     return model, rule
 
 
-__all__ = ["EARLY_EXIT_NAME", "EXITS", "EXITS_WEIGHTS_NAME", "ExitHead", "ExitLoss", "add_exits", "exit_logits",
+__all__ = ["EARLY_EXIT_NAME", "EXITS", "EXITS_WEIGHTS_NAME", "ExitHead", "POOLINGS", "pool", "ExitLoss", "add_exits", "exit_logits",
            "exit_loss", "exit_weights", "has_exits", "load", "make_loss", "require_exits", "save", "strip_exits"]

@@ -5,8 +5,9 @@ clock (docs/dynamic.md).
 
 1. Teacher: the fine-tuned model (``config.teacher_dir``; empty = fine-tune ``config.model_dir`` on
    ``config.data`` first, as the other compression recipes do).
-2. Exits: an off-ramp (first token -> dense -> tanh -> classifier, DeeBERT) after each layer count
-   of ``config.early_exit.layers`` ("" = every layer); the last exit is the model's own head.
+2. Exits: an off-ramp (``pooling``: the first token or the mean of the real tokens -> dense ->
+   tanh -> classifier, DeeBERT) after each layer count of ``config.early_exit.layers`` ("" =
+   every layer); the last exit is the model's own head.
 3. Training (``config.train.num_steps``): ``two_stage`` trains the exits only on the frozen
    fine-tuned backbone (the full model's predictions stay exactly the teacher's); ``joint`` trains
    everything.  The loss is the weighted mean of the exits' cross-entropies (``weights``: ``pabee``
@@ -47,6 +48,8 @@ def _numbers(text, cast=float) -> list:
 def check_config(config) -> dict:
     """Config-time validation; returns ``{rule name: [rule objects of the sweep]}``."""
     c = config.early_exit
+    if c.pooling not in exits.POOLINGS:
+        raise ValueError(f"config.early_exit.pooling={c.pooling!r}; use one of {exits.POOLINGS}")
     if c.training not in TRAINING:
         raise ValueError(f"config.early_exit.training={c.training!r}; use one of {TRAINING}")
     names = [r.strip() for r in str(c.rules).split(",") if r.strip()]
@@ -100,7 +103,7 @@ def run(config, workdir):
     sweeps = check_config(config)
     c = config.early_exit
     teacher_dir, task, teacher, _, _ = teacher_and_task(config, workdir)
-    model = exits.add_exits(teacher, _numbers(c.layers, int) or None, seed=config.train.seed)
+    model = exits.add_exits(teacher, _numbers(c.layers, int) or None, seed=config.train.seed, pooling=c.pooling)
     model = train_exits(model, task, config, workdir)
     labels = np.asarray(task.dev["labels"])
     logits = train_lib.predict(model, task.dev, config.train.eval_batch_size, predict_fn=_all_exit_logits)

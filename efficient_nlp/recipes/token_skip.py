@@ -6,8 +6,8 @@
 
 1. Teacher: the fine-tuned model (``config.teacher_dir``; empty = fine-tune ``config.model_dir`` on
    ``config.data`` first, as the other compression recipes do).
-2. Soft stage (``soft_steps`` at ``soft_learning_rate``): the model and the per-layer retention
-   parameters train together on the task loss plus ``penalty`` times the L1 term (PoWER-BERT: the
+2. Soft stage (``soft_steps``; the model at ``soft_learning_rate``, the retention parameters at
+   ``skip_learning_rate``): the model and the per-layer retention parameters train together on the task loss plus ``penalty`` times the L1 term (PoWER-BERT: the
    soft extraction weights; LTP: the soft masks); a token's soft keep-weight re-weights it as a key
    in every later layer.
 3. PoWER-BERT: the retained count of each layer is fixed from the learned weights (non-increasing
@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
+import optax
 from flax import nnx
 
 from efficient_nlp import data as data_lib
@@ -68,7 +70,24 @@ def _hard(model, batch):
     return tokens.hard_forward(model, batch)
 
 
-def _stage(model, loss_fn, trainable, task, config, workdir, name, steps, learning_rate):
+def _is_skip(path) -> bool:
+    return any(getattr(k, "key", None) == "token_skip" for k in path)
+
+
+def soft_optimizer(config, steps):
+    """AdamW of ``config.train`` for the model and the same at ``token_skip.skip_learning_rate``
+    for the retention parameters (thresholds live on the scale of attention probabilities, ~1/n,
+    and PoWER's weights must travel from 1 towards 0: the model's rate would barely move them)."""
+    model_opt = train_lib.make_optimizer(stage_config(config, steps, config.token_skip.soft_learning_rate), steps)
+    skip_opt = train_lib.make_optimizer(stage_config(config, steps, config.token_skip.skip_learning_rate), steps)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: "skip" if _is_skip(path) else "model", params)
+
+    return optax.multi_transform({"model": model_opt, "skip": skip_opt}, labels)
+
+
+def _stage(model, loss_fn, trainable, task, config, workdir, name, steps, learning_rate, optimizer=None):
     if int(steps) <= 0:
         return model
     cfg = stage_config(config, steps, learning_rate)
@@ -77,7 +96,8 @@ def _stage(model, loss_fn, trainable, task, config, workdir, name, steps, learni
         return data_lib.train_batches(task.train, cfg.train.batch_size, seed=cfg.train.seed, start_step=start)
 
     model, _ = train_lib.fit(model, loss_fn, batches, config=cfg, workdir=os.path.join(workdir, name),
-                             trainable=trainable)
+                             trainable=trainable, optimizer=optimizer,
+                             lr_schedule=None if optimizer is None else train_lib.make_lr_schedule(cfg, int(steps)))
     return model
 
 
@@ -106,7 +126,7 @@ def run(config, workdir):
     model = tokens.add_token_skip(teacher, c.method, max_len=int(config.data.max_length),
                                   temperature=float(c.temperature))
     model = _stage(model, tokens.make_loss(penalty=float(c.penalty)), nnx.Param, task, config, workdir,
-                   "soft", c.soft_steps, c.soft_learning_rate)
+                   "soft", c.soft_steps, c.soft_learning_rate, soft_optimizer(config, int(c.soft_steps)))
     if c.method == "power":
         model = tokens.fix_retention(model)
     model = _stage(model, hard_loss, BACKBONE, task, config, workdir, "hard", c.hard_steps, c.hard_learning_rate)
