@@ -29,7 +29,7 @@ def early_exit_config(rules="entropy,confidence,patience", training="two_stage")
         temperature=1.0,
         rules=rules,               # swept rules, the first one's 1.5x point is saved with the model
         thresholds=dict(
-            entropy="0.02,0.05,0.1,0.15,0.2,0.3,0.4",        # exit when normalised entropy < t
+            entropy="0.05,0.1,0.2,0.3,0.4,0.5,0.6",          # exit when normalised entropy < t
             confidence="0.99,0.97,0.95,0.9,0.8,0.7,0.6",     # exit when calibrated max probability > t
             patience="1,2,3,4,5",                            # exit when t exits in a row agree
         ),

@@ -290,3 +290,22 @@ def test_load_reports_corrupt_and_missing_files(bert, tmp_path):
     record.unlink()
     with pytest.raises(FileNotFoundError, match="no token_skip.json"):
         K.load(tmp_path)
+
+
+def test_weight_quantized_and_integer_models_skip_tokens_like_the_fake_quant_model(bert):
+    """W8 weights (activations float: no batch- or length-dependent ranges): the int8 model's runner
+    equals its fixed-shape reference and keeps the fake-quant model's tokens and predictions."""
+    from efficient_nlp import quant
+
+    batch = ragged_batch()
+    model = K.set_thresholds(K.add_token_skip(bert, "ltp", max_len=T), [0.06, 0.1, 0.2])
+    qmodel, report = quant.quantize_model(model, quant.make_spec(8, 8, 32))
+    assert report.quantized and not any("token_skip" in s for s in report.quantized)
+    imodel, _ = quant.to_integer_model(qmodel)
+    fake, fake_kept = hard(qmodel, batch)
+    logits, kept = TokenSkipRunner(imodel)(batch)
+    ref, ref_kept = hard(imodel, batch)
+    np.testing.assert_allclose(logits, np.asarray(ref), atol=1e-5)
+    np.testing.assert_array_equal(kept, np.asarray(ref_kept))
+    np.testing.assert_array_equal(kept, np.asarray(fake_kept))
+    np.testing.assert_allclose(logits, np.asarray(fake), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(fake)).max())

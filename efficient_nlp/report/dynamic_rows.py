@@ -1,4 +1,4 @@
-"""The report's rows for dynamic inference: early exit (entropy rule) and token skipping (LTP), each
+"""The report's rows for dynamic inference: early exit (calibrated confidence) and token skipping (LTP), each
 at the operating points of its sweep nearest 1.5x and 2x measured batch-1 speed-up
 (configs/early_exit.py and configs/token_skip.py run with the report's data and step counts).
 
@@ -37,7 +37,7 @@ def _exit_build(ctx):
     s = ctx.settings
     config = _config("early_exit")
     config.teacher_dir = ctx.teacher_dir
-    config.early_exit.rules = "entropy"
+    config.early_exit.rules = "confidence"
     _data_overrides(config.data, s)
     _train_overrides(config.train, s, s.early_exit_steps)
     return config
@@ -47,7 +47,7 @@ def _exit_collect(ctx, config, results, run_dir, seconds):
     from efficient_nlp.dynamic import exits
     path = os.path.join(run_dir, "model")
     model, _ = exits.load(path)
-    points = results["rules"]["entropy"]["operating_points"]
+    points = results["rules"]["confidence"]["operating_points"]
     rows = []
     for target in TARGETS:
         p = points[target]
@@ -58,7 +58,8 @@ def _exit_collect(ctx, config, results, run_dir, seconds):
     return rows
 
 
-EARLY_EXIT = Experiment("early_exit", tuple(f"early exit, entropy rule (nearest {t} batch-1 speed-up)" for t in TARGETS),
+EARLY_EXIT = Experiment("early_exit", tuple(f"early exit, calibrated confidence (nearest {t} batch-1 speed-up)"
+                                            for t in TARGETS),
                         _exit_build, _exit_collect)
 
 
