@@ -84,18 +84,17 @@ def main():
         full = sweep.full_model_fn(model)
         for name, target, accuracy, predicted, make in rows:
             runner = make()
-            t1 = sweep.time_side_by_side({"full": full, "dynamic": runner}, b1, rounds=args.rounds)
-            tb = sweep.time_side_by_side({"full": full, "dynamic": runner}, batched, rounds=args.rounds)
-            table.append((name, target, accuracy, predicted, t1, tb))
-            log(f"{name}: predicted {predicted:.2f}x, measured batch 1 {t1['full'] / t1['dynamic']:.2f}x, "
-                f"batch {args.batch} {tb['full'] / tb['dynamic']:.2f}x")
+            t = sweep.measured_speedups(full, runner, b1, batched, rounds=args.rounds)
+            table.append((name, target, accuracy, predicted, t))
+            log(f"{name}: predicted {predicted:.2f}x, measured batch 1 {t['speedup_b1']:.2f}x, "
+                f"batch {args.batch} {t['speedup_batched']:.2f}x")
     print(f"\n{args.examples} dev examples, {args.rounds} rounds; ms per example (full / dynamic)")
     print(f"{'method':<34}{'point':>6}{'accuracy':>9}{'predicted':>10}{'b1 ms':>15}{'x b1':>7}"
           f"{f'b{args.batch} ms':>15}{f'x b{args.batch}':>7}")
-    for name, target, accuracy, predicted, t1, tb in table:
+    for name, target, accuracy, predicted, t in table:
         print(f"{name:<34}{target:>6}{accuracy:>9.4f}{predicted:>9.2f}x"
-              f"{1e3 * t1['full']:>7.2f}/{1e3 * t1['dynamic']:<7.2f}{t1['full'] / t1['dynamic']:>6.2f}x"
-              f"{1e3 * tb['full']:>7.2f}/{1e3 * tb['dynamic']:<7.2f}{tb['full'] / tb['dynamic']:>6.2f}x")
+              f"{t['full_ms_b1']:>7.2f}/{t['dynamic_ms_b1']:<7.2f}{t['speedup_b1']:>6.2f}x"
+              f"{t['full_ms_batched']:>7.2f}/{t['dynamic_ms_batched']:<7.2f}{t['speedup_batched']:>6.2f}x")
 
 
 if __name__ == "__main__":

@@ -84,3 +84,25 @@ def test_bad_settings_fail_at_config_time(module, field, value, match):
     recipe = early_exit_recipe if module == "early_exit" else token_skip_recipe
     with pytest.raises(ValueError, match=match):
         recipe.check_config(config)
+
+
+def test_timing_inputs_are_trimmed_and_the_reference_is_the_model():
+    import _tiny
+    from efficient_nlp.dynamic import sweep
+    from efficient_nlp.models import family as F
+
+    b = _tiny.token_batch(3, 16, 50)
+    b["attention_mask"][:, 11:] = 0                  # longest row: 11 tokens -> the bucket of 16 stays 16
+    assert sweep.trim(b)["input_ids"].shape == (3, 16)
+    b["attention_mask"][:, 7:] = 0                   # 7 tokens -> bucket 8
+    cut = sweep.trim(b)
+    assert cut["input_ids"].shape == (3, 8) and set(cut) == {"input_ids", "attention_mask", "token_type_ids"}
+    arrays = dict(b, labels=np.zeros(3, np.int32))
+    assert [x["input_ids"].shape[0] for x in sweep.timing_batches(arrays, 3, 2)] == [2, 1]
+    model = _tiny.tiny_bert()
+    np.testing.assert_allclose(sweep.full_model_fn(model)(cut), np.asarray(F.forward(model, cut).logits),
+                               rtol=1e-6, atol=1e-6)
+    points = [{"speedup_b1": 1.2, "accuracy": 0.8}, {"speedup_b1": 1.6, "accuracy": 0.7},
+              {"speedup_b1": 1.3, "accuracy": 0.75}, {"speedup_b1": 2.1, "accuracy": 0.6}]
+    chosen = sweep.operating_points(points)
+    assert chosen["1.5x"] is points[1] and chosen["2x"] is points[3]

@@ -12,18 +12,16 @@ runner against the full jitted model on the same inputs, at batch 1 and batched)
 """
 from __future__ import annotations
 
-import functools
 import time
 from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from efficient_nlp.dynamic.buckets import bucket, length_buckets
+from efficient_nlp.dynamic.segments import compile_segments
 from efficient_nlp.models import family as F
-from efficient_nlp.train.evaluate import eval_mode
 
 #: Arrays of a tokenised batch the model reads (labels and weights are not passed to the runners).
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -48,18 +46,28 @@ def timing_batches(arrays: Mapping, n: int, batch_size: int, *, step: int = 8) -
             for lo in range(0, n, batch_size)]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef, state, batch):
-    return F.forward(nnx.merge(graphdef, state), batch).logits
+def _whole(model, s, inputs):
+    ids, types, mask = inputs
+    return F.forward(model, {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}).logits
+
+
+def _no_chain(out_shape, first_inputs):  # pragma: no cover - one segment only
+    return first_inputs
 
 
 def full_model_fn(model) -> Callable[[Mapping], np.ndarray]:
-    """``fn(batch) -> logits`` (numpy): the whole model, jitted once per input shape; the
-    reference every runner is timed against."""
-    graphdef, state = nnx.split(eval_mode(model))
+    """``fn(batch) -> logits`` (numpy): the whole model as one jitted call that receives its
+    parameters as a flat tuple (`efficient_nlp.dynamic.segments`, as the runners do, so the
+    reference pays no more per-call overhead than they do); the model every runner is timed
+    against."""
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    (whole,) = compile_segments(model, _whole, 1, (ids, ids, ids), _no_chain)
 
     def run(batch):
-        return np.asarray(_logits(graphdef, state, {k: jnp.asarray(v) for k, v in batch.items()}))
+        ids = np.asarray(batch["input_ids"], np.int32)
+        types = batch.get("token_type_ids")
+        types = np.zeros_like(ids) if types is None else np.asarray(types, np.int32)
+        return np.asarray(whole(ids, types, np.asarray(batch["attention_mask"], np.int32)))
 
     return run
 
@@ -85,6 +93,19 @@ def time_side_by_side(candidates: Mapping[str, Callable], batches: Sequence[Mapp
                 jax.block_until_ready(fn(b))
             times[name].append((time.perf_counter() - start) / examples)
     return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def measured_speedups(full: Callable, runner: Callable, b1: Sequence[Mapping], batched: Sequence[Mapping], *,
+                      rounds: int = 3) -> dict[str, float]:
+    """`time_side_by_side` of the full model and a runner at batch 1 and batched: milliseconds per
+    example (``full_ms_b1``, ``dynamic_ms_b1``, ``full_ms_batched``, ``dynamic_ms_batched``) and the
+    speed-ups full / runner (``speedup_b1``, ``speedup_batched``)."""
+    out = {}
+    for suffix, batches in (("b1", b1), ("batched", batched)):
+        t = time_side_by_side({"full": full, "dynamic": runner}, batches, rounds=rounds)
+        out.update({f"full_ms_{suffix}": 1e3 * t["full"], f"dynamic_ms_{suffix}": 1e3 * t["dynamic"],
+                    f"speedup_{suffix}": t["full"] / t["dynamic"]})
+    return out
 
 
 def operating_points(points: Sequence[Mapping], targets=(1.5, 2.0), key: str = "speedup_b1") -> dict[str, dict]:
@@ -127,5 +148,5 @@ def plot_sweep(points: Sequence[Mapping], path: str, *, work: str, work_key: str
     return path
 
 
-__all__ = ["INPUT_KEYS", "full_model_fn", "operating_points", "plot_sweep", "time_side_by_side",
+__all__ = ["INPUT_KEYS", "full_model_fn", "measured_speedups", "operating_points", "plot_sweep", "time_side_by_side",
            "timing_batches", "trim"]

@@ -116,9 +116,9 @@ def run(config, workdir):
     temperatures = tuple(exit_rules.fit_temperature(lg, labels) for lg in logits)
     results = {"task": task.spec.name, "teacher_dir": teacher_dir, "training": c.training,
                "exit_layers": list(layers), "temperatures": list(temperatures),
-               "full_accuracy": accuracy(logits[-1]), "teacher_accuracy": None,
+               "full_accuracy": accuracy(logits[-1]),
+               "teacher_accuracy": accuracy(train_lib.predict(teacher, task.dev, config.train.eval_batch_size)),
                "exit_accuracy": {str(k): accuracy(lg) for k, lg in zip(layers, logits)}, "rules": {}}
-    results["teacher_accuracy"] = accuracy(train_lib.predict(teacher, task.dev, config.train.eval_batch_size))
     b1 = sweep.timing_batches(task.dev, c.timing_examples, 1)
     batched = sweep.timing_batches(task.dev, c.timing_examples, c.timing_batch)
     full = sweep.full_model_fn(model)
@@ -153,15 +153,11 @@ def _point(model, name, rule, logits, layers, accuracy, full, b1, batched, c) ->
     """One sweep point: offline accuracy / layers, and measured speed-ups of the runner."""
     decision = exit_rules.simulate(logits, rule, layers)
     runner = EarlyExitRunner(model, rule, max_batch=int(c.timing_batch))
-    t1 = sweep.time_side_by_side({"full": full, "exit": runner}, b1, rounds=int(c.rounds))
-    tb = sweep.time_side_by_side({"full": full, "exit": runner}, batched, rounds=int(c.rounds))
     value = rule.patience if name == "patience" else rule.threshold
     return {"rule": f"{name} {value:g}", "threshold": value,
             "accuracy": accuracy(decision.logits), "mean_layers": float(np.mean(decision.layers_run)),
             "exits": {str(k): int(np.sum(decision.layers_run == k)) for k in layers},
-            "full_ms_b1": 1e3 * t1["full"], "exit_ms_b1": 1e3 * t1["exit"], "speedup_b1": t1["full"] / t1["exit"],
-            "full_ms_batched": 1e3 * tb["full"], "exit_ms_batched": 1e3 * tb["exit"],
-            "speedup_batched": tb["full"] / tb["exit"]}
+            **sweep.measured_speedups(full, runner, b1, batched, rounds=int(c.rounds))}
 
 
 def _describe(p) -> str:
@@ -179,5 +175,5 @@ def format_results(results) -> str:
     for name, r in results["rules"].items():
         for target, p in r["operating_points"].items():
             lines.append(f"{p['rule']:<34}{target:>7}{p['accuracy']:>10.4f}{p['mean_layers']:>8.2f}"
-                         f"{p['exit_ms_b1']:>8.2f}{p['speedup_b1']:>7.2f}{p['speedup_batched']:>10.2f}")
+                         f"{p['dynamic_ms_b1']:>8.2f}{p['speedup_b1']:>7.2f}{p['speedup_batched']:>10.2f}")
     return "\n".join(lines)
