@@ -16,7 +16,8 @@ one runs exactly the layers before its exit.
 
 Each segment's function receives only the parameters that segment reads
 (`efficient_nlp.dynamic.segments`), so the per-call cost of a segment does not grow with the
-model's size.
+model's size; runners of one model share the compiled segments, and ``runner.rule`` can be set
+to sweep thresholds.
 """
 from __future__ import annotations
 
@@ -75,11 +76,20 @@ class EarlyExitRunner:
 
     def __init__(self, model, rule, *, max_batch: int = 32):
         self.exit_layers = exits.require_exits(model)
-        exit_rules.check_rule(rule, len(self.exit_layers))
         self.rule = rule
         self.buckets = buckets.batch_buckets(max_batch)
         ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
         self._segments = compile_segments(model, _segment_body, len(self.exit_layers), (ids, ids, ids), _chain)
+
+    @property
+    def rule(self):
+        """The exit rule; set another one to reuse the compiled segments (a threshold sweep)."""
+        return self._rule
+
+    @rule.setter
+    def rule(self, rule):
+        exit_rules.check_rule(rule, len(self.exit_layers))
+        self._rule = rule
 
     def _inputs(self, batch: Mapping, rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids = np.asarray(batch["input_ids"], np.int32)[rows]
