@@ -44,7 +44,7 @@ def test_early_exit_recipe_keeps_the_teacher_and_saves_what_it_measured(teacher_
     patience = results["rules"]["patience"]["points"]
     assert patience[0]["mean_layers"] == 1.0 and patience[0]["exits"]["2"] == patience[0]["exits"]["3"] == 0
     model, rule = exits.load(os.path.join(tmp_path, "model"))
-    chosen = results["rules"]["entropy"]["operating_points"]["1.5x"]
+    chosen = early_exit_recipe.saved_point(results["rules"]["entropy"]["operating_points"])
     assert rule == exit_rules.Entropy(chosen["threshold"])
     task = load_data(config, teacher_dir)
     z = np.transpose(train.predict(model, task.dev, 32, predict_fn=early_exit_recipe._all_exit_logits), (1, 0, 2))
@@ -104,5 +104,7 @@ def test_timing_inputs_are_trimmed_and_the_reference_is_the_model():
                                rtol=1e-6, atol=1e-6)
     points = [{"speedup_b1": 1.2, "accuracy": 0.8}, {"speedup_b1": 1.6, "accuracy": 0.7},
               {"speedup_b1": 1.3, "accuracy": 0.75}, {"speedup_b1": 2.1, "accuracy": 0.6}]
-    chosen = sweep.operating_points(points)
+    chosen = sweep.operating_points(points, full_accuracy=0.8)
     assert chosen["1.5x"] is points[1] and chosen["2x"] is points[3]
+    assert chosen["within 0.01"] is points[0]                    # the only point within one point
+    assert "within 0.01" not in sweep.operating_points(points, full_accuracy=0.9)

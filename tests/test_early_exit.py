@@ -179,6 +179,16 @@ def test_rules_reject_out_of_range_values():
     assert R.rule_from_dict(R.rule_to_dict(R.Confidence(0.9, [1.0, 2.0]))) == R.Confidence(0.9, (1.0, 2.0))
 
 
+@pytest.mark.parametrize("rule", [R.Entropy(0.5), R.Confidence(0.6, (0.5, 1.0, 2.0, 1.0)), R.Patience(2)])
+def test_decide_gives_the_same_exits_on_the_device(rule):
+    z = np.random.default_rng(1).normal(size=(4, 9, C)).astype(np.float32) * 2
+    state, dstate = R.init_state(rule, 9), R.init_state(rule, 9, xp=jnp)
+    for e in range(4):
+        exits, state = R.decide(rule, z[e], e, state, last=e == 3)
+        dexits, dstate = jax.jit(lambda z, k, st: R.decide(rule, z, k, st, last=k == 3))(jnp.asarray(z[e]), e, dstate)
+        np.testing.assert_array_equal(np.asarray(dexits), exits)
+
+
 def test_patience_counts_consecutive_agreeing_exits():
     # predictions per exit for 3 rows: row 0: 0 0 ..., row 1: 0 1 1 1, row 2: 0 1 0 1
     preds = np.array([[0, 0, 0], [0, 1, 1], [0, 1, 0], [0, 1, 1]])
@@ -232,18 +242,20 @@ def test_compaction_keeps_rows_in_order_and_matches_simulate(model):
         expected = R.simulate(z, rule, model.exit_layers)
         assert len(np.unique(expected.exit_index)) >= 2
         runner = EarlyExitRunner(model, rule, max_batch=8)
+        host = EarlyExitRunner(model, rule, max_batch=8, device_loop=False)
         assert_same(runner(b), expected)
         assert_same(EarlyExitRunner(model, rule, max_batch=2)(b), expected)  # chunks of 2 rows
-        for i in (0, 1, 6):
-            one = runner({k: v[i:i + 1] for k, v in b.items()})
-            np.testing.assert_array_equal(one.layers_run, expected.layers_run[i:i + 1])
-            np.testing.assert_allclose(one.logits, expected.logits[i:i + 1], rtol=0, atol=1e-6)
+        for i in (0, 1, 6):                                   # single rows: the on-device loop and the host loop
+            for r in (runner, host):
+                one = r({k: v[i:i + 1] for k, v in b.items()})
+                np.testing.assert_array_equal(one.layers_run, expected.layers_run[i:i + 1])
+                np.testing.assert_allclose(one.logits, expected.logits[i:i + 1], rtol=0, atol=1e-5)
 
 
 def test_batch_of_one_runs_only_the_layers_before_its_exit(model, monkeypatch):
     b = {k: v[:1] for k, v in batch().items()}
     rule = R.Patience(1)
-    runner = EarlyExitRunner(model, rule, max_batch=4)
+    runner = EarlyExitRunner(model, rule, max_batch=4, device_loop=False)
     calls = []
     for i, segment in enumerate(runner._segments):
         monkeypatch.setattr(segment, "_fn", lambda p, x, fn=segment._fn, i=i: calls.append(i) or fn(p, x))

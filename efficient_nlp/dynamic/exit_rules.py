@@ -182,37 +182,40 @@ def rule_from_dict(d: Mapping):
 
 
 # ----------------------------------------------------------------------------- applying a rule
-def init_state(rule, n: int) -> dict:
+def init_state(rule, n: int, xp=np) -> dict:
     """Per-row state of ``rule`` before the first exit, for ``n`` rows (arrays with one entry
-    per row, so a runner can gather them with the rows)."""
+    per row, so a runner can gather them with the rows); ``xp=jnp`` for a rule applied on the
+    device."""
     if isinstance(rule, Patience):
-        return {"last": np.full(n, -1, np.int64), "count": np.zeros(n, np.int64)}
+        ints = np.int64 if xp is np else jnp.int32
+        return {"last": xp.full(n, -1, ints), "count": xp.zeros(n, ints)}
     return {}
 
 
-def decide(rule, logits, exit_index: int, state: Mapping, *, last: bool):
-    """Apply ``rule`` at exit ``exit_index`` to that exit's logits [n, C] (NumPy).
+def decide(rule, logits, exit_index, state: Mapping, *, last):
+    """Apply ``rule`` at exit ``exit_index`` to that exit's logits [n, C].
 
-    Returns ``(exits [n] bool, new_state)``; ``last=True`` (the model's own head) exits every
-    row.  The one implementation of every rule (`simulate` and the runner call it).
+    Returns ``(exits [n] bool, new_state)``; ``last`` true (the model's own head) exits every
+    row.  The one implementation of every rule: `simulate` and the runner's host loop call it on
+    NumPy arrays, the runner's on-device loop on JAX arrays (``exit_index`` and ``last`` may then
+    be traced values).
     """
-    z = np.asarray(logits)
-    n = z.shape[0]
+    z = logits if isinstance(logits, jax.Array) else np.asarray(logits)
+    xp = _xp(z)
     if isinstance(rule, Patience):
-        pred = np.argmax(z, axis=-1)
-        count = np.where(pred == state["last"], state["count"] + 1, 1)
+        pred = xp.argmax(z, axis=-1).astype(state["last"].dtype)
+        count = xp.where(pred == state["last"], state["count"] + 1, 1)
         state = {"last": pred, "count": count}
         exits = count >= rule.patience
     elif isinstance(rule, Entropy):
         exits = entropy(z) < rule.threshold
     elif isinstance(rule, Confidence):
-        t = 1.0 if rule.temperatures is None else rule.temperatures[exit_index]
+        t = 1.0 if rule.temperatures is None else xp.asarray(rule.temperatures, dtype=z.dtype)[exit_index]
         exits = max_prob(z, t) > rule.threshold
     else:
         raise TypeError(f"expected an exit rule (Entropy, Confidence or Patience), got {type(rule).__name__}")
-    if last:
-        exits = np.ones(n, bool)
-    return np.asarray(exits, bool), state
+    exits = xp.logical_or(exits, last)
+    return (exits if xp is jnp else np.asarray(exits, bool)), state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,14 +108,20 @@ def measured_speedups(full: Callable, runner: Callable, b1: Sequence[Mapping], b
     return out
 
 
-def operating_points(points: Sequence[Mapping], targets=(1.5, 2.0), key: str = "speedup_b1") -> dict[str, dict]:
-    """For each target speed-up, the sweep point whose measured ``key`` is closest to it
-    (ties: the more accurate)."""
+def operating_points(points: Sequence[Mapping], targets=(1.5, 2.0), key: str = "speedup_b1", *,
+                     full_accuracy: float | None = None, tolerance: float = 0.01) -> dict[str, dict]:
+    """For each target speed-up, the sweep point whose measured ``key`` is closest to it (ties: the
+    more accurate); with ``full_accuracy``, also ``"within <tolerance>"``: the fastest point whose
+    accuracy is at most ``tolerance`` below the full model's (absent when none is)."""
     if not points:
         raise ValueError("the sweep has no points")
     out = {}
     for t in targets:
         out[f"{t:g}x"] = min(points, key=lambda p: (abs(p[key] - t), -p["accuracy"]))
+    if full_accuracy is not None:
+        good = [p for p in points if p["accuracy"] >= full_accuracy - tolerance - 1e-12]
+        if good:
+            out[f"within {tolerance:g}"] = max(good, key=lambda p: p[key])
     return out
 
 

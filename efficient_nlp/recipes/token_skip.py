@@ -156,7 +156,7 @@ def run(config, workdir):
         print(f"[{c.method} x{s:g}] accuracy {points[-1]['accuracy']:.4f}, token-layers {points[-1]['work']:.2f}, "
               f"speed-up batch 1 {points[-1]['speedup_b1']:.2f}x, batched {points[-1]['speedup_batched']:.2f}x")
     results["points"] = points
-    results["operating_points"] = sweep.operating_points(points)
+    results["operating_points"] = sweep.operating_points(points, full_accuracy=results["full_accuracy"])
     out = os.path.join(workdir, "model")
     if train_lib.is_main_process():
         os.makedirs(workdir, exist_ok=True)
@@ -175,8 +175,8 @@ def run(config, workdir):
 def format_results(results) -> str:
     lines = [f"Task {results['task']}: token skipping ({results['method']}); teacher accuracy "
              f"{results['teacher_accuracy']:.4f}",
-             f"{'target':>7}{'scale':>7}{'accuracy':>10}{'token-layers':>14}{'b1 ms':>8}{'x b1':>7}{'x batched':>10}"]
+             f"{'point':>12}{'scale':>7}{'accuracy':>10}{'token-layers':>14}{'b1 ms':>8}{'x b1':>7}{'x batched':>10}"]
     for target, p in results["operating_points"].items():
-        lines.append(f"{target:>7}{p['scale']:>7g}{p['accuracy']:>10.4f}{p['work']:>14.2f}{p['dynamic_ms_b1']:>8.2f}"
+        lines.append(f"{target:>12}{p['scale']:>7g}{p['accuracy']:>10.4f}{p['work']:>14.2f}{p['dynamic_ms_b1']:>8.2f}"
                      f"{p['speedup_b1']:>7.2f}{p['speedup_batched']:>10.2f}")
     return "\n".join(lines)
