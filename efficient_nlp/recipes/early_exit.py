@@ -111,8 +111,8 @@ def run(config, workdir):
     logits = np.transpose(logits, (1, 0, 2))  # [E, N, C]
     layers = tuple(model.exit_layers)
 
-    def accuracy(lg):
-        return data_lib.compute_metrics(task.spec, lg, labels)["accuracy"]
+    def accuracy(lg):  # the task's main metric (accuracy for the built-in task; MCC, F1 ... for others)
+        return data_lib.compute_metrics(task.spec, lg, labels)[task.spec.metrics[0]]
 
     temperatures = tuple(exit_rules.fit_temperature(lg, labels) for lg in logits)
     results = {"task": task.spec.name, "teacher_dir": teacher_dir, "training": c.training,

@@ -135,8 +135,8 @@ def run(config, workdir):
     labels = np.asarray(task.dev["labels"])
     bs = config.train.eval_batch_size
 
-    def accuracy(lg):
-        return data_lib.compute_metrics(task.spec, lg, labels)["accuracy"]
+    def accuracy(lg):  # the task's main metric (accuracy for the built-in task; MCC, F1 ... for others)
+        return data_lib.compute_metrics(task.spec, lg, labels)[task.spec.metrics[0]]
 
     results = {"task": task.spec.name, "teacher_dir": teacher_dir, "method": c.method, "learned": list(base),
                "teacher_accuracy": accuracy(train_lib.predict(teacher, task.dev, bs))}
