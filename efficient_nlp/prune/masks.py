@@ -1,6 +1,6 @@
 """Masks from scores: rules, sparsity distributions (global / uniform / ERK / custom).
 
-Masks are pytrees matching the parameters (DESIGN.md): a boolean leaf per selected parameter
+Masks are pytrees matching the parameters (docs/contracts.md): a boolean leaf per selected parameter
 (True = kept) and a scalar ``True`` for every other leaf (it broadcasts, so ``where(mask, w, 0)``
 works on the whole tree and unselected leaves cost nothing in the optimizer state).
 

@@ -7,7 +7,7 @@ A pattern maps a tensor to *units* (what is kept or removed as a whole) and back
 * ``reduce(name, x)``: per-element scores -> per-unit scores (sum over the unit);
 * ``expand(name, unit_mask, shape)``: per-unit keep mask -> per-element mask.
 
-The pure pattern in the DESIGN.md sense, ``scores -> mask``, is `topk_mask` (keep the best
+The pure pattern in the sense of docs/contracts.md, ``scores -> mask``, is `topk_mask` (keep the best
 ``n - k`` units) composed with these; `nm_mask` is the local N:M pattern (no distribution:
 its sparsity is ``1 - N/M`` by construction).
 

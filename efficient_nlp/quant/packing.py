@@ -1,4 +1,4 @@
-"""Real bit-packing of integer codes for stored size (DESIGN.md: "real bit-packing").
+"""Real bit-packing of integer codes for stored size.
 
 Host-side NumPy (exports run on the host).  Codes of ``bits`` in {1, 2, 4, 8} are packed
 ``8 // bits`` per byte into a flat ``uint8`` array, in C (row-major) order of the code tensor;

@@ -1,4 +1,4 @@
-"""Path-regex rules over pytree leaves (DESIGN.md: "one rule/selection mechanism for all transforms").
+"""Path-regex rules over pytree leaves (one selection mechanism shared by every transform; docs/contracts.md).
 
 A leaf's *name* is its key path joined by dots (`path_str`): dict keys, attribute names and
 sequence indices, e.g. ``bert.encoder.layers.3.attention.query.kernel`` for the parameters of
