@@ -77,12 +77,15 @@ def spawn(args, method, devices):
         flags.append("--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags),
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    print(f"running {method} on {devices} simulated device(s) in a fresh process ...", flush=True)
+    started = time.perf_counter()
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method] + [
         f"--{k}={v}" for k, v in vars(args).items() if k not in ("child", "devices")]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
         sys.exit(f"{method} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    print(f"  {method} done in {time.perf_counter() - started:.0f} s", flush=True)
     return json.loads(lines[-1][len("RESULT "):])
 
 

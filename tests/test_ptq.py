@@ -211,6 +211,10 @@ def test_recipe_writes_results_layer_errors_plot_and_packed_models(make_tiny_mod
     assert results["qat"]["metrics"] == qat["student"]
     table = capsys.readouterr().out
     assert "QAT 2-2-8 (qat recipe)" in table and all(f"\n{m} " in table for m in methods)
+    sites = (workdir / "quant_report.txt").read_text().splitlines()   # the site table goes to a file
+    assert len(sites) > 10 and sites[-1].split()[0] not in table
+    assert all(results["latency_ms"][m] > 0 for m in ["full_precision", *methods])
+    assert "quantized run as int8" in results["latency_ms"]["note"]
     for m in methods:
         mem = results["peak_memory"][m]
         assert mem["rss_peak_mb"] >= mem["rss_start_mb"] > 0 and mem["device_peak_mb"] is None   # CPU

@@ -52,6 +52,21 @@ def resolve_teacher(config, workdir):
 def load_data(config, tokenizer_dir):
     """The task of ``config.data`` tokenised with the tokenizer in ``tokenizer_dir`` (``task="lm"``:
     packed blocks of ``max_length`` tokens of ``data.source``, `efficient_nlp.data.load_lm_task`)."""
+    task = _load(config, tokenizer_dir)
+    if train_lib.is_main_process():
+        print(describe_data(task, config.data.max_length, "blocks" if is_lm(config) else "examples"))
+    return task
+
+
+def describe_data(task, max_length, unit="examples") -> str:
+    """One line: the task, its split sizes and the sequence length."""
+    def size(split):
+        return "no" if split is None else str(len(split["input_ids"]))
+    return (f"data: {task.spec.name}, {size(task.train)} train / {size(task.dev)} dev {unit} "
+            f"of up to {max_length} tokens")
+
+
+def _load(config, tokenizer_dir):
     d = config.data
     if is_lm(config):
         return data_lib.load_lm_task(tokenizer_dir, source=d.get("source") or "builtin",

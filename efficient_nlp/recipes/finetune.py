@@ -12,7 +12,7 @@ from efficient_nlp import data as data_lib
 from efficient_nlp import distill
 from efficient_nlp import models
 from efficient_nlp import train as train_lib
-from efficient_nlp.recipes.outputs import save_outputs
+from efficient_nlp.recipes.outputs import latency_ms, save_outputs
 
 
 def task_loss(model, batch, rngs):
@@ -76,7 +76,9 @@ def run(config, workdir):
     after = {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
     results = {"task": spec.name, "train_examples": len(task_data.train["labels"]),
                "dev_examples": len(task_data.dev["labels"]),
-               "dev_before": before, "dev_after": after}
+               "dev_before": before, "dev_after": after,
+               "latency_ms": latency_ms(model, config.data.max_length),
+               "latency_note": f"median ms of one forward, batch 1 x {config.data.max_length} tokens, this machine"}
     print(format_results(results))
     # The fine-tuned model as an HF directory: the teacher of the compression recipes.
     save_outputs(workdir, results, task_data.tokenizer, {"model": model})
@@ -90,4 +92,6 @@ def format_results(results):
              f"{'metric':<12}{'before':>10}{'after':>10}"]
     for key, value in results["dev_after"].items():
         lines.append(f"{key:<12}{results['dev_before'][key]:>10.4f}{value:>10.4f}")
+    if "latency_ms" in results:
+        lines.append(f"latency {results['latency_ms']:.1f} ms ({results['latency_note']})")
     return "\n".join(lines)

@@ -44,7 +44,7 @@ from efficient_nlp.quant import mrem, ptq
 from efficient_nlp.quant.mrem_parallel import mrem_p, place
 from efficient_nlp.quant.spec import resolve
 from efficient_nlp.recipes.common import default_dir, load_data as _load_data, resolve_teacher
-from efficient_nlp.recipes.outputs import save_outputs
+from efficient_nlp.recipes.outputs import deployed_quantized, latency_ms, report_to_file, save_outputs
 
 METHODS = ("rem", "mrem_s", "mrem_p")
 
@@ -94,7 +94,7 @@ def run(config, workdir):
     task.train = None  # nothing below may read training rows outside the calibration set
 
     qmodel, report = quant.quantize_model(teacher, spec)
-    print(report)
+    report_to_file(workdir, "quant_report.txt", report)
     first = {k: v[: min(int(p.batch_size), len(rows))] for k, v in calib.items()}
     quant.calibrate(qmodel, first)
     bs = config.train.eval_batch_size
@@ -107,7 +107,10 @@ def run(config, workdir):
                "calibration": {"size": int(len(rows)), "train_size": int(train_size), "seed": int(p.seed)},
                "full_precision": eval_fn(teacher), "quantized_init": eval_fn(qmodel),
                "layer_errors": {"quantized_init": ptq.layer_errors(qmodel, teacher, task.dev, bs)},
-               "after": {}, "wall_seconds": {}, "peak_memory": {}, "reports": {}}
+               "after": {}, "wall_seconds": {}, "peak_memory": {}, "reports": {},
+               "latency_ms": {"full_precision": latency_ms(teacher, config.data.max_length),
+                              "note": f"median ms of one forward, batch 1 x {config.data.max_length} tokens, "
+                                      "this machine"}}
     if p.get("qat_results", ""):
         with open(p.qat_results) as f:
             qat = json.load(f)
@@ -144,6 +147,9 @@ def run(config, workdir):
         results["reports"][name] = rep
         results["after"][name] = eval_fn(out)
         results["layer_errors"][name] = ptq.layer_errors(out, teacher, task.dev, bs)
+        deployed, how = deployed_quantized(out)
+        results["latency_ms"][name] = latency_ms(deployed, config.data.max_length)
+        results["latency_ms"]["note"] = results["latency_ms"]["note"].split("; ")[0] + f"; quantized run as {how}"
         if train_lib.is_main_process():
             out_dir = os.path.join(workdir, name, "quantized")
             quant.save_packed(quant.export_packed(out), out_dir)
@@ -185,16 +191,28 @@ def format_results(results):
     keys = list(results["full_precision"])
     lines = [f"Task {results['task']}: PTQ W-E-A {results['bits']}, calibration "
              f"{results['calibration']['size']} of {results['calibration']['train_size']} training rows",
-             f"{'model':<26}" + "".join(f"{k:>15}" for k in keys) + f"{'seconds':>10}{'peak MB':>10}"]
-    rows = [("full precision", results["full_precision"], None, None)]
+             f"{'model':<26}" + "".join(f"{k:>15}" for k in keys)
+             + f"{'size MB':>9}{'BOPs G':>9}{'ms':>7}{'seconds':>9}{'peak MB':>9}"]
+    cost, lat = results["cost"], results.get("latency_ms", {})
+    fp = (cost["full_precision"]["size_mb"], cost["full_precision"]["bops"], lat.get("full_precision"))
+    rows = [("full precision", results["full_precision"], fp, None)]
     if "qat" in results:
         rows.append((f"QAT {results['qat']['bits']} (qat recipe)", results["qat"]["metrics"], None, None))
     rows.append(("quantized, no reconstr.", results["quantized_init"], None, None))
-    rows += [(name, r, results["wall_seconds"][name], results["peak_memory"][name]["rss_peak_mb"])
+    rows += [(name, r, (cost.get("packed_mb", {}).get(name), cost["quantized"]["bops"], lat.get(name)),
+              (results["wall_seconds"][name], results["peak_memory"][name]["rss_peak_mb"]))
              for name, r in results["after"].items()]
-    for name, r, sec, mb in rows:
+
+    def num(value, width, digits):
+        return f"{value:>{width}.{digits}f}" if value is not None else " " * (width - 1) + "-"
+
+    for name, r, measured, run in rows:
+        size, bops, ms = measured or (None, None, None)
         lines.append(f"{name:<26}" + "".join(f"{r.get(k, np.nan):>15.4f}" for k in keys)
-                     + (f"{sec:>10.1f}{mb:>10.0f}" if sec is not None else ""))
+                     + num(size, 9, 2) + num(None if bops is None else bops / 1e9, 9, 3) + num(ms, 7, 1)
+                     + (f"{run[0]:>9.1f}{run[1]:>9.0f}" if run else ""))
+    if lat:
+        lines.append(f"size: packed files (full precision: float32); ms: {lat['note']}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from efficient_nlp import models
 from efficient_nlp import quant
 from efficient_nlp import train as train_lib
 from efficient_nlp.recipes.common import check_stages, default_dir, run_kd_stages, teacher_and_task
-from efficient_nlp.recipes.outputs import save_outputs
+from efficient_nlp.recipes.outputs import deployed_quantized, latency_ms, report_to_file, save_outputs
 
 
 def check_config(config):
@@ -48,7 +48,7 @@ def run(config, workdir):
     spec, checked = check_config(config)
     teacher_dir, task, teacher, batches, eval_fn = teacher_and_task(config, workdir)
     student, report = quantized_student(teacher, spec, next(batches(0)))
-    print(report)
+    report_to_file(workdir, "quant_report.txt", report)
     results = {"task": task.spec.name, "teacher_dir": teacher_dir, "bits": spec.bits,
                "teacher": eval_fn(teacher), "student_init": eval_fn(student)}
     student, results["stages"] = run_kd_stages(student, teacher, config.distill.stages, checked,
@@ -61,6 +61,11 @@ def run(config, workdir):
     out_dir = os.path.join(workdir, "quantized")
     quant.save_packed(quant.export_packed(student), out_dir)
     results["cost"]["quantized"]["packed_mb"] = quant.packed_size_mb(out_dir)
+    deployed, how = deployed_quantized(student)
+    seq = config.data.max_length
+    results["latency_ms"] = {"full_precision": latency_ms(teacher, seq), "quantized": latency_ms(deployed, seq),
+                             "note": f"median ms of one forward, batch 1 x {seq} tokens, this machine; "
+                                     f"quantized model run as {how}"}
     print(format_results(results))
     save_outputs(workdir, results, task.tokenizer, {})
     return results
@@ -71,12 +76,18 @@ def format_results(results):
     keys = list(results["teacher"])
     fp, q = results["cost"]["full_precision"], results["cost"]["quantized"]
     lines = [f"Task {results['task']}: QAT W-E-A {results['bits']}",
-             f"{'model':<22}" + "".join(f"{k:>15}" for k in keys) + f"{'size MB':>10}{'BOPs G':>10}"]
-    rows = [("full precision", results["teacher"], fp), ("quantized, untrained", results["student_init"], q)]
-    rows += [(f"after {name}", r, q) for name, r in results["stages"].items()]
-    for name, r, c in rows:
+             f"{'model':<22}" + "".join(f"{k:>15}" for k in keys) + f"{'size MB':>10}{'BOPs G':>10}{'ms':>8}"]
+    lat = results.get("latency_ms", {})
+    stages = list(results["stages"])
+    rows = [("full precision", results["teacher"], fp, lat.get("full_precision")),
+            ("quantized, untrained", results["student_init"], q, None)]
+    rows += [(f"after {name}", r, q, lat.get("quantized") if name == stages[-1] else None)
+             for name, r in results["stages"].items()]
+    for name, r, c, ms in rows:
         lines.append(f"{name:<22}" + "".join(f"{r.get(k, np.nan):>15.4f}" for k in keys)
-                     + f"{c['size_mb']:>10.2f}{c['bops'] / 1e9:>10.3f}")
+                     + f"{c['size_mb']:>10.2f}{c['bops'] / 1e9:>10.3f}" + (f"{ms:>8.1f}" if ms is not None else ""))
     if "packed_mb" in q:
         lines.append(f"packed artefact: {q['packed_mb']:.2f} MB on disk (full precision {fp['size_mb']:.2f} MB)")
+    if lat:
+        lines.append(f"ms: {lat['note']}")
     return "\n".join(lines)
