@@ -48,6 +48,9 @@ def test_qat_recipe_trains_reports_cost_and_writes_the_packed_model(tiny_teacher
     assert q["size_mb"] < fp["size_mb"] / 3 and q["bops"] < fp["bops"] / 4
     assert q["packed_mb"] == pytest.approx(q["size_mb"], abs=0.05)
     assert json.load(open(tmp_path / "results.json")) == results
+    lat = results["latency_ms"]
+    assert lat["full_precision"] > 0 and lat["quantized"] > 0 and lat["note"].endswith("run as int8")
+    assert "quantization 2-2-4" in (tmp_path / "quant_report.txt").read_text()
     metrics = [json.loads(line) for line in open(tmp_path / "stage_intermediate" / "metrics.jsonl")]
     assert any(any("ffn_out" in k for k in r) for r in metrics)
 

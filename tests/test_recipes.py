@@ -47,6 +47,7 @@ def test_finetune_recipe_learns_and_writes_outputs(tiny_model_dir, tmp_path):
     assert results["train_examples"] == 512 and results["dev_examples"] > 300
     assert results["dev_after"]["accuracy"] > results["dev_before"]["accuracy"]
     assert json.load(open(tmp_path / "results.json")) == results
+    assert results["latency_ms"] > 0 and "batch 1 x 32 tokens" in results["latency_note"]
     # The saved fine-tuned model reloads with its head and gives the reported accuracy.
     reloaded = models.from_pretrained(str(tmp_path / "model"), num_labels=9)
     from efficient_nlp import data, train
