@@ -6,6 +6,7 @@ the stages and matches, as the recipes read them), so a config can change its co
 """
 import ml_collections
 
+from efficient_nlp.data.settings import default_data_config
 from efficient_nlp.train import default_train_config
 
 # Encoder layers of the embedded MiniLM-L6-H384, the default teacher.  Layer-wise matches are
@@ -15,19 +16,9 @@ MINILM_LAYERS = 6
 
 # ----------------------------------------------------------------------------- data and teacher
 def data_config(task="builtin", max_length=64):
-    """``config.data``: the task (a GLUE name, ``builtin`` or ``files``) and how it is read."""
-    return ml_collections.ConfigDict(dict(
-        task=task,
-        data_dir="",
-        train_file="",
-        dev_file="",
-        text_a="",
-        text_b="",
-        label="",
-        num_labels=0,  # 0 = from the task registry.
-        max_length=max_length,
-        max_train_examples=0,  # 0 = all.
-    ))
+    """``config.data``: the task (a GLUE name, ``builtin`` or ``files``) and how it is read
+    (`efficient_nlp.data.settings.default_data_config` lists the keys and their defaults)."""
+    return ml_collections.ConfigDict({**default_data_config(), "task": task, "max_length": max_length})
 
 
 #: Layers of the default decoder (configs/pretrain_causal_lm.py); layer-wise decoder matches use it.

@@ -294,26 +294,31 @@ def _corrupt(step_dir, how):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("how", ["truncate", "garble"])
 def test_corrupted_checkpoint_raises_clear_error(checkpointed, tmp_path, how):
+    # The only checkpoint is corrupt (the fallback to an older one: test_train_faults.py).
     workdir = copy_run(checkpointed, tmp_path / "run")
+    shutil.rmtree(os.path.join(str(workdir), "checkpoints", "2"))
     step_dir = os.path.join(str(workdir), "checkpoints", "4")
     _corrupt(step_dir, how)
     with pytest.raises(train.CorruptCheckpointError) as info:
         run_fit(workdir, num_steps=6)
-    assert step_dir in str(info.value) and info.value.step_dir == step_dir
+    aside = os.path.join(str(workdir), "checkpoints_corrupt", "4")
+    assert aside in str(info.value) and info.value.step_dir == os.path.dirname(step_dir)
     assert ("checksum" in str(info.value)) or ("reading the arrays failed" in str(info.value))
-    # Nothing was trained or saved on top of the bad checkpoint.
-    assert train.Checkpointer(os.path.dirname(step_dir)).all_steps() == [2, 4]
+    # Nothing was trained or saved; the bad checkpoint was moved aside, not deleted.
+    assert train.Checkpointer(os.path.dirname(step_dir)).all_steps() == []
+    assert os.path.isdir(os.path.join(aside, "state"))
 
 
 def test_garbled_manifest_raises_clear_error(checkpointed, tmp_path):
     workdir = copy_run(checkpointed, tmp_path / "run")
+    shutil.rmtree(os.path.join(str(workdir), "checkpoints", "2"))
     step_dir = os.path.join(str(workdir), "checkpoints", "4")
     for path in glob.glob(os.path.join(step_dir, "manifest", "*")):
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(train.CorruptCheckpointError, match="manifest") as info:
         run_fit(workdir, num_steps=6)
-    assert info.value.step_dir == step_dir
+    assert info.value.step_dir == os.path.dirname(step_dir)
 
 
 def test_incompatible_checkpoint_raises_clear_error(checkpointed, tmp_path):

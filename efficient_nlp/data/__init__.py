@@ -5,6 +5,7 @@
     for batch in data.train_batches(td.train, 32, seed=0): ...
     for batch in data.eval_batches(td.dev, 128): ...       # has a float32 "weight"
     data.compute_metrics(td.spec, logits, td.dev["labels"])
+    data.save_data_settings(model_dir, config.data.to_dict(), td.spec)   # next to a saved model
 
 See docs/contracts.md ("data") for the array and batch contracts.
 """
@@ -33,6 +34,7 @@ from efficient_nlp.data.pipeline import (
     tokenize,
     train_batches,
 )
+from efficient_nlp.data.settings import default_data_config, load_data_settings, merge_data_settings, save_data_settings
 from efficient_nlp.data.tasks import TASKS, TaskSpec, get_task, register_task
 
 __all__ = [
@@ -66,4 +68,8 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "load_digits",
     "sample_k_per_class",
+    "default_data_config",
+    "save_data_settings",
+    "load_data_settings",
+    "merge_data_settings",
 ]

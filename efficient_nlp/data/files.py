@@ -31,7 +31,16 @@ from typing import Any
 
 from efficient_nlp.data.tasks import TASKS, TaskSpec
 
-__all__ = ["SUPPORTED_EXTENSIONS", "read_split", "resolve_file", "examples_from_columns", "infer_label_names"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "read_split",
+    "read_table",
+    "resolve_file",
+    "check_columns",
+    "examples_from_columns",
+    "infer_label_names",
+    "infer_num_labels",
+]
 
 SUPPORTED_EXTENSIONS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
@@ -49,7 +58,8 @@ def _extension(path: str) -> str:
     return ext
 
 
-def _missing_file_error(path: str, what: str) -> FileNotFoundError:
+def _missing_file_error(path: str, what: str, flag: str | None = None) -> FileNotFoundError:
+    """``what`` file not found, with what its directory holds and, when given, the setting to check."""
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(directory):
         present = sorted(os.listdir(directory))
@@ -57,21 +67,28 @@ def _missing_file_error(path: str, what: str) -> FileNotFoundError:
         where = f"{directory} contains: {shown or '(nothing)'}"
     else:
         where = f"directory {directory} does not exist"
-    return FileNotFoundError(f"{what} file not found: {path} ({where})")
+    check = f"; check {flag}" if flag else ""
+    return FileNotFoundError(f"{what} file not found: {path} ({where}){check}")
+
+
+def _existing_file(path, split: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise _missing_file_error(path, split, f"{split}_file (--config.data.{split}_file)")
+    return path
 
 
 def resolve_file(spec: TaskSpec, split: str, *, data_dir: str | None = None, path: str | None = None) -> str | None:
     """The local file for ``split`` ('train' or 'dev'), or None when none is configured."""
     if path is not None:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise _missing_file_error(path, split)
-        return path
+        return _existing_file(path, split)
     if data_dir is None:
         return None
     name = spec.train_file if split == "train" else spec.dev_file
     if name is None:
-        raise ValueError(f"task {spec.name!r} has no {split} file name; pass {split}_file explicitly")
+        raise ValueError(
+            f"task {spec.name!r} has no {split} file name: set {split}_file (--config.data.{split}_file=<path>)"
+        )
     data_dir = os.fspath(data_dir)
     candidates = [os.path.join(data_dir, name)]
     if spec.glue_dir:
@@ -79,7 +96,7 @@ def resolve_file(spec: TaskSpec, split: str, *, data_dir: str | None = None, pat
     for c in candidates:
         if os.path.isfile(c):
             return c
-    raise _missing_file_error(candidates[0], f"{spec.name} {split}")
+    raise _missing_file_error(candidates[0], f"{spec.name} {split}", "data_dir (--config.data.data_dir)")
 
 
 @contextlib.contextmanager
@@ -111,8 +128,14 @@ def _header(path: str, delimiter: str, quoting: int) -> list[str]:
     return row
 
 
-def _load_local(spec: TaskSpec, path: str) -> dict[str, list]:
-    """All columns of a local file as lists (csv/tsv cells are strings)."""
+def read_table(path, *, split: str = "train", has_header: bool = True,
+               column_names: tuple[str, ...] | None = None) -> dict[str, list]:
+    """All columns of the local file ``path`` (the ``split`` file: named in errors) as lists.
+
+    csv/tsv cells are strings; a headerless .tsv (``has_header=False``, GLUE's CoLA) takes its
+    column names from ``column_names``.
+    """
+    path = _existing_file(path, split)
     ext = _extension(path)
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory(prefix="efficient_nlp_data_") as cache:
         kwargs: dict[str, Any] = {}
@@ -120,11 +143,11 @@ def _load_local(spec: TaskSpec, path: str) -> dict[str, list]:
             builder = "csv"
             delimiter = "\t" if ext == ".tsv" else ","
             quoting = csv.QUOTE_NONE if ext == ".tsv" else csv.QUOTE_MINIMAL
-            if spec.has_header or ext == ".csv":  # headerless layouts are a GLUE (.tsv) matter
+            if has_header or ext == ".csv":  # headerless layouts are a GLUE (.tsv) matter
                 names = _header(path, delimiter, quoting)
                 kwargs["header"] = 0
             else:
-                names = list(spec.column_names)
+                names = list(column_names)
                 kwargs.update(header=None, column_names=names)
             if len(set(names)) != len(names):
                 raise ValueError(f"{path}: duplicate column names in header {names}")
@@ -159,22 +182,31 @@ def _load_hub(spec: TaskSpec, split: str) -> dict[str, list]:
         except Exception as e:
             raise RuntimeError(
                 f"could not load {spec.name} {split} from the hub ({'/'.join(spec.hub)}, split {hub_split!r}): "
-                f"{type(e).__name__}: {e}. Offline? Pass data_dir=... (GLUE layout) or train_file/dev_file."
+                f"{type(e).__name__}: {e}. Offline? Set data_dir (--config.data.data_dir, GLUE layout) or "
+                "train_file / dev_file (--config.data.train_file, --config.data.dev_file)."
             ) from e
         return ds.to_dict()
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and not value.strip())
 
 
 def _convert_label(value, row: int, spec: TaskSpec, where: str, label_names: tuple[str, ...] | None):
     def bad(msg):
         return ValueError(f"{where}, row {row} (0-based, header not counted): label {value!r} {msg}")
 
-    if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+    if _is_missing(value):
         raise bad("is missing")
     if spec.num_labels == 1:
         try:
             out = float(value)
         except (TypeError, ValueError):
-            raise bad("is not a number (the task is a regression)") from None
+            raise bad(
+                "is not a number, which regression (num_labels=1) needs; for classes set "
+                "--config.data.num_labels to 0 or their number"
+            ) from None
         if not math.isfinite(out):
             raise bad("is not finite")
         return out
@@ -194,18 +226,29 @@ def _convert_label(value, row: int, spec: TaskSpec, where: str, label_names: tup
     else:
         raise bad(f"has unsupported type {type(value).__name__}")
     if not math.isfinite(num) or num != int(num) or not 0 <= num < spec.num_labels:
-        raise bad(f"is out of range: expected a class id in [0, {spec.num_labels})")
+        raise bad(
+            f"is out of range: expected a class id in [0, {spec.num_labels}) "
+            f"(num_labels={spec.num_labels}; set --config.data.num_labels if there are more classes)"
+        )
     return int(num)
+
+
+def check_columns(table: dict[str, list], where: str, **columns: str | None) -> None:
+    """Raise ValueError naming the ``--config.data`` key when a column (role=name, e.g.
+    ``text_a="sentence"``; None = not used) is not in ``table``."""
+    for role, col in columns.items():
+        if col is not None and col not in table:
+            raise ValueError(
+                f"{where}: {role} column {col!r} not found: set {role} (--config.data.{role}=<column>); "
+                f"columns present: {list(table)}"
+            )
 
 
 def examples_from_columns(
     spec: TaskSpec, table: dict[str, list], where: str, label_names: tuple[str, ...] | None = None
 ) -> Columns:
     """Pick and check the spec's columns of a loaded table; labels become int (or float)."""
-    present = list(table)
-    for role, col in (("text_a", spec.text_a), ("text_b", spec.text_b), ("label", spec.label)):
-        if col is not None and col not in table:
-            raise ValueError(f"{where}: {role} column {col!r} not found; columns present: {present}")
+    check_columns(table, where, text_a=spec.text_a, text_b=spec.text_b, label=spec.label)
     n = len(table[spec.label])
     out: Columns = {"text_a": [], "text_b": [] if spec.text_b else None, "label": []}
     for role, col in (("text_a", spec.text_a), ("text_b", spec.text_b)):
@@ -222,16 +265,8 @@ def examples_from_columns(
     return out
 
 
-def infer_label_names(spec: TaskSpec, table: dict[str, list]) -> tuple[str, ...] | None:
-    """For an unregistered task without label_names whose labels are non-numeric strings: their sorted set.
-
-    Registered tasks never infer (a stray string there is an error, not a new class).
-    """
-    if spec.label_names is not None or spec.num_labels == 1 or spec.label not in table:
-        return None
-    if TASKS.get(spec.name) is not None and TASKS[spec.name].label == spec.label:
-        return None
-    values = table[spec.label]
+def _string_label_names(values: list) -> tuple[str, ...] | None:
+    """The sorted distinct labels when some label is a non-numeric string, else None."""
     strings = {v.strip() for v in values if isinstance(v, str) and v.strip()}
 
     def numeric(s):
@@ -246,6 +281,63 @@ def infer_label_names(spec: TaskSpec, table: dict[str, list]) -> tuple[str, ...]
     return tuple(sorted(strings))
 
 
+def infer_label_names(spec: TaskSpec, table: dict[str, list]) -> tuple[str, ...] | None:
+    """For an unregistered task without label_names whose labels are non-numeric strings: their sorted set.
+
+    Registered tasks never infer (a stray string there is an error, not a new class).
+    """
+    if spec.label_names is not None or spec.num_labels == 1 or spec.label not in table:
+        return None
+    if TASKS.get(spec.name) is not None and TASKS[spec.name].label == spec.label:
+        return None
+    return _string_label_names(table[spec.label])
+
+
+def infer_num_labels(values: list, where: str, column: str = "label") -> tuple[int, tuple[str, ...] | None]:
+    """``(num_labels, label_names)`` of a classification label column (the train split).
+
+    String labels (some not numbers): their sorted distinct names. Integer class ids (ints,
+    or numbers/strings with an integral value): ``max id + 1`` and no names. Missing values are
+    skipped here (``examples_from_columns`` reports them with their row). Raises ValueError for
+    non-integer numbers (a regression: ``num_labels=1``), negative ids and a single class.
+    """
+    names = _string_label_names(values)
+    if names is not None:
+        if len(names) < 2:
+            raise ValueError(
+                f"{where}: label column {column!r} has a single class {names[0]!r}: a classifier needs two "
+                "or more (set --config.data.num_labels=<n> if the dev file has the others)"
+            )
+        return len(names), names
+    top = -1
+    for row, value in enumerate(values):
+        if _is_missing(value):
+            continue
+        try:
+            num = float(value)
+        except (TypeError, ValueError):
+            continue  # not a label at all: examples_from_columns names the row
+        if not math.isfinite(num):
+            continue
+        at = f"{where}, row {row} (0-based, header not counted): label {value!r}"
+        if num != int(num):
+            raise ValueError(
+                f"{at} is not an integer class id; this looks like regression: set --config.data.num_labels=1 "
+                "(or give class ids 0, 1, 2, ... or class names)"
+            )
+        if num < 0:
+            raise ValueError(f"{at} is negative: class ids are 0, 1, 2, ... (or give class names)")
+        top = max(top, int(num))
+    if top < 0:
+        raise ValueError(f"{where}: label column {column!r} has no labels")
+    if top == 0:
+        raise ValueError(
+            f"{where}: every label in column {column!r} is 0: a classifier needs two or more classes "
+            "(set --config.data.num_labels=<n>; 1 = regression)"
+        )
+    return top + 1, None
+
+
 def read_split(
     spec: TaskSpec,
     split: str,
@@ -253,23 +345,26 @@ def read_split(
     data_dir: str | None = None,
     path: str | None = None,
     label_names: tuple[str, ...] | None = None,
+    table: dict[str, list] | None = None,
 ) -> Columns:
     """One split ('train' or 'dev') as ``{"text_a": [...], "text_b": [...] | None, "label": [...],
     "label_names": ...}``; labels are int class ids (float for regression), checked against the spec.
 
     ``label_names`` maps string labels to class ids; without it the spec's are used, and for a
     spec without any, string labels in a local file are mapped by their sorted distinct values.
+    ``table`` is the local file's content when the caller has read it already (`read_table`).
     """
     if split not in ("train", "dev"):
         raise ValueError(f"split must be 'train' or 'dev', got {split!r}")
     file = resolve_file(spec, split, data_dir=data_dir, path=path)
     if file is not None:
-        table = _load_local(spec, file)
+        if table is None:
+            table = read_table(file, split=split, has_header=spec.has_header, column_names=spec.column_names)
         names = label_names or spec.label_names or infer_label_names(spec, table)
         if names is not None and spec.label_names is None and len(names) != spec.num_labels:
             raise ValueError(
-                f"{file}: found string labels {list(names)} but num_labels={spec.num_labels}; "
-                "pass label_names=... in class-id order"
+                f"{file}: found {len(names)} string labels {list(names)} but num_labels={spec.num_labels}: "
+                f"set --config.data.num_labels={len(names)} (or 0 to count them)"
             )
         out = examples_from_columns(spec, table, file, names)
         out["label_names"] = names
@@ -288,5 +383,6 @@ def read_split(
         out["label_names"] = spec.label_names
         return out
     raise ValueError(
-        f"task {spec.name!r}: no {split} data: pass data_dir=... or {split}_file=... (csv, tsv, json, jsonl, parquet)"
+        f"task {spec.name!r}: no {split} data: set data_dir (--config.data.data_dir) or {split}_file "
+        f"(--config.data.{split}_file; csv, tsv, json, jsonl, parquet)"
     )

@@ -21,11 +21,12 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from efficient_nlp.data.files import read_split
+from efficient_nlp.data.files import check_columns, infer_num_labels, read_split, read_table
 from efficient_nlp.data.tasks import TaskSpec, get_task
 
 __all__ = [
     "TaskData",
+    "TOKENIZER_FILES",
     "load_tokenizer",
     "tokenize",
     "load_task_data",
@@ -52,13 +53,33 @@ class TaskData:
         return self.spec.num_labels
 
 
+#: Files of which a HF model directory holds at least one when it has a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+
+
 def load_tokenizer(tokenizer_dir):
-    """``transformers.AutoTokenizer.from_pretrained(tokenizer_dir)``; a tokenizer object is returned as is."""
+    """``transformers.AutoTokenizer.from_pretrained(tokenizer_dir)``; a tokenizer object is returned as is.
+
+    Raises FileNotFoundError when the directory is missing or holds none of `TOKENIZER_FILES`.
+    """
     if not isinstance(tokenizer_dir, (str, os.PathLike)):
         return tokenizer_dir
     path = os.fspath(tokenizer_dir)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+        raise FileNotFoundError(
+            f"model directory not found: {path} (give a HF model directory with config.json, model.safetensors "
+            "and tokenizer files via --config.model_dir / --config.teacher_dir, or leave it empty for the "
+            "default model, the embedded MiniLM for encoder configs)"
+        )
+    present = sorted(os.listdir(path))
+    if not any(name in present for name in TOKENIZER_FILES):
+        shown = ", ".join(present[:20]) + (" ..." if len(present) > 20 else "")
+        raise FileNotFoundError(
+            f"no tokenizer files in model directory {path} (it holds: {shown or 'nothing'}; expected one of "
+            f"{', '.join(TOKENIZER_FILES)}): save the tokenizer of the model there with "
+            "tokenizer.save_pretrained(<dir>)"
+        )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
@@ -101,37 +122,59 @@ def _to_arrays(tokenizer, columns: Mapping[str, Any], spec: TaskSpec, max_length
     return arrays
 
 
-def _resolve_spec(task, *, train_file, dev_file, data_dir, text_a, text_b, label, num_labels, label_names, metrics):
+def _files_spec(name, *, train_file, text_a, text_b, label, num_labels, label_names, metrics):
+    """The TaskSpec of your own files, and the train file's table when it was read to infer
+    ``num_labels`` (None = infer from the train labels) or to list its columns."""
+    key = name.strip().lower()
+    if train_file is None:
+        raise ValueError(
+            f"task {name!r} reads your own files: set train_file (--config.data.train_file=<path>; "
+            "csv, tsv, json, jsonl, parquet)"
+        )
+    table = None
+    if text_a is None or (num_labels is None and label_names is None):
+        table = read_table(train_file)
+        where = os.fspath(train_file)
+        if text_a is None:
+            raise ValueError(
+                f"task {name!r} needs the text column: set text_a (--config.data.text_a=<column>; "
+                f"text_b too for sentence pairs); columns in {where}: {list(table)}"
+            )
+        check_columns(table, where, text_a=text_a, text_b=text_b, label=label or "label")
+    if num_labels is None:
+        if label_names is not None:
+            num_labels = len(label_names)
+        else:
+            num_labels, label_names = infer_num_labels(table[label or "label"], where, label or "label")
+    if metrics is None:
+        metrics = ("pearson", "spearman") if num_labels == 1 else ("accuracy",)
+    spec = TaskSpec(
+        name=key if key == "files" else name,
+        text_a=text_a,
+        text_b=text_b,
+        label=label or "label",
+        num_labels=num_labels,
+        metrics=tuple(metrics),
+        train_file=None,
+        dev_file=None,
+        label_names=tuple(label_names) if label_names is not None else None,
+    )
+    return spec, table
+
+
+def _resolve_spec(task, *, train_file, text_a, text_b, label, num_labels, label_names, metrics):
+    """``(spec, train table or None)``: the table when it was read already (see `_files_spec`)."""
     if isinstance(task, TaskSpec):
         spec = task
     else:
         name = str(task)
-        key = name.strip().lower()
         try:
             spec = get_task(name)
         except ValueError:
-            if key != "files" and train_file is None:
+            if name.strip().lower() != "files" and train_file is None:
                 raise
-            if text_a is None or num_labels is None:
-                raise ValueError(
-                    f"task {name!r} reads your own files: pass text_a=<column> and num_labels=<n> (1 = regression)"
-                ) from None
-            if train_file is None:
-                raise ValueError(f"task {name!r} needs train_file=... (csv, tsv, json, jsonl, parquet)") from None
-            if metrics is None:
-                metrics = ("pearson", "spearman") if num_labels == 1 else ("accuracy",)
-            spec = TaskSpec(
-                name=key if key == "files" else name,
-                text_a=text_a,
-                text_b=text_b,
-                label=label or "label",
-                num_labels=num_labels,
-                metrics=tuple(metrics),
-                train_file=None,
-                dev_file=None,
-                label_names=tuple(label_names) if label_names is not None else None,
-            )
-            return spec
+            return _files_spec(name, train_file=train_file, text_a=text_a, text_b=text_b, label=label,
+                               num_labels=num_labels, label_names=label_names, metrics=metrics)
     changes = {}
     if text_a is not None:
         changes["text_a"] = text_a
@@ -147,7 +190,7 @@ def _resolve_spec(task, *, train_file, dev_file, data_dir, text_a, text_b, label
         changes["label_names"] = tuple(label_names)
     if metrics is not None:
         changes["metrics"] = tuple(metrics)
-    return spec.replace(**changes) if changes else spec
+    return (spec.replace(**changes) if changes else spec), None
 
 
 def load_task_data(
@@ -170,7 +213,7 @@ def load_task_data(
 
     Args:
       task: a registry name ("sst2", "mnli", "builtin", ...), a TaskSpec, or "files" (or any
-        name not in the registry) together with ``train_file``, ``text_a`` and ``num_labels``.
+        name not in the registry) together with ``train_file`` and ``text_a``.
       tokenizer_dir: model directory holding the tokenizer files (or a tokenizer object).
       max_length: sequence length of every row (truncation and padding).
       data_dir: directory with the task's files in GLUE layout (the task directory or the
@@ -180,21 +223,25 @@ def load_task_data(
         None (local files never mix with the hub). A ``.tsv`` is read in GLUE's layout (no
         quoting; headerless when the spec says so, as for CoLA); a ``.csv`` always has a header.
       text_a, text_b, label: column names (override the spec's).
-      num_labels: 1 for regression; overrides the spec's.
+      num_labels: 1 for regression; overrides the spec's. For "files", None infers it from the
+        training labels: the number of distinct names for string labels, ``max id + 1`` for
+        integer class ids; non-integer numbers raise (set ``num_labels=1`` for regression).
       max_train_examples: keep only the first this many training rows (file order).
       label_names: string labels, in class-id order (else the spec's; for "files" with string
         labels, the sorted distinct training labels).
       metrics: metric names (else the spec's).
     """
-    spec = _resolve_spec(
-        task, train_file=train_file, dev_file=dev_file, data_dir=data_dir, text_a=text_a, text_b=text_b,
-        label=label, num_labels=num_labels, label_names=label_names, metrics=metrics,
+    spec, train_table = _resolve_spec(
+        task, train_file=train_file, text_a=text_a, text_b=text_b, label=label, num_labels=num_labels,
+        label_names=label_names, metrics=metrics,
     )
     local = data_dir is not None or train_file is not None or dev_file is not None
     if local and data_dir is None and train_file is None:
-        raise ValueError("dev_file was given without train_file or data_dir")
+        raise ValueError(
+            "dev_file was given without train_file or data_dir: set --config.data.train_file (or data_dir) too"
+        )
     tokenizer = load_tokenizer(tokenizer_dir)
-    train_cols = read_split(spec, "train", data_dir=data_dir, path=train_file)
+    train_cols = read_split(spec, "train", data_dir=data_dir, path=train_file, table=train_table)
     if train_cols.get("label_names") and spec.label_names is None:
         spec = spec.replace(label_names=tuple(train_cols["label_names"]))
     if max_train_examples is not None:

@@ -160,7 +160,7 @@ def get_task(name: str) -> TaskSpec:
     key = _ALIASES.get(key, key)
     if key not in TASKS:
         raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))} "
-            "(or use task='files' with train_file/dev_file and text_a/label columns)"
+            f"unknown task {name!r} (--config.data.task); known tasks: {', '.join(sorted(TASKS))}, "
+            "or files for your own data (with --config.data.train_file=<path> --config.data.text_a=<column>)"
         )
     return TASKS[key]

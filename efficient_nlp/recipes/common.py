@@ -51,11 +51,41 @@ def resolve_teacher(config, workdir):
 
 def load_data(config, tokenizer_dir):
     """The task of ``config.data`` tokenised with the tokenizer in ``tokenizer_dir`` (``task="lm"``:
-    packed blocks of ``max_length`` tokens of ``data.source``, `efficient_nlp.data.load_lm_task`)."""
-    task = _load(config, tokenizer_dir)
-    if train_lib.is_main_process():
-        print(describe_data(task, config.data.max_length, "blocks" if is_lm(config) else "examples"))
+    packed blocks of ``max_length`` tokens of ``data.source``, `efficient_nlp.data.load_lm_task`).
+
+    A model directory saved by the fine-tuning recipe holds the data settings it was trained with
+    (``efficient_nlp_data.json``): when ``config.data`` names no data of its own (its source keys at
+    their defaults), those settings are used, and ``config.data`` is updated in place so that later
+    reads (``max_length``) agree (`efficient_nlp.data.merge_data_settings`, docs/your_data.md)."""
+    label_names = None if is_lm(config) else reuse_saved_data(config, tokenizer_dir)
+    task = _load(config, tokenizer_dir, label_names)
+    _say(describe_data(task, config.data.max_length, "blocks" if is_lm(config) else "examples"))
     return task
+
+
+def reuse_saved_data(config, model_dir):
+    """Fills ``config.data`` from ``model_dir``'s saved data settings when it names no data of its
+    own; returns the saved class names (or None)."""
+    saved = data_lib.load_data_settings(model_dir)
+    if saved is None:
+        return None
+    path = os.path.join(model_dir, data_lib.settings.SETTINGS_FILE)
+    merged = data_lib.merge_data_settings(config.data.to_dict(), data_lib.default_data_config(), saved)
+    label_names = merged.pop("label_names")
+    changed = {k: v for k, v in merged.items() if k in config.data and config.data[k] != v}
+    if changed:
+        config.data.update(changed)
+        _say(f"data: the settings saved with the model ({path}): "
+             + ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())))
+    elif config.data.task != saved.get("task"):
+        _say(f"data: config.data names its own data (task {config.data.task!r}); the model was "
+             f"fine-tuned on task {saved.get('task')!r} ({path})")
+    return label_names
+
+
+def _say(text):
+    if train_lib.is_main_process():
+        print(text)
 
 
 def describe_data(task, max_length, unit="examples") -> str:
@@ -66,7 +96,7 @@ def describe_data(task, max_length, unit="examples") -> str:
             f"of up to {max_length} tokens")
 
 
-def _load(config, tokenizer_dir):
+def _load(config, tokenizer_dir, label_names=None):
     d = config.data
     if is_lm(config):
         return data_lib.load_lm_task(tokenizer_dir, source=d.get("source") or "builtin",
@@ -77,7 +107,7 @@ def _load(config, tokenizer_dir):
         d.task, tokenizer_dir=tokenizer_dir, max_length=d.max_length,
         data_dir=d.data_dir or None, train_file=d.train_file or None,
         dev_file=d.dev_file or None, text_a=d.text_a or None, text_b=d.text_b or None,
-        label=d.label or None, num_labels=d.num_labels or None,
+        label=d.label or None, num_labels=d.num_labels or None, label_names=label_names,
         max_train_examples=d.max_train_examples or None)
 
 

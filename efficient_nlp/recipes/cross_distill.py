@@ -67,12 +67,10 @@ def _cnn_setup(config):
 
 def _encoder_setup(config, workdir):
     from efficient_nlp import models
-    from efficient_nlp.recipes.common import resolve_teacher
+    from efficient_nlp.recipes.common import load_data, resolve_teacher
 
     teacher_dir = resolve_teacher(config, workdir)
-    d = config.data
-    task = data_lib.load_task_data(d.task, tokenizer_dir=teacher_dir, max_length=d.max_length,
-                                   max_train_examples=d.max_train_examples or None)
+    task = load_data(config, teacher_dir)
     teacher = models.from_pretrained(teacher_dir, num_labels=task.spec.num_labels)
     adapter = fewshot.encoder_adapter(teacher, fewshot.encoder_rules(teacher, config.structure))
     dev = dict(task.dev)

@@ -4,6 +4,7 @@ Cross-entropy for classification (and sentence pairs), mean squared error for
 regression (``num_labels == 1``, e.g. STS-B). Every other recipe starts from a model
 fine-tuned this way (the full-precision teacher of docs/quantization.md, docs/binarybert.md, docs/distillation.md).
 """
+import os
 
 import jax.numpy as jnp
 import optax
@@ -13,6 +14,7 @@ from efficient_nlp import distill
 from efficient_nlp import models
 from efficient_nlp import train as train_lib
 from efficient_nlp.recipes.outputs import latency_ms, save_outputs
+from efficient_nlp.recipes.common import is_lm
 
 
 def task_loss(model, batch, rngs):
@@ -82,6 +84,8 @@ def run(config, workdir):
     print(format_results(results))
     # The fine-tuned model as an HF directory: the teacher of the compression recipes.
     save_outputs(workdir, results, task_data.tokenizer, {"model": model})
+    if train_lib.is_main_process() and not is_lm(config):  # after the model: it names the classes
+        data_lib.save_data_settings(os.path.join(workdir, "model"), config.data.to_dict(), spec)
     return results
 
 

@@ -35,6 +35,7 @@ from efficient_nlp.train.distributed import (
 from efficient_nlp.train.loop import (
     StepRunner,
     TrainOptions,
+    TrainingInterrupted,
     default_train_config,
     fit,
     make_step_runner,
@@ -65,7 +66,7 @@ from efficient_nlp.train.memory import count_params, step_memory, tree_bytes
 __all__ = [
     "CheckpointError", "Checkpointer", "CorruptCheckpointError", "DATA_AXIS",
     "IncompatibleCheckpointError", "MetricsWriter", "NonFiniteLossError", "Progress", "StepRunner",
-    "TrainOptions", "TrainState", "batch_sharding", "compare_latency", "compiled_step", "copy_model", "count_params",
+    "TrainOptions", "TrainingInterrupted", "TrainState", "batch_sharding", "compare_latency", "compiled_step", "copy_model", "count_params",
     "default_distributed_config", "default_train_config", "fit", "init_distributed", "init_state",
     "is_main_process", "make_eval_fn", "make_lr_schedule", "make_mesh", "make_optimizer", "make_step",
     "make_step_runner", "mean_metrics", "measure_latency", "place", "predict", "predict_logits", "read_metrics",

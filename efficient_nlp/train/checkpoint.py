@@ -14,16 +14,21 @@ model/optimizer), both naming the step directory and the reason.
 
 All processes of a multi-host run call ``save`` / ``restore`` (orbax coordinates the
 writes); ``wait_until_finished`` blocks until asynchronous saves are committed.
+
+``set_aside`` moves a corrupt step directory to ``<directory>_corrupt/<step>`` (next to
+``<directory>``, so it leaves the step listing and garbage collection never touches it;
+nothing is deleted).
 """
 import logging
 import os
+import shutil
 import zlib
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from efficient_nlp.train.distributed import is_key_array
+from efficient_nlp.train.distributed import is_key_array, is_main_process, sync
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +285,31 @@ class Checkpointer:
         leaf = np.asarray(leaf)
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    # -- corrupt checkpoints -------------------------------------------------------------
+    @property
+    def corrupt_directory(self):
+        """Where ``set_aside`` moves corrupt step directories: ``<directory>_corrupt``."""
+        return self.directory + "_corrupt"
+
+    def set_aside(self, step):
+        """Moves step directory ``step`` to ``corrupt_directory`` (as ``<step>``, or
+        ``<step>.<n>`` if that name is taken); returns the new path. All processes call it
+        (process 0 moves). Later saves, including one of the same step, work as usual."""
+        self.wait_until_finished()
+        source = self.step_dir(step)
+        name, n = str(int(step)), 0
+        while os.path.exists(os.path.join(self.corrupt_directory, name)):
+            n += 1
+            name = f"{int(step)}.{n}"
+        target = os.path.join(self.corrupt_directory, name)
+        sync(f"checkpoint_set_aside_{int(step)}_named")  # every process named it first
+        if is_main_process():
+            os.makedirs(self.corrupt_directory, exist_ok=True)
+            shutil.move(source, target)
+        sync(f"checkpoint_set_aside_{int(step)}")
+        self._manager.reload()
+        return target
 
     # -- lifecycle -----------------------------------------------------------------------
     def wait_until_finished(self):

@@ -10,12 +10,18 @@ the ``t``-th batch of ``batches(0)`` (batch index ``t - 1``), the learning rate
 ``schedule(t - 1)`` and the dropout key ``fold_in(key(seed), t)``. A checkpoint labelled
 ``t`` holds the state after update ``t``; resuming from it calls ``batches(t)``, so a
 resumed run repeats exactly what an uninterrupted one would have done.
+
+Faults: SIGINT / SIGTERM make ``fit`` finish the update in flight, save it and raise
+``TrainingInterrupted``; on resume a corrupt newest checkpoint is moved aside and the
+previous one used. Console progress: `efficient_nlp.train.progress`.
 """
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
-import sys
+import signal
+import threading
 import time
 
 import jax
@@ -25,9 +31,10 @@ import numpy as np
 from flax import nnx
 
 from efficient_nlp.train import distributed
-from efficient_nlp.train.checkpoint import Checkpointer
+from efficient_nlp.train.checkpoint import Checkpointer, CorruptCheckpointError
 from efficient_nlp.train.metrics import MetricsWriter
 from efficient_nlp.train.optim import make_lr_schedule, make_optimizer
+from efficient_nlp.train.progress import ProgressReporter
 from efficient_nlp.train.step import NonFiniteLossError, init_state, make_step, mean_metrics, step_key
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,8 @@ def default_train_config():
         checkpoint_checksums=True,  # CRC32 per leaf, verified on restore.
         tensorboard=True,
         progress_bar=True,         # tqdm on process 0 when stderr is a terminal.
+        progress_seconds=30.0,     # without a terminal: a progress line at least this often
+                                   # (seconds of wall time; 0: only the log_every records).
     ))
 
 
@@ -82,6 +91,7 @@ class TrainOptions:
     checkpoint_checksums: bool
     tensorboard: bool
     progress_bar: bool
+    progress_seconds: float
 
     def get(self, key, default=None):
         return getattr(self, key, default)
@@ -193,6 +203,83 @@ def make_step_runner(model, loss_fn, *, config, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------
+# SIGINT / SIGTERM
+# ---------------------------------------------------------------------------------------
+class TrainingInterrupted(KeyboardInterrupt):
+    """``fit`` stopped on SIGINT / SIGTERM after saving update ``step`` to ``checkpoint``
+    (a step directory); running it again with the same workdir resumes from there."""
+
+    def __init__(self, step, checkpoint):
+        self.step = int(step)
+        self.checkpoint = str(checkpoint)
+        super().__init__(f"Interrupted at step {self.step}; saved {self.checkpoint}. Run the "
+                         "same command again (same workdir) to resume.")
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM handlers for the duration of ``fit``.
+
+    The first signal only sets ``signum`` (fit stops after the update in flight and saves
+    it). A second one stops at once with ``KeyboardInterrupt`` (nothing more is saved),
+    except inside ``shielded()`` (a checkpoint being written or moved), where it is
+    ignored. Installed only in the main thread of a single-process run (processes of a
+    multi-host run would stop at different steps) and not for signals set to be ignored;
+    ``uninstall`` puts the previous handlers back.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._shielded = 0
+        self._previous = {}
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+            return
+        for signum in self.SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous is signal.SIG_IGN or previous is None:  # ignored, or not from Python
+                continue
+            signal.signal(signum, self._handle)
+            self._previous[signum] = previous
+
+    def uninstall(self):
+        while self._previous:
+            signum, previous = self._previous.popitem()
+            signal.signal(signum, previous)
+
+    @contextlib.contextmanager
+    def shielded(self):
+        """Context in which a second signal is ignored."""
+        self._shielded += 1
+        try:
+            yield
+        finally:
+            self._shielded -= 1
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signum is None:
+            self.signum = signum
+            log.warning("%s received: finishing the current step, then saving a checkpoint "
+                        "(send it again to stop at once without saving).", name)
+        elif self._shielded:
+            log.warning("%s received while a checkpoint is being written; ignored (the "
+                        "checkpoint is completed first).", name)
+        else:
+            raise KeyboardInterrupt(f"{name} received twice; stopped without saving")
+
+
+# ---------------------------------------------------------------------------------------
 # fit
 # ---------------------------------------------------------------------------------------
 def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=None,
@@ -223,10 +310,26 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
       previous record of ``loss``, ``grad_norm`` and the aux values, plus ``lr`` (of
       step t) and ``steps_per_sec``; evaluation records hold ``eval/<name>``.
 
+    Progress: a tqdm bar in a terminal, else log lines after the first update and at least
+    every ``progress_seconds`` (see `efficient_nlp.train.progress`).
+
+    Interrupts (main thread of a single-process run): on SIGINT / SIGTERM, fit finishes
+    the update in flight (and its log record and checkpoint if due, not its evaluation),
+    checks it is finite, saves it and raises ``TrainingInterrupted``; calling fit again
+    with the same workdir resumes exactly. A second signal stops at once without saving,
+    unless a checkpoint is being written (then it is ignored).
+
+    Resuming: when the newest checkpoint is corrupt, a warning names it and the reason, it
+    is moved to ``<workdir>/checkpoints_corrupt/`` (kept, never deleted) and the previous
+    one is tried, and so on.
+
     Raises:
       NonFiniteLossError: the loss or gradient norm was NaN/inf; names the first such
         step. Nothing after it was saved, so the latest checkpoint is the last good one.
-      CorruptCheckpointError / IncompatibleCheckpointError: resuming failed.
+      TrainingInterrupted: SIGINT / SIGTERM; names the step and the checkpoint saved.
+      CorruptCheckpointError: no checkpoint in the workdir restores intact (all were moved
+        aside). IncompatibleCheckpointError: the newest checkpoint is of another model or
+        optimizer (raised at once; nothing is moved).
     """
     opts = train_options(config)
     setup = _Setup(model, loss_fn, opts, mesh=mesh, optimizer=optimizer,
@@ -238,9 +341,11 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
                         max_to_keep=opts.keep_checkpoints or None,
                         async_save=opts.async_checkpointing,
                         checksums=opts.checkpoint_checksums)
+    stop = _StopSignals()
     writer = None
-    pbar = None
+    progress = None
     try:
+        stop.install()
         start = 0
         latest = ckpt.latest_step()
         if latest is not None:
@@ -248,15 +353,14 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
                 raise ValueError(
                     f"{ckpt.directory} already holds checkpoints (latest step {latest}) but "
                     "config.train.resume is False; use a new workdir or delete them.")
-            start, setup.state = _restore(ckpt, latest, setup.state)
-            log.info("Resumed from %s at step %d", ckpt.step_dir(start), start)
+            start, setup.state = _resume(ckpt, setup.state, stop)
             if start > num_steps:
                 log.warning("The latest checkpoint (step %d) is past num_steps=%d; "
                             "returning it untrained.", start, num_steps)
         if main:
             _truncate_metrics(workdir, start)
         writer = MetricsWriter(workdir, tensorboard=opts.tensorboard)
-        pbar = _progress_bar(opts, start, num_steps, main)
+        progress = ProgressReporter(opts, start, num_steps, setup.lr_at, main=main)
 
         window = []  # (step, device metrics) since the last training record
         timer = time.perf_counter()
@@ -267,53 +371,94 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
                 host_batch = next(iterator)
             except StopIteration:
                 raise ValueError(f"batches({start}) ran out before step {t}") from None
-            window.append((t, setup.run(host_batch)))
+            metrics = setup.run(host_batch)
+            window.append((t, metrics))
             timed_steps += 1
-            if pbar is not None:
-                pbar.update(1)
+            progress.after_update(t, metrics)
 
             last = t == num_steps
             do_log = last or (opts.log_every > 0 and t % opts.log_every == 0)
             do_ckpt = last or (opts.checkpoint_every > 0 and t % opts.checkpoint_every == 0)
             do_eval = eval_fn is not None and (
                 last or (opts.eval_every > 0 and t % opts.eval_every == 0))
-            if not (do_log or do_ckpt or do_eval):
+            if not (do_log or do_ckpt or do_eval or stop.requested):
                 continue
             _check_finite(setup, window, ckpt)
             if do_log:
                 elapsed = time.perf_counter() - timer
                 record = _train_record(setup, window, t, timed_steps / max(elapsed, 1e-9))
                 history.append(writer.write(t, record))
-                _report(pbar, record, t, num_steps)
+                progress.record(t, record)
                 window = []
             if do_ckpt:
-                ckpt.save(t, setup.state)
+                with stop.shielded():
+                    ckpt.save(t, setup.state)
+            if stop.requested:
+                raise _interrupted(ckpt, setup.state, t, stop)
             if do_eval:
                 results = eval_fn(setup.model())
                 record = {f"eval/{k}": v for k, v in results.items()}
                 history.append(writer.write(t, record))
-                _report(pbar, record, t, num_steps)
+                progress.record(t, record)
             if do_log or do_eval:
                 timer, timed_steps = time.perf_counter(), 0
         if start >= num_steps and eval_fn is not None:  # already complete: final eval only
             results = eval_fn(setup.model())
             history.append(writer.write(start, {f"eval/{k}": v for k, v in results.items()}))
     finally:
-        if pbar is not None:
-            pbar.close()
         try:
-            ckpt.close()  # waits for asynchronous saves
+            if progress is not None:
+                progress.close()
+            with stop.shielded():
+                ckpt.close()  # waits for asynchronous saves
         finally:
             if writer is not None:
                 writer.close()
+            stop.uninstall()
     return setup.model(), history
+
+
+def _interrupted(ckpt, state, t, stop):
+    """Saves step ``t`` (unless saved already) and waits for it; returns the exception
+    fit raises after a signal."""
+    with stop.shielded():
+        ckpt.save(t, state)
+        ckpt.wait_until_finished()
+    step_dir = ckpt.step_dir(t)
+    log.warning("Stopped by %s after step %d; saved %s", stop.name, t, step_dir)
+    return TrainingInterrupted(t, step_dir)
+
+
+def _resume(ckpt, state, stop):
+    """``(step, state)`` of the newest checkpoint that restores intact.
+
+    A corrupt one (``CorruptCheckpointError``) is moved aside with a warning and the one
+    before it tried; ``IncompatibleCheckpointError`` propagates at once.
+    """
+    set_aside = []
+    step = ckpt.latest_step()
+    while step is not None:
+        try:
+            start, restored = _restore(ckpt, step, state)
+        except CorruptCheckpointError as e:
+            with stop.shielded():
+                moved = ckpt.set_aside(step)
+            log.warning("Checkpoint %s is corrupt (%s); moved it to %s and falling back to "
+                        "the previous checkpoint.", e.step_dir, e.reason, moved)
+            set_aside.append(f"{moved} ({e.reason})")
+            step = ckpt.latest_step()
+            continue
+        log.info("Resumed from %s at step %d", ckpt.step_dir(start), start)
+        return start, restored
+    raise CorruptCheckpointError(
+        ckpt.directory, "no checkpoint in it is intact; moved aside (kept): "
+        + "; ".join(set_aside) + ". To start over, train in a new workdir.")
 
 
 def _restore(ckpt, step, state):
     restored = ckpt.restore(step, state)
     saved_step = int(distributed.to_host(restored.step))
     if saved_step != int(step):
-        from efficient_nlp.train.checkpoint import CorruptCheckpointError
         raise CorruptCheckpointError(
             ckpt.step_dir(step), f"it holds the state of step {saved_step}")
     return saved_step, restored
@@ -366,29 +511,3 @@ def _truncate_metrics(workdir, start):
     if len(keep) != len(lines):
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(keep)
-
-
-def _progress_bar(opts, start, num_steps, main):
-    """tqdm on process 0 in a terminal or a notebook; None elsewhere (CI logs)."""
-    if not (main and opts.progress_bar and _interactive()):
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True)
-
-
-def _interactive():
-    if "ipykernel" in sys.modules:  # Jupyter / Colab
-        return True
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def _report(pbar, record, t, num_steps):
-    if pbar is not None:
-        keys = [k for k in ("loss", "lr") if k in record] or list(record)[:3]
-        pbar.set_postfix({k: f"{record[k]:.4g}" for k in keys}, refresh=False)
-    elif distributed.is_main_process():
-        text = " ".join(f"{k}={v:.4g}" for k, v in record.items())
-        log.info("step %d/%d %s", t, num_steps, text)
