@@ -241,7 +241,26 @@ def main(argv, flag_values=flags.FLAGS):
 
 
 def configure_logging():
-    """Our progress at INFO; libraries (orbax, jax) only from WARNING on."""
+    """Our progress at INFO; libraries (orbax, jax) only from WARNING on; stdout written line by
+    line even into a file or a pipe (so a log shows each line when it is printed)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
+    logger = logging.getLogger("efficient_nlp")
+    if not any(isinstance(h, _PlainHandler) for h in logger.handlers):
+        logger.addHandler(_PlainHandler())
+        logger.propagate = False   # not also through absl's handler (time, thread id, file:line)
+
+
+class _PlainHandler(logging.StreamHandler):
+    """Our log records on stderr as plain lines (``warning: `` before warnings and errors)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    def format(self, record):
+        text = record.getMessage()
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("efficient_nlp").setLevel(logging.INFO)
 

@@ -39,6 +39,11 @@ from efficient_nlp.train.step import NonFiniteLossError, init_state, make_step, 
 
 log = logging.getLogger(__name__)
 
+# Updates dispatched ahead of the one last finished.  JAX dispatches asynchronously: without a
+# bound the host queues dozens of updates, so progress lines come in bursts and an interrupt
+# waits for the whole queue.  A few keep the device busy while the host prepares the next batches.
+MAX_IN_FLIGHT = 4
+
 
 def default_train_config():
     """``config.train`` defaults; recipe configs start from this and override fields."""
@@ -363,6 +368,7 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
         progress = ProgressReporter(opts, start, num_steps, setup.lr_at, main=main)
 
         window = []  # (step, device metrics) since the last training record
+        in_flight = []  # metrics of the updates dispatched but maybe not finished
         timer = time.perf_counter()
         timed_steps = 0
         iterator = iter(batches(start)) if start < num_steps else iter(())
@@ -373,6 +379,9 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
                 raise ValueError(f"batches({start}) ran out before step {t}") from None
             metrics = setup.run(host_batch)
             window.append((t, metrics))
+            in_flight.append(metrics)
+            if len(in_flight) > MAX_IN_FLIGHT:  # finished or about to be: keeps the device busy
+                jax.block_until_ready(in_flight.pop(0))
             timed_steps += 1
             progress.after_update(t, metrics)
 
