@@ -27,11 +27,14 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """``cli.main`` sets the log levels of a run; put them back for the other tests."""
+    logger = cli.logging.getLogger("efficient_nlp")
     verbosity = absl_logging.get_verbosity()
-    level = cli.logging.getLogger("efficient_nlp").level
+    level, handlers, propagate = logger.level, list(logger.handlers), logger.propagate
     yield
     absl_logging.set_verbosity(verbosity)
-    cli.logging.getLogger("efficient_nlp").setLevel(level)
+    logger.setLevel(level)
+    logger.handlers[:] = handlers
+    logger.propagate = propagate      # caplog in later tests listens at the root logger
 
 
 def run_cli(monkeypatch, *args):
