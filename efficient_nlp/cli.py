@@ -255,8 +255,13 @@ def configure_logging():
 class _PlainHandler(logging.StreamHandler):
     """Our log records on stderr as plain lines (``warning: `` before warnings and errors)."""
 
-    def __init__(self):
-        super().__init__(sys.stderr)
+    @property
+    def stream(self):  # the current sys.stderr (notebooks and test runners replace it)
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
     def format(self, record):
         text = record.getMessage()
