@@ -116,11 +116,14 @@ def test_failed_and_unavailable_rows_are_reported_and_the_rest_continue(tiny_tea
 
     # --only reruns the selected rows and keeps the others' records
     calls.clear()
-    monkeypatch.setattr(recipes, "run_recipe", lambda config, workdir: {"accuracy": 0.25})
+    monkeypatch.setattr(recipes, "run_recipe",
+                        lambda config, workdir: {"accuracy": 0.25, "compute": {"energy_kwh": 0.002}})
     again = report.build_report(str(work), tiny_settings(), teacher_dir=tiny_teacher, only=("good",),
                                 section="encoder")
     assert calls == ["build"] and [r.key for r in again] == [r.key for r in rows]
     assert again[1].metric == 0.25 and again[2].status == "failed"
+    assert good.energy_wh is None and again[1].energy_wh == pytest.approx(2.0)  # from the run's compute
+    assert "| 2.00 |" in (work / "results.md").read_text()
     walls = json.load(open(work / "walls.json"))      # the total counts each row's latest run once
     elapsed = walls.pop("_elapsed")                   # the first run covered every row; --only keeps it
     assert elapsed["jobs"] == 1 and elapsed["seconds"] > 0
@@ -423,7 +426,7 @@ def test_decoder_table_shows_perplexity_token_accuracy_and_per_token_costs():
     lines = report.format_decoder_table(rows).splitlines()
     assert lines[0] == "| " + " | ".join(report.DECODER_COLUMNS) + " |"
     assert lines[2] == ("| full precision | 23.46 | 0.3100 | 15.90 | 4.00 M | 8.10 | 8.10 | 0.123 | 0.900 |  "
-                        "| d |")
+                        "|  | d |")
     assert lines[3].startswith("| PTQ MREM-S | not available |") and lines[3].endswith("| no mrem_s |")
     assert {line.count("|") for line in lines} == {len(report.DECODER_COLUMNS) + 1}
 

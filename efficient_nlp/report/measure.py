@@ -70,6 +70,17 @@ def _run_recipe(exp: Experiment, ctx: Context):
     return config, results, seconds
 
 
+def _with_energy(rows: list[Row], results) -> list[Row]:
+    """Each row's ``energy_wh``, unless set: the energy of the recipe run that produced it (the
+    ``compute`` section `efficient_nlp.recipes.run_recipe` adds to results.json; rows of one run
+    share it)."""
+    energy = ((results or {}).get("compute") or {}).get("energy_kwh") if isinstance(results, dict) else None
+    for row in rows:
+        if row.energy_wh is None and energy is not None:
+            row.energy_wh = 1e3 * float(energy)
+    return rows
+
+
 def run_experiment(exp: Experiment, ctx: Context, *, remeasure: bool = False) -> list[Row]:
     """Runs one experiment; its rows are ``ok``, ``failed`` (with the error) or ``not available``.
 
@@ -101,7 +112,7 @@ def run_experiment(exp: Experiment, ctx: Context, *, remeasure: bool = False) ->
             seconds = seconds["seconds"]
         else:
             config, results, seconds = _run_recipe(exp, ctx)
-        return fill(exp.collect(ctx, config, results, run_dir, seconds))
+        return fill(_with_energy(exp.collect(ctx, config, results, run_dir, seconds), results))
     except Exception as e:  # a failed row is reported; the others continue
         return fill([Row("", "", status="failed", note=_failed(exp, run_dir, e)) for _ in exp.methods])
 

@@ -14,7 +14,7 @@ import platform
 from efficient_nlp.report.rows import Row, Settings
 
 COLUMNS = ("method", "dev {metric}", "size MB", "params (nonzero)", "GFLOPs", "GBOPs", "CPU latency ms",
-           "compression s", "notes")
+           "compression s", "energy Wh", "notes")
 TITLE = "# Reproduction report: every method on the built-in task"
 
 
@@ -32,7 +32,7 @@ def format_table(rows: list[Row], metric_name: str = "accuracy") -> str:
                      "" if r.params is None else f"{r.params / 1e6:.2f} M",
                      _fmt(None if r.flops is None else r.flops / 1e9, 3),
                      _fmt(None if r.bops is None else r.bops / 1e9, 3), _fmt(r.latency_ms, 1),
-                     _fmt(r.seconds, 0), r.note]
+                     _fmt(r.seconds, 0), _fmt(r.energy_wh, 2), r.note]
         else:
             cells = [r.method] + [r.status] + [""] * (len(header) - 3) + [r.note]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
@@ -119,7 +119,10 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
         f"{s.latency_repeats} jitted forward passes of a {s.latency_batch} x {s.max_length} batch "
         "(quantized rows through the int8 integer model). Compression s: wall time of the recipe run "
         "(PTQ rows: the reconstruction only, one-shot rows: that row's compression, as timed by the "
-        "recipe; with `--jobs` > 1 two recipes shared the cores, while every measurement ran alone)."
+        "recipe; with `--jobs` > 1 two recipes shared the cores, while every measurement ran alone). "
+        "Energy Wh: of the whole recipe run that produced the row (rows of one run share it; measured "
+        "where the machine exposes power counters, else estimated, as the run's results.json "
+        "\"compute\" section states; docs/compute.md)."
         + (" Size, cost and latency were measured again from the saved outputs (`--remeasure`), "
            "after the runs." if remeasured else ""),
         "",
@@ -138,7 +141,7 @@ def format_report(rows, settings: Settings, teacher_dir: str, metric_name: str, 
 
 # ----------------------------------------------------------------------------- decoder section
 DECODER_COLUMNS = ("method", "perplexity", "token accuracy", "size MB", "params (nonzero)", "MFLOPs / token",
-                   "MBOPs / token", "prefill ms / token", "decode ms / token", "compression s", "notes")
+                   "MBOPs / token", "prefill ms / token", "decode ms / token", "compression s", "energy Wh", "notes")
 DECODER_HEADING = "## Decoder: the pre-trained decoder, compressed"
 
 
@@ -151,7 +154,7 @@ def format_decoder_table(rows: list[Row]) -> str:
             cells = [r.method, _fmt(r.metric, 2), _fmt((r.metrics or {}).get("token_accuracy"), 4),
                      _fmt(r.size_mb, 2), "" if r.params is None else f"{r.params / 1e6:.2f} M",
                      _fmt(mega(r.flops), 2), _fmt(mega(r.bops), 2), _fmt(r.latency_ms, 3), _fmt(r.decode_ms, 3),
-                     _fmt(r.seconds, 0), r.note]
+                     _fmt(r.seconds, 0), _fmt(r.energy_wh, 2), r.note]
         else:
             cells = [r.method] + [r.status] + [""] * (len(DECODER_COLUMNS) - 3) + [r.note]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
@@ -181,7 +184,8 @@ def format_decoder_section(rows, settings: Settings, decoder_dir: str, block_siz
         f"Prefill ms / token: median of {s.latency_repeats} jitted forward passes of 1 x {block_size} tokens, "
         f"over {block_size}; {decode}; quantized rows through the int8 integer model. Compression s: wall "
         "time of the recipe run (PTQ rows: the reconstruction only, one-shot rows: that row's "
-        "compression, as timed by the recipe)."
+        "compression, as timed by the recipe). Energy Wh: of the whole recipe run that produced the row "
+        "(measured or estimated as its results.json \"compute\" section states)."
         + (" Size, cost and latency were measured again from the saved outputs (`--remeasure`)."
            if remeasured else ""),
         "",

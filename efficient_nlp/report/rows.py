@@ -119,6 +119,7 @@ class Row:
     section: str = "encoder"          # encoder | decoder (the table it belongs to)
     metrics: dict = dataclasses.field(default_factory=dict)   # decoder rows: perplexity, nll, token_accuracy
     decode_ms: float | None = None    # decoder rows: greedy decoding, ms per generated token
+    energy_wh: float | None = None    # energy of the recipe run (its results.json "compute")
 
 
 @dataclasses.dataclass(frozen=True)
