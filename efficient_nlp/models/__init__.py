@@ -47,6 +47,7 @@ from efficient_nlp.models.decoder import (
     KVCache,
 )
 from efficient_nlp.models.decoder_config import DecoderConfig
+from efficient_nlp.models.electra_pretraining import ElectraDiscriminatorHead, ElectraForPreTraining
 from efficient_nlp.models.generate import decode_speed, generate, sample_logits
 from efficient_nlp.models.cnn import SmallCNN, cnn_accuracy, fit_cnn
 from efficient_nlp.models.config import ACTIVATIONS, ENCODER_TRAITS, BertConfig, EncoderTraits
@@ -93,6 +94,8 @@ __all__ = [
     "DecoderModel",
     "DecoderOutput",
     "KVCache",
+    "ElectraDiscriminatorHead",
+    "ElectraForPreTraining",
     "ENCODER_TRAITS",
     "Encoder",
     "EncoderConfig",

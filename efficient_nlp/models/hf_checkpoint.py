@@ -33,6 +33,7 @@ from flax import nnx
 from efficient_nlp.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
 from efficient_nlp.models.config import SHAPE_FIELDS, BertConfig, read_config_json
 from efficient_nlp.models.decoder import DecoderForCausalLM, DecoderModel
+from efficient_nlp.models.electra_pretraining import ElectraForPreTraining
 from efficient_nlp.models.decoder_config import DecoderConfig
 from efficient_nlp.models.family import family_for_config, family_of, num_layers
 
@@ -74,7 +75,8 @@ def named_params(model: nnx.Module) -> dict[str, nnx.Variable]:
     return out
 
 
-_MODEL_CLASSES = (BertForSequenceClassification, BertForMaskedLM, BertModel, DecoderForCausalLM, DecoderModel)
+_MODEL_CLASSES = (BertForSequenceClassification, BertForMaskedLM, BertModel, ElectraForPreTraining,
+                  DecoderForCausalLM, DecoderModel)
 
 
 def _kind(model) -> str:
@@ -385,17 +387,19 @@ def from_pretrained(model_dir: str | os.PathLike, num_labels: int | None = None,
         `default_model_dir()`), or a Hugging Face Hub id (downloaded; online only).
       num_labels: build `BertForSequenceClassification` with this many outputs (1 = regression).
       head: for an encoder: None (bare `BertModel`, unless ``num_labels`` is given),
-        ``"classification"`` (uses ``num_labels`` or the checkpoint's) or ``"mlm"``
-        (`BertForMaskedLM`); for a decoder (GPT-2, Llama family): None or ``"causal_lm"``
+        ``"classification"`` (uses ``num_labels`` or the checkpoint's), ``"mlm"``
+        (`BertForMaskedLM`) or, for ELECTRA, ``"discriminator"`` (`ElectraForPreTraining`, the
+        replaced-token-detection head); for a decoder (GPT-2, Llama family): None or ``"causal_lm"``
         (`DecoderForCausalLM`) or ``"base"`` (`DecoderModel`).
       seed: seed of ``nnx.Rngs`` for weights absent from the checkpoint (fresh heads).
       dtype: computation dtype; param_dtype: parameter storage dtype.
       **overrides: `BertConfig` fields (unknown names raise ValueError).  Dropout overrides are
         fine; shape overrides make loading fail with `CheckpointMismatchError`.
     """
-    if head not in (None, "base", "classification", "mlm", "causal_lm"):
-        raise ValueError(f"head must be None, 'base', 'classification', 'mlm' or 'causal_lm', got {head!r}")
-    if head in ("mlm", "base", "causal_lm") and num_labels is not None:
+    if head not in (None, "base", "classification", "mlm", "causal_lm", "discriminator"):
+        raise ValueError("head must be None, 'base', 'classification', 'mlm', 'discriminator' or 'causal_lm', "
+                         f"got {head!r}")
+    if head in ("mlm", "base", "causal_lm", "discriminator") and num_labels is not None:
         raise ValueError(f"num_labels={num_labels} makes no sense with head={head!r}")
     local = resolve_model_dir(model_dir)
     family = family_for_config(read_config_json(local))
@@ -411,11 +415,16 @@ def from_pretrained(model_dir: str | os.PathLike, num_labels: int | None = None,
     if head == "causal_lm":
         raise ValueError(f"{local} holds a {family.name} encoder, which has no causal-LM head; use head='mlm' "
                          "or 'classification'")
+    if head == "discriminator" and family.name != "electra":
+        raise ValueError(f"{local} holds a {family.name} encoder; head='discriminator' (replaced-token "
+                         "detection) exists for ELECTRA checkpoints only: use head='mlm' or 'classification'")
     if num_labels is not None:
         overrides["num_labels"] = num_labels
     config = BertConfig.from_pretrained(local, **overrides)
     if head == "mlm":
         cls = BertForMaskedLM
+    elif head == "discriminator":
+        cls = ElectraForPreTraining
     elif head == "classification" or num_labels is not None:
         cls = BertForSequenceClassification
     else:
