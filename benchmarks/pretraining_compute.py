@@ -11,8 +11,9 @@ WordPiece 4096, blocks of 128, batch 32):
    fit in B (the family FLOPs model, training = 3 x forward).
 3. ``stacked``: progressive stacking: the 2-layer model for ``--first`` steps (default half of
    ``--steps``), stacked to 4 layers, then as many 4-layer steps as fit in what is left of B.
-4. Fine-tunes ``mlm`` and ``electra`` (and ``stacked``) on the built-in task with the same settings
-   (``--finetune_steps``), and prints the dev accuracy of each next to its pre-training compute.
+4. Fine-tunes each, and the same BERT with random weights (no pre-training), on the built-in task
+   with the same settings (configs/quickstart.py, learning rate 3e-4, ``--finetune_steps``), and
+   prints the dev accuracy of each next to its pre-training compute.
 
 Writes ``<out>/summary.json``, ``<docs>/pretraining_stacking.png`` (held-out masked-LM loss against
 training FLOPs and against training seconds, mlm vs stacked) and prints a markdown table.  Every
@@ -55,14 +56,28 @@ def _flops_per_step(config, num_layers=None):
 
 
 def _finetune(model_dir, workdir, steps):
-    from configs import finetune
+    """configs/quickstart.py's fine-tuning on the built-in task (learning rate 3e-4: small models)."""
+    from configs import quickstart
     from efficient_nlp.recipes import run_recipe
-    config = finetune.get_config()
+    config = quickstart.get_config()
     config.model_dir = model_dir
-    config.train.num_steps = int(steps)
-    config.train.eval_every = int(steps)
-    config.train.checkpoint_every = int(steps)
+    config.train.update(num_steps=int(steps), learning_rate=3e-4, eval_every=int(steps),
+                        checkpoint_every=int(steps))
     return run_recipe(config, workdir)
+
+
+def _untrained(config, tokenizer_dir, out):
+    """The same BERT with random weights and the mlm run's tokenizer: the no-pre-training baseline."""
+    from flax import nnx
+
+    from efficient_nlp import models
+    from efficient_nlp.data.pipeline import load_tokenizer
+    from efficient_nlp.recipes import pretrain
+    tok = load_tokenizer(tokenizer_dir)
+    model = models.BertForMaskedLM(pretrain.encoder_config(config, tok), rngs=nnx.Rngs(int(config.train.seed)))
+    models.save_hf_checkpoint(model, out)
+    tok.save_pretrained(out)
+    return out
 
 
 def main():
@@ -105,10 +120,16 @@ def main():
                          "dev_accuracy": ft["dev_after"].get("accuracy"),
                          "wall_seconds": time.perf_counter() - t,
                          "load_average": os.getloadavg()[0]}
+    random_dir = _untrained(mlm_cfg, os.path.join(args.out, "mlm", "tokenizer"),
+                            os.path.join(args.out, "random", "model"))
+    ft = _finetune(random_dir, os.path.join(args.out, "random_finetune"), args.finetune_steps)
+    summary["no pre-training"] = {"steps": 0, "flops": 0.0, "train_seconds": 0.0, "curve": [],
+                                  "held_out": {"metric": "-"}, "dev_accuracy": ft["dev_after"].get("accuracy")}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     png = os.path.join(args.docs, "pretraining_stacking.png")
+
     def _points(name):
         return [(p["flops"], p["seconds"], p["loss"]) for p in summary[name]["curve"]]
 
@@ -122,7 +143,8 @@ def main():
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, s in summary.items():
         print(f"| {name} | {s['steps']} | {s['flops']:.3g} | {s['train_seconds'] / 60:.1f} | "
-              f"{s['held_out']['metric']} {s['curve'][-1]['loss']:.3f} | {s['dev_accuracy']:.4f} |")
+              + (f"{s['held_out']['metric']} {s['curve'][-1]['loss']:.3f}" if s["curve"] else "-")
+              + f" | {s['dev_accuracy']:.4f} |")
     print(f"plot: {png}; summary: {os.path.join(args.out, 'summary.json')}; "
           f"load average at end {os.getloadavg()[0]:.2f}")
 

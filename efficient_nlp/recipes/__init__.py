@@ -22,13 +22,28 @@ RECIPES = {
     "peft": "efficient_nlp.recipes.peft",
     "early_exit": "efficient_nlp.recipes.early_exit",
     "token_skip": "efficient_nlp.recipes.token_skip",
+    "pretrain": "efficient_nlp.recipes.pretrain",
 }
 
 
 def run_recipe(config, workdir):
-    """Runs ``config.recipe`` with ``config`` in ``workdir``; returns the recipe's results."""
+    """Runs ``config.recipe`` with ``config`` in ``workdir``; returns the recipe's results.
+
+    Every recipe runs inside a compute meter (`efficient_nlp.train.compute`): afterwards, on the
+    main process, its summary (training FLOPs, throughput, MFU, energy, CO2, with their sources)
+    is printed and added as ``results["compute"]`` and to ``workdir/results.json`` when the
+    recipe wrote one.  ``config.compute`` (optional) sets the assumptions; ``enabled=False``
+    turns this off.
+    """
+    from efficient_nlp.train import compute
+
     name = config.get("recipe")
     if name not in RECIPES:
         raise ValueError(
             f"Unknown recipe {name!r} in config.recipe; known recipes: {sorted(RECIPES)}.")
-    return importlib.import_module(RECIPES[name]).run(config, workdir)
+    run = importlib.import_module(RECIPES[name]).run
+    if not compute.compute_options(config).enabled:
+        return run(config, workdir)
+    with compute.Meter(config) as meter:
+        results = run(config, workdir)
+    return compute.report(meter, results, workdir)

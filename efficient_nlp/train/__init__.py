@@ -8,9 +8,12 @@ checkpoints, metrics.
                                eval_fn=eval_fn)
     model, history = train.run(model, loss_fn, optax.adam(1e-3), batches, steps=200)
     logits = train.predict(model, dev_arrays, batch_size=128)
+    with train.Meter(config) as meter:      # FLOPs, throughput, MFU, energy, CO2 of what runs inside
+        ...
+    print(train.format_summary(meter.summary()))
 
 ``config.train`` keys and defaults: ``default_train_config()``; ``config.distributed``:
-``default_distributed_config()``.
+``default_distributed_config()``; ``config.compute``: ``compute.default_compute_config()``.
 """
 from efficient_nlp.train.checkpoint import (
     CheckpointError,
@@ -41,10 +44,13 @@ from efficient_nlp.train.loop import (
     make_step_runner,
     train_options,
 )
+from efficient_nlp.train import compute
+from efficient_nlp.train.compute import Meter, format_summary
 from efficient_nlp.train.step import (
     NonFiniteLossError,
     Progress,
     TrainState,
+    check_opt_state,
     compiled_step,
     copy_model,
     init_state,
@@ -65,9 +71,9 @@ from efficient_nlp.train.memory import count_params, step_memory, tree_bytes
 
 __all__ = [
     "CheckpointError", "Checkpointer", "CorruptCheckpointError", "DATA_AXIS",
-    "IncompatibleCheckpointError", "MetricsWriter", "NonFiniteLossError", "Progress", "StepRunner",
-    "TrainOptions", "TrainingInterrupted", "TrainState", "batch_sharding", "compare_latency", "compiled_step", "copy_model", "count_params",
-    "default_distributed_config", "default_train_config", "fit", "init_distributed", "init_state",
+    "IncompatibleCheckpointError", "Meter", "MetricsWriter", "NonFiniteLossError", "Progress", "StepRunner",
+    "TrainOptions", "TrainingInterrupted", "TrainState", "batch_sharding", "check_opt_state", "compare_latency", "compiled_step", "compute", "copy_model", "count_params",
+    "default_distributed_config", "default_train_config", "fit", "format_summary", "init_distributed", "init_state",
     "is_main_process", "make_eval_fn", "make_lr_schedule", "make_mesh", "make_optimizer", "make_step",
     "make_step_runner", "mean_metrics", "measure_latency", "place", "predict", "predict_logits", "read_metrics",
     "replicate", "replicated", "run", "scalars_to_host", "shard_batch", "step_memory", "to_host", "token_batch",

@@ -13,7 +13,9 @@ resumed run repeats exactly what an uninterrupted one would have done.
 
 Faults: SIGINT / SIGTERM make ``fit`` finish the update in flight, save it and raise
 ``TrainingInterrupted``; on resume a corrupt newest checkpoint is moved aside and the
-previous one used. Console progress: `efficient_nlp.train.progress`.
+previous one used. Console progress: `efficient_nlp.train.progress`; compute accounting of the
+executed steps (FLOPs, throughput, energy): `efficient_nlp.train.step_cost` reports each step to the
+meters of `efficient_nlp.train.compute`.
 """
 import contextlib
 import dataclasses
@@ -30,7 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from efficient_nlp.train import distributed
+from efficient_nlp.train import distributed, step_cost
 from efficient_nlp.train.checkpoint import Checkpointer, CorruptCheckpointError
 from efficient_nlp.train.metrics import MetricsWriter
 from efficient_nlp.train.optim import make_lr_schedule, make_optimizer
@@ -144,7 +146,7 @@ class _Setup:
     """Splits the model, replicates its state, builds the optimizer and the step."""
 
     def __init__(self, model, loss_fn, opts, *, mesh=None, optimizer=None, lr_schedule=None,
-                 trainable=nnx.Param):
+                 trainable=nnx.Param, opt_state=None):
         self.opts = opts
         self.mesh = mesh or distributed.make_mesh()
         rep = distributed.replicated(self.mesh)
@@ -153,7 +155,7 @@ class _Setup:
             self.schedule = make_lr_schedule(opts, opts.num_steps)
         else:
             self.tx, self.schedule = optimizer, lr_schedule
-        self.graphdef, state = init_state(model, self.tx, trainable)
+        self.graphdef, state = init_state(model, self.tx, trainable, opt_state)
         # New buffers (never aliases of the caller's model, which donation would delete).
         self.state = distributed.replicate(state, self.mesh)
         self.nonfinite = distributed.replicate(np.full((), -1, np.int32), self.mesh)
@@ -161,10 +163,12 @@ class _Setup:
         self.step_fn = jax.jit(
             functools.partial(_fit_step, loss_fn, self.tx, trainable, int(opts.seed), self.graphdef),
             donate_argnums=(0, 1), out_shardings=(rep, rep, rep))
+        # Reports each step to the compute meters of `efficient_nlp.train.compute`, if any.
+        self.metered = step_cost.metered(self.step_fn, batch_argnum=2, model=model, devices=self.mesh.size)
 
     def run(self, host_batch):
         batch = distributed.shard_batch(host_batch, self.mesh)
-        self.state, self.nonfinite, metrics = self.step_fn(self.state, self.nonfinite, batch)
+        self.state, self.nonfinite, metrics = self.metered(self.state, self.nonfinite, batch)
         return metrics
 
     def model(self):
@@ -191,7 +195,9 @@ class StepRunner:
 
     def __call__(self, host_batch):
         metrics = self._setup.run(host_batch)
-        return distributed.scalars_to_host(metrics)["loss"]
+        loss = distributed.scalars_to_host(metrics)["loss"]
+        self._setup.metered.synced()
+        return loss
 
     @property
     def model(self):
@@ -288,7 +294,7 @@ class _StopSignals:
 # fit
 # ---------------------------------------------------------------------------------------
 def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=None,
-        lr_schedule=None, trainable=nnx.Param, mesh=None):
+        lr_schedule=None, trainable=nnx.Param, mesh=None, opt_state=None):
     """Trains ``model`` for ``config.train.num_steps`` updates; returns ``(model, history)``.
 
     Args:
@@ -308,6 +314,10 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
       trainable: NNX filter of the variables that get gradients (default ``nnx.Param``);
         all other variables pass through the step (updated if the model mutates them).
       mesh: a mesh with a ``data`` axis (default: all devices).
+      opt_state: the optimizer state to start from instead of ``optimizer.init(params)`` (e.g.
+        Adam moments carried over from a smaller model by progressive stacking); it must match
+        the structure, shapes and dtypes of that init state (else ``ValueError`` naming the
+        difference).  Ignored, with a log line, when resuming from a checkpoint.
 
     Returns:
       The trained model (a new module) and ``history``: the list of logged dicts, each
@@ -338,7 +348,7 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
     """
     opts = train_options(config)
     setup = _Setup(model, loss_fn, opts, mesh=mesh, optimizer=optimizer,
-                   lr_schedule=lr_schedule, trainable=trainable)
+                   lr_schedule=lr_schedule, trainable=trainable, opt_state=opt_state)
     num_steps = opts.num_steps
     main = distributed.is_main_process()
     history = []
@@ -359,6 +369,9 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
                     f"{ckpt.directory} already holds checkpoints (latest step {latest}) but "
                     "config.train.resume is False; use a new workdir or delete them.")
             start, setup.state = _resume(ckpt, setup.state, stop)
+            if opt_state is not None:
+                log.info("opt_state ignored: resumed from the checkpoint of step %d, which holds "
+                         "its own optimizer state", start)
             if start > num_steps:
                 log.warning("The latest checkpoint (step %d) is past num_steps=%d; "
                             "returning it untrained.", start, num_steps)
@@ -392,7 +405,8 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
                 last or (opts.eval_every > 0 and t % opts.eval_every == 0))
             if not (do_log or do_ckpt or do_eval or stop.requested):
                 continue
-            _check_finite(setup, window, ckpt)
+            _check_finite(setup, window, ckpt)  # waits for the device
+            setup.metered.synced()
             if do_log:
                 elapsed = time.perf_counter() - timer
                 record = _train_record(setup, window, t, timed_steps / max(elapsed, 1e-9))

@@ -16,7 +16,9 @@ them (batch statistics, counters, RNG streams).  ``metrics`` holds the ``aux`` v
 the model's structure (without keeping ``loss_fn`` alive): a loop started many times with the
 same objects and shapes (one per matmul in post-training quantization) compiles once.  `run`
 runs it for short loops without checkpoints (reconstruction, layer solving, searches);
-`train.fit` runs `make_step` with checkpoints, exact resume and evaluation.
+`train.fit` runs `make_step` with checkpoints, exact resume and evaluation.  Both report each
+executed step to the compute meters of `efficient_nlp.train.compute`, when one is active
+(`efficient_nlp.train.step_cost`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from efficient_nlp.train import distributed
+from efficient_nlp.train import distributed, step_cost
 
 
 class TrainState(NamedTuple):
@@ -58,12 +60,52 @@ def copy_model(model):
     return nnx.clone(model)
 
 
-def init_state(model, optimizer, trainable=nnx.Param):
-    """``(graphdef, TrainState)`` of ``model`` at step 0 (arrays are the model's own)."""
+def init_state(model, optimizer, trainable=nnx.Param, opt_state=None):
+    """``(graphdef, TrainState)`` of ``model`` at step 0 (arrays are the model's own).
+
+    ``opt_state``: the optimizer state to start from instead of ``optimizer.init(params)`` (e.g.
+    Adam moments carried over from a smaller model); it must have the structure, shapes and
+    dtypes of that init state (`check_opt_state`)."""
     graphdef, params, rest = nnx.split(model, trainable, ...)
     if not jax.tree.leaves(params):
         raise ValueError("nothing to train: the trainable filter selects no variable of the model")
-    return graphdef, TrainState(np.zeros((), np.int32), params, rest, optimizer.init(params))
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+    else:
+        check_opt_state(opt_state, jax.eval_shape(optimizer.init, params))
+    return graphdef, TrainState(np.zeros((), np.int32), params, rest, opt_state)
+
+
+def check_opt_state(given, expected):
+    """Raises ``ValueError`` naming the first difference between an optimizer state ``given``
+    and the ``expected`` one (arrays or ``jax.ShapeDtypeStruct``): a leaf missing or extra (by
+    path), another tree structure, or a leaf of another shape or dtype."""
+    fix = ("pass the state of the same optimizer for a model with the same trainable parameters "
+           "(for a grown model, grow the moments the same way)")
+    got = jax.tree_util.tree_flatten_with_path(given)[0]
+    want = jax.tree_util.tree_flatten_with_path(expected)[0]
+    got_paths = {jax.tree_util.keystr(p): x for p, x in got}
+    for path, x in want:
+        key = jax.tree_util.keystr(path)
+        if key not in got_paths:
+            raise ValueError(f"opt_state does not match the optimizer's state: it has no leaf {key} "
+                             f"(shape {tuple(np.shape(x))}); {fix}")
+    want_paths = {jax.tree_util.keystr(p) for p, _ in want}
+    extra = [k for k in got_paths if k not in want_paths]
+    if extra:
+        raise ValueError(f"opt_state does not match the optimizer's state: unexpected leaf {extra[0]}"
+                         f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; {fix}")
+    if jax.tree.structure(given) != jax.tree.structure(expected):
+        raise ValueError(f"opt_state does not match the optimizer's state: same leaves but another tree "
+                         f"structure ({str(jax.tree.structure(given))[:200]} instead of "
+                         f"{str(jax.tree.structure(expected))[:200]}); {fix}")
+    for path, x in want:
+        key = jax.tree_util.keystr(path)
+        y = got_paths[key]
+        got_shape, got_dtype = tuple(np.shape(y)), jnp.result_type(y)
+        if got_shape != tuple(x.shape) or got_dtype != x.dtype:
+            raise ValueError(f"opt_state does not match the optimizer's state: leaf {key} is "
+                             f"{got_dtype}{list(got_shape)}, the optimizer's is {x.dtype}{list(x.shape)}; {fix}")
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, trainable=nnx.Param):
@@ -211,6 +253,9 @@ def run(model, loss_fn: Callable, optimizer, batches: Iterable, *, steps: int, t
     graphdef, state = init_state(model, optimizer, trainable)
     state = distributed.replicate(state, mesh)  # new buffers: donating them leaves the model intact
     step_fn = compiled_step(loss_fn, optimizer, trainable, mesh)
+    jitted = step_fn.args[0]
+    step_fn = step_cost.metered(step_fn, batch_argnum=2, lower=functools.partial(_call, jitted.lower, loss_fn),
+                                model=model, devices=mesh.size, cache_key=jitted)
     iterator = iter(batches)
     records = []
     for t in range(1, steps + 1):
@@ -227,6 +272,7 @@ def run(model, loss_fn: Callable, optimizer, batches: Iterable, *, steps: int, t
     history = []
     if records:  # one transfer per metric
         series = distributed.to_host(jax.tree.map(lambda *xs: jnp.stack(xs), *records))
+        step_fn.synced()
         for i in range(len(records)):
             values = jax.tree.map(lambda v: v[i].item(), series)
             if values.pop("nonfinite"):
