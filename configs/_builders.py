@@ -37,6 +37,23 @@ def lm_data_config(block_size=128):
     return config
 
 
+def text_data_config(source="builtin", validation="validation", block_size=128):
+    """``config.data`` of the pre-training recipes (causal LM, masked LM, ELECTRA): raw text from
+    ``source`` ("builtin": the standard-library corpus; a local .txt / .jsonl / .parquet file with
+    the held-out text in ``validation``; or a hub dataset name), packed into blocks of ``block_size``
+    tokens (at most the model's max_position_embeddings)."""
+    return ml_collections.ConfigDict(dict(
+        source=source,
+        split="train",              # split of "builtin" / hub sources.
+        validation=validation,      # held-out split of the source, or a held-out file.
+        text_column="text",
+        hub_config="",
+        block_size=block_size,
+        max_documents=0,            # 0 = all.
+        max_validation_documents=0,
+    ))
+
+
 def as_lm(config, block_size=128):
     """Switch a compression config to the pre-trained decoder (``model_dir`` "" = the default
     decoder, used as the teacher as is) and causal language modelling."""

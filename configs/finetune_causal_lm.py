@@ -16,7 +16,7 @@ its tokenizer as a HF directory (``models.from_pretrained``).
 """
 import ml_collections
 
-from configs._builders import new_config, train_config
+from configs._builders import new_config, text_data_config, train_config
 from efficient_nlp.train import default_distributed_config
 
 
@@ -26,16 +26,7 @@ def get_config():
     config.publish_default = False
     config.model = ml_collections.ConfigDict(dict(  # dropout overrides (the architecture is the checkpoint's)
         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0, embedding_dropout_prob=0.0))
-    config.data = ml_collections.ConfigDict(dict(
-        source="",                  # your training text: .txt / .jsonl / .parquet (or a hub dataset name).
-        split="train",              # split of a hub source.
-        validation="",              # a held-out file (or a held-out split of a hub source).
-        text_column="text",
-        hub_config="",
-        block_size=128,             # at most the model's max_position_embeddings.
-        max_documents=0,            # 0 = all.
-        max_validation_documents=0,
-    ))
+    config.data = text_data_config(source="", validation="")
     config.train = train_config(num_steps=300, batch_size=16, eval_batch_size=32, learning_rate=3e-4,
                                 warmup_ratio=0.05, weight_decay=0.1, grad_clip=1.0, adam_b2=0.95,
                                 log_every=25, eval_every=100, checkpoint_every=100)

@@ -26,7 +26,7 @@ configs/finetune_causal_lm.py starts from.  ``--config.publish_default=False`` s
 """
 import ml_collections
 
-from configs._builders import new_config, train_config
+from configs._builders import new_config, text_data_config, train_config
 from efficient_nlp.train import default_distributed_config
 
 
@@ -55,16 +55,7 @@ def get_config():
         embedding_dropout_prob=0.0,
         initializer_range=0.02,
     ))
-    config.data = ml_collections.ConfigDict(dict(
-        source="builtin",           # "builtin", a local .txt/.jsonl/.parquet file or a hub dataset name.
-        split="train",              # split of "builtin" / hub sources.
-        validation="validation",    # held-out split of the source, or a held-out file.
-        text_column="text",
-        hub_config="",
-        block_size=128,
-        max_documents=0,            # 0 = all.
-        max_validation_documents=0,
-    ))
+    config.data = text_data_config()
     config.train = train_config(num_steps=1000, batch_size=32, eval_batch_size=32, learning_rate=2e-3,
                                 warmup_ratio=0.05, weight_decay=0.1, grad_clip=1.0, adam_b2=0.95,
                                 log_every=25, eval_every=200, checkpoint_every=100)

@@ -15,7 +15,7 @@ its compute (FLOPs, tokens/s, energy, CO2) and writes it to results.json.
 """
 import ml_collections
 
-from configs._builders import new_config, train_config
+from configs._builders import new_config, text_data_config, train_config
 from efficient_nlp.train import default_distributed_config
 
 
@@ -42,16 +42,7 @@ def get_config():
         first_steps=0,               # steps of the half-depth model before it is stacked.
         optimizer="carry",           # "carry": Adam moments copied and schedule continued; "reset".
     ))
-    config.data = ml_collections.ConfigDict(dict(
-        source="builtin",           # "builtin", a local .txt/.jsonl/.parquet file or a hub dataset name.
-        split="train",
-        validation="validation",    # held-out split of the source, or a held-out file.
-        text_column="text",
-        hub_config="",
-        block_size=128,
-        max_documents=0,            # 0 = all.
-        max_validation_documents=0,
-    ))
+    config.data = text_data_config()
     config.train = train_config(num_steps=600, batch_size=32, eval_batch_size=64, learning_rate=1e-3,
                                 warmup_ratio=0.06, weight_decay=0.01, grad_clip=1.0, adam_b2=0.98,
                                 log_every=25, eval_every=100, checkpoint_every=100)

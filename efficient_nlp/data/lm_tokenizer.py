@@ -19,9 +19,22 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["ENDOFTEXT", "train_tokenizer"]
+__all__ = ["ENDOFTEXT", "train_tokenizer", "training_texts"]
 
 ENDOFTEXT = "<|endoftext|>"
+
+
+def training_texts(texts, min_frequency: int) -> list[str]:
+    """``texts`` as a list after the checks every tokenizer trainer makes (a non-empty list of
+    str, ``min_frequency >= 1``), with errors that say what was wrong."""
+    if int(min_frequency) < 1:
+        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
+    if isinstance(texts, str):
+        raise TypeError("texts must be an iterable of documents (a list of str), not a single str")
+    texts = list(texts)
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a non-empty list of str")
+    return texts
 
 
 def train_tokenizer(texts, vocab_size: int = 4096, out_dir=None, *, min_frequency: int = 2):
@@ -45,13 +58,7 @@ def train_tokenizer(texts, vocab_size: int = 4096, out_dir=None, *, min_frequenc
     vocab_size = int(vocab_size)
     if vocab_size < 257:
         raise ValueError(f"vocab_size must be at least 257 (256 bytes + {ENDOFTEXT}), got {vocab_size}")
-    if int(min_frequency) < 1:
-        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
-    if isinstance(texts, str):
-        raise TypeError("texts must be an iterable of documents (a list of str), not a single str")
-    texts = list(texts)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError("texts must be a non-empty list of str")
+    texts = training_texts(texts, min_frequency)
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from efficient_nlp.data.lm import join_documents, tokenize_texts
+from efficient_nlp.data.lm_tokenizer import training_texts
 from efficient_nlp.data.pipeline import load_tokenizer
 
 __all__ = ["SPECIAL_TOKENS", "train_wordpiece_tokenizer", "encoder_blocks", "special_ids"]
@@ -89,13 +90,7 @@ def train_wordpiece_tokenizer(texts, vocab_size: int = 4096, out_dir=None, *, mi
     if vocab_size <= len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens "
                          f"{list(SPECIAL_TOKENS)}, got {vocab_size}")
-    if int(min_frequency) < 1:
-        raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
-    if isinstance(texts, str):
-        raise TypeError("texts must be an iterable of documents (a list of str), not a single str")
-    texts = list(texts)
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError("texts must be a non-empty list of str")
+    texts = training_texts(texts, min_frequency)
 
     normalizer, pre_tokenizer = _text_pipeline(lowercase)
     chars, continuing = _alphabets(texts, normalizer, pre_tokenizer)
