@@ -20,3 +20,5 @@ if [ -f "${teacher}/model.safetensors" ]; then
 else
   echo "skipped: no fine-tuned teacher in ${teacher}"
 fi
+echo; echo "== python benchmarks/pretraining_compute.py --steps 400 --finetune_steps 200   (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+python3 benchmarks/pretraining_compute.py --steps 400 --finetune_steps 200
