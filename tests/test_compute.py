@@ -20,8 +20,9 @@ from efficient_nlp import models, recipes, train
 from efficient_nlp.models.flops import head_flops, train_flops
 from efficient_nlp.train import compute, power, step_cost
 
-# A tiny masked LM: batch B of T tokens, width h, FFN I, vocabulary V, L layers of N heads.
-B, T, H, I, V, L, N = 4, 32, 64, 128, 512, 2, 2
+# A tiny masked LM: batch B of T tokens, width h, FFN I, vocabulary V, L layers of N heads (B = 8: fit
+# splits a batch evenly over up to 8 devices).
+B, T, H, I, V, L, N = 8, 32, 64, 128, 512, 2, 2
 
 
 def tiny_mlm():
@@ -106,7 +107,8 @@ def test_a_short_fit_in_a_meter_reports_flops_throughput_energy_and_their_source
     assert s["train_seconds"] > 0 and s["steps_per_second"] > 0
     assert s["tokens_per_second"] == pytest.approx(T * s["examples_per_second"])
     assert s["flops_per_second"] == pytest.approx(s["flops_per_step"] * s["steps_per_second"])
-    assert s["mfu"] == pytest.approx(s["flops_per_second"] / 1e12)
+    assert s["device"]["count"] == jax.device_count()         # fit's step runs on every device
+    assert s["mfu"] == pytest.approx(s["flops_per_second"] / (jax.device_count() * 1e12))
     assert s["device"]["peak_source"] == "config.compute.peak_flops_per_second"
     # Energy: positive, CO2 = E x 0.433, each part named.
     assert s["energy_kwh"] > 0 and s["co2_kg"] == pytest.approx(0.433 * s["energy_kwh"])
@@ -357,6 +359,7 @@ def test_a_recipe_returning_none_still_prints_its_compute_and_old_files_are_kept
 
 
 @pytest.mark.slow
+@pytest.mark.tiny_e2e
 def test_a_tiny_finetune_recipe_gets_a_compute_section(make_tiny_model_dir, tmp_path):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import quickstart
@@ -396,7 +399,7 @@ def mse_loss(model, batch, rngs):
 def regression_batches(start=0):
     rng = np.random.default_rng(start)
     for _ in range(start, 10**6):
-        x = rng.normal(size=(4, 4)).astype(np.float32)
+        x = rng.normal(size=(8, 4)).astype(np.float32)   # 8 rows: fit splits them over up to 8 devices
         yield {"x": x, "y": x.sum(1)}
 
 

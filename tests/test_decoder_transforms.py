@@ -66,7 +66,7 @@ def test_rem_reduces_every_matmul_error_of_a_decoder():
 
 @pytest.mark.parametrize("kind", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_mrem_modules_cover_every_layer_and_slices_run_like_the_model(kind):
-    teacher, calib = tiny(kind, layers=3), batch(4)
+    teacher, calib = tiny(kind, layers=3), batch()   # 8 rows: MREM-S splits a batch over up to 8 devices
     qmodel, _ = quant.quantize_model(teacher, quant.make_spec(4, 4, 8, activation_method="lsq"))
     quant.calibrate(qmodel, calib)
     mods = mrem.modules(3, 2)
@@ -80,7 +80,7 @@ def test_mrem_modules_cover_every_layer_and_slices_run_like_the_model(kind):
         for a, c in zip(jax.tree.leaves(full), jax.tree.leaves(part)):
             np.testing.assert_array_equal(a, c)
         h = full["out"]
-    out, report, _ = mrem.mrem_s(qmodel, teacher, calib, num_modules=2, steps=10, batch_size=4, log=None)
+    out, report, _ = mrem.mrem_s(qmodel, teacher, calib, num_modules=2, steps=10, batch_size=8, log=None)
     assert [r["layers"] for r in report] == [[0, 2], [2, 3]]
     assert report[-1]["loss_after"] < report[-1]["loss_before"]
 

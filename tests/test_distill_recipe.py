@@ -118,6 +118,7 @@ def test_transfer_set_keeps_labels_on_a_seeded_subset_and_checks_its_size(tiny_t
 
 
 @pytest.mark.slow
+@pytest.mark.tiny_e2e
 def test_transfer_set_recipe_distils_on_every_text_and_trains_the_baseline_on_the_labelled(
         tiny_teacher_dir, tmp_path):
     from efficient_nlp.recipes import run_recipe

@@ -73,7 +73,7 @@ def test_the_guide_registers_its_four_pieces(guide):
     assert prune.get_criterion(NAMES["score"]).name == NAMES["score"]
     # the config path of each recipe resolved the new names
     assert guide["spec"].weight == quant.Quantizer("pow2_scale", 4, True, "tensor")
-    assert guide["spec"].activation_unsigned == quant.Quantizer("pow2_scale", 8, False, "tensor")
+    assert guide["spec"].activation_unsigned == quant.Quantizer("pow2_scale", 8, False, "token")
     assert guide["space"].name == "mlp"
 
 
@@ -131,8 +131,8 @@ def test_registered_activation_quantizer_quantizes_every_linear_input(guide):
     model = Mlp(nnx.Rngs(0))
     qmodel, _ = quant.quantize_model(model, quant.make_spec(32, 32, 8, activation_method="pow2_scale"))
     x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 6)), jnp.float32)
-    h = jax.nn.relu(fn(x, 8, True, None) @ model.a.kernel[...] + model.a.bias[...])
-    want = fn(h, 8, True, None) @ model.b.kernel[...] + model.b.bias[...]
+    h = jax.nn.relu(fn(x, 8, True, (1,)) @ model.a.kernel[...] + model.a.bias[...])
+    want = fn(h, 8, True, (1,)) @ model.b.kernel[...] + model.b.bias[...]
     np.testing.assert_allclose(np.asarray(qmodel(x)), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 

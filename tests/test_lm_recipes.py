@@ -20,7 +20,7 @@ def tiny(name, model_dir):
     if "teacher_dir" in config:
         config.teacher_dir = model_dir
     config.data.update(max_length=32, max_documents=200, eval_blocks=8)
-    config.train.update(batch_size=4, eval_batch_size=8, progress_bar=False)
+    config.train.update(batch_size=8, eval_batch_size=8, progress_bar=False)   # fit splits a batch over up to 8 devices
     return config
 
 
@@ -50,6 +50,7 @@ def test_structured_pruning_of_a_decoder_removes_whole_kv_groups(tiny_decoder_di
 
 
 @pytest.mark.slow
+@pytest.mark.tiny_e2e
 def test_qat_ptq_and_distill_run_on_a_decoder(tiny_decoder_dir, tmp_path):
     config = tiny("lm_qat_4_4_8", tiny_decoder_dir)
     for s in config.distill.stages:

@@ -80,6 +80,7 @@ def test_bad_lowrank_settings_name_the_grammar(text):
 
 
 @pytest.mark.slow
+@pytest.mark.tiny_e2e
 def test_lowrank_recipe_students_reload_with_the_reported_accuracy(tiny_classifier_dir, tmp_path):
     from configs.sharing import recovery_stages
     config = _tiny(importlib.import_module("configs.lowrank").get_config(), num_labels=9)
@@ -95,6 +96,7 @@ def test_lowrank_recipe_students_reload_with_the_reported_accuracy(tiny_classifi
 
 
 @pytest.mark.slow
+@pytest.mark.tiny_e2e
 def test_sharing_recipe_stores_unique_layers_and_reloads_tied(tiny_classifier_dir, tmp_path):
     from configs.sharing import recovery_stages
     config = _tiny(importlib.import_module("configs.sharing").get_config(), num_labels=9)

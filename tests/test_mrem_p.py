@@ -1,8 +1,9 @@
 """MREM-P (docs/quantization.md): queues, teacher forcing, module-local gradients, placement, quality.
 
-The 4-simulated-device run happens in a subprocess (this file run as a script: ``python
-tests/test_mrem_p.py devices``), started before the in-process tests so that it overlaps them;
-this process keeps its single CPU device.
+The 4-device comparison runs in this process when it has at least 4 devices (e.g. under
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``), else in a subprocess with 4 simulated
+CPU devices (this file run as a script: ``python tests/test_mrem_p.py devices``), started before
+the in-process tests so that it overlaps them.
 """
 import json
 import os
@@ -36,7 +37,7 @@ def quantized_448(teacher, calib):
 
 
 def compare_methods(steps=40):
-    """MREM-S and MREM-P (all local devices) on a tiny 4-layer model, 4 modules, same seeds."""
+    """MREM-S and MREM-P (module n on local device n) on a tiny 4-layer model, 4 modules, same seeds."""
     teacher, calib = tiny_teacher(layers=4), tiny_split(n=64)
     qmodel = quantized_448(teacher, calib)
     kw = dict(num_modules=4, steps=steps, learning_rate=1e-4, batch_size=16, log=None)
@@ -48,6 +49,10 @@ def compare_methods(steps=40):
 
 @pytest.fixture(scope="module")
 def device_run():
+    """None when this process has 4 devices, else the started 4-device subprocess."""
+    if jax.local_device_count() >= 4:
+        yield None
+        return
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "devices"], env=env,
@@ -135,26 +140,30 @@ def test_module_slice_runs_exactly_like_the_full_model():
 
 
 def test_fewer_devices_than_modules_share_them_and_say_so():
-    """One module more than this process has devices (1 by default, 4 under
-    ``--xla_force_host_platform_device_count=4``): round-robin, the first device twice."""
-    ids = [d.id for d in jax.local_devices()]
-    count = len(ids) + 1
-    teacher, calib = tiny_teacher(layers=count), tiny_split(n=16)
+    """Three modules on at most two devices (the first two of this process: one by default,
+    two under ``--xla_force_host_platform_device_count=N``): round-robin, the first device twice,
+    every module trained, the input model untouched."""
+    devices = jax.local_devices()[:2]
+    ids = [d.id for d in devices]
+    teacher, calib = tiny_teacher(layers=3), tiny_split(n=16)
     qmodel = quantized_448(teacher, calib)
     before = flat(qmodel)
     lines = []
-    out, report, info = mrem_p(qmodel, teacher, calib, num_modules=count, steps=4, batch_size=8, queue_size=2,
-                               log=lines.append)
-    expected = [ids[i % len(ids)] for i in range(count)]
+    out, report, info = mrem_p(qmodel, teacher, calib, num_modules=3, steps=4, batch_size=8, queue_size=2,
+                               devices=devices, log=lines.append)
+    expected = [ids[0], ids[-1], ids[0]]
     assert info["shared_devices"] and info["devices"] == expected and [r["device"] for r in report] == expected
     assert f"fewer devices ({len(ids)}) than modules" in lines[0]
     assert flat(qmodel).keys() == before.keys() and all(np.array_equal(flat(qmodel)[k], v) for k, v in before.items())
     names = {n[len("q."):] for n in ptq.trainable_names(qmodel, ("",), root="q")}
     changed = {k for k, v in flat(out).items() if not np.array_equal(v, before[k])}
     assert changed and changed <= names, changed - names            # only latent weights / step sizes
-    for i in range(count):
+    for i in range(3):
         assert any(k.startswith(f"bert.encoder.layers.{i}.") for k in changed), i
     assert place(4, [0, 0, 0, 0])[1] and not place(1, [0])[1]
+    assert place(3, devices=devices) == ([devices[0], devices[-1], devices[0]], True)
+    with pytest.raises(ValueError, match="no devices"):
+        place(2, devices=[])
 
 
 def test_bad_inputs_fail_clearly():
@@ -175,16 +184,20 @@ def test_bad_inputs_fail_clearly():
         mrem_p(qmodel, teacher, calib, num_modules=2, steps=1, teacher_forcing=2.0, log=None)
 
 
-def test_mrem_p_on_4_devices_reaches_mrem_s_quality(device_run):
+def _subprocess_result(proc):
     try:
-        out, err = device_run.communicate(timeout=SUBPROCESS_TIMEOUT)
+        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
     except subprocess.TimeoutExpired:
-        device_run.kill()
-        out, err = device_run.communicate()
+        proc.kill()
+        out, err = proc.communicate()
         pytest.fail(f"4-device run timed out after {SUBPROCESS_TIMEOUT}s:\n{err[-3000:]}")
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-    assert device_run.returncode == 0 and lines, err[-3000:]
-    r = json.loads(lines[-1][len("RESULT "):])
+    assert proc.returncode == 0 and lines, err[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_mrem_p_on_4_devices_reaches_mrem_s_quality(device_run):
+    r = compare_methods() if device_run is None else _subprocess_result(device_run)
     assert r["devices"] == [0, 1, 2, 3] and not r["info"]["shared_devices"]
     assert r["info"]["queue_size"] == 4 and r["info"]["anneal_steps"] == 16.0
     s, p, init = (np.asarray(r[k]) for k in ("mrem_s", "mrem_p", "init"))

@@ -57,6 +57,7 @@ def test_interrupted_search_resumes_to_the_identical_state(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.tiny_e2e
 def test_recipe_respects_the_budget_and_writes_outputs(tmp_path):
     from efficient_nlp.recipes import nas
     config = tiny_config("ordinal", budget_fraction=0.5)

@@ -91,6 +91,7 @@ def tiny_dir(make_tiny_model_dir):
 
 
 @pytest.mark.slow  # 1-3 min per notebook on 2 CPU cores (a kernel start and a few recipe compiles)
+@pytest.mark.tiny_e2e
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_headless_with_tiny_settings(name, tiny_dir, tmp_path):
     nbclient = pytest.importorskip("nbclient")

@@ -456,8 +456,8 @@ def test_predict_switches_lora_dropout_off_and_qlora_reports_every_weight():
     for _, module in nnx.iter_modules(model):
         if isinstance(module, peft.LoraLinear):
             module.lora_b.set_value(module.lora_b.get_value() + 1.0)
-    arrays = {**token_batch(4, 8, 50), "labels": np.zeros(4, np.int32)}
-    first, second = train.predict(model, arrays, 2), train.predict(model, arrays, 2)
+    arrays = {**token_batch(16, 8, 50), "labels": np.zeros(16, np.int32)}   # batches of 8: up to 8 devices
+    first, second = train.predict(model, arrays, 8), train.predict(model, arrays, 8)
     np.testing.assert_array_equal(first, second)
     off = train.copy_model(model)
     off.eval()

@@ -76,6 +76,7 @@ def test_lottery_recipe(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.tiny_e2e
 def test_flops_recipe_meets_the_target(tiny_dir, tmp_path):
     from configs import prune_structured_flops
     from efficient_nlp.recipes import run_recipe
@@ -89,6 +90,7 @@ def test_flops_recipe_meets_the_target(tiny_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.tiny_e2e
 def test_earlybert_and_layerdrop_recipes(tiny_dir, tmp_path):
     from configs import prune_earlybert, prune_layerdrop
     from efficient_nlp.recipes import run_recipe

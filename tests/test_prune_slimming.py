@@ -116,10 +116,10 @@ def test_gate_masks_distance_and_stabilisation():
 
 def test_earlybert_search_stops_when_the_mask_stabilises():
     cfg = train.default_train_config()
-    cfg.update(dict(num_steps=40, batch_size=4, learning_rate=5e-2, warmup_ratio=0.0,
+    cfg.update(dict(num_steps=40, batch_size=8, learning_rate=5e-2, warmup_ratio=0.0,   # 8: up to 8 devices
                     tensorboard=False, progress_bar=False))
     model = tiny()
-    res = prune.earlybert_search(model, task_loss, lambda s: iter([batch(seed=k) for k in range(s, s + 100)]),
+    res = prune.earlybert_search(model, task_loss, lambda s: iter([batch(8, seed=k) for k in range(s, s + 100)]),
                                  config=cfg, head_sparsity=0.5, ffn_sparsity=0.25, l1_heads=1e-2,
                                  l1_ffn=1e-2, check_every=2, threshold=0.2, window=2)
     assert res.stable and res.steps < 40 and len(res.distances) >= 2

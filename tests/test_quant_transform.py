@@ -166,9 +166,9 @@ def test_generic_nnx_model():
                  "layers.1": "uniform4/ch", "layers.1.input": "uniform8"}
     ids = jnp.arange(6).reshape(2, 3)
     emb_q = quant.uniform(model.embed.embedding[...], 8, axis=1)
-    h = quant.uniform(jnp.take(emb_q, ids, axis=0), 8)
+    h = quant.uniform(jnp.take(emb_q, ids, axis=0), 8, axis=-1)  # activations: a range per token
     h = jax.nn.relu(h @ quant.uniform(model.layers[0].kernel[...], 4, axis=0) + model.layers[0].bias[...])
-    h = quant.uniform(h, 8) @ quant.uniform(model.layers[1].kernel[...], 4, axis=0) + model.layers[1].bias[...]
+    h = quant.uniform(h, 8, axis=-1) @ quant.uniform(model.layers[1].kernel[...], 4, axis=0) + model.layers[1].bias[...]
     np.testing.assert_allclose(qmodel(ids), h, atol=1e-6)
     cost = quant.cost_report(model, quant.make_spec(4, 8, 8), lambda m: m(ids[:1]))
     assert cost.flops == 2 * 3 * (8 * 8 + 8 * 4)

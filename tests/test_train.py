@@ -16,6 +16,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -85,7 +86,7 @@ def _start_device_run_first(device_run):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    """Single-process, single-device run of the subprocesses' configuration."""
+    """Single-process run of the subprocesses' configuration on this process's devices."""
     model, history = run_fit(tmp_path_factory.mktemp("reference") / "run",
                              **w.SUBPROCESS_CONFIG)
     return [r["loss"] for r in train_records(history)], w.flat_params(model)
@@ -177,6 +178,65 @@ def test_weight_decay_mask_excludes_biases_and_layernorm():
     np.testing.assert_allclose(  # decoupled decay: -lr * wd * w
         nnx.to_pure_dict(updates)["dense"]["kernel"],
         -0.1 * 0.5 * nnx.to_pure_dict(params)["dense"]["kernel"], rtol=1e-6)
+
+
+QUANTIZER_MODULES = {"weight_quant", "input_quant", "matmul_quant"}
+
+
+@pytest.mark.parametrize("spec", [dict(w_bits=4, e_bits=4, a_bits=8, weight_method="lsq", activation_method="lsq"),
+                                  dict(w_bits=4, e_bits=4, a_bits=8, weight_method="lsq", weight_group_size=8,
+                                       activation_method="pact")])
+def test_weight_decay_mask_excludes_quantizer_state(spec):
+    from _tiny import tiny_bert
+    from efficient_nlp import quant
+    from efficient_nlp.tree import path_str
+
+    qmodel, _ = quant.quantize_model(tiny_bert(), quant.make_spec(**spec))
+    params = nnx.state(qmodel, nnx.Param)
+    mask = train.weight_decay_mask(params)
+    leaves = {path_str(p): (leaf, m) for (p, leaf), m in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                                             jax.tree.leaves(mask))}
+    quantizer = {k: v for k, v in leaves.items() if QUANTIZER_MODULES.intersection(k.split("."))}
+    # Per-channel ([1, d_out], rows [V, 1]) and group-wise ([d_in / g, 1, d_out]) steps: the
+    # old mask (ndim <= 1, bias, norm) decayed these.
+    assert any(jnp.ndim(leaf) >= 2 for leaf, _ in quantizer.values())
+    assert any(k.endswith((".q.step", ".probs.offset", ".probs.lo")) for k in quantizer)
+    assert not any(m for _, m in quantizer.values()), [k for k, (_, m) in quantizer.items() if m]
+    weights = [k for k in leaves if k.endswith((".kernel", ".embedding"))]
+    assert weights and all(leaves[k][1] for k in weights)
+
+    # AdamW with weight decay and zero gradients: the quantizer state does not move.
+    config = w.make_config(learning_rate=0.1, warmup_ratio=0.0, weight_decay=0.5, grad_clip=1.0)
+    tx = train.make_optimizer(config, 10)
+    updates, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p))(jax.tree.map(jnp.zeros_like, params), params)
+    new = {path_str(p): leaf for p, leaf in
+           jax.tree_util.tree_flatten_with_path(optax.apply_updates(params, updates))[0]}
+    for k, (leaf, _) in quantizer.items():
+        np.testing.assert_array_equal(new[k], leaf, err_msg=k)
+    assert not np.array_equal(new[weights[0]], leaves[weights[0]][0])
+
+
+class _Controls(nnx.Module):
+    """Learned values that are not weights, as the library names them."""
+
+    def __init__(self, rngs):
+        self.dense = nnx.Linear(4, 4, rngs=rngs)
+        self.stem_bn = nnx.Module()
+        self.stem_bn.scale = nnx.Param(jnp.ones((3, 4)))      # per-candidate batch-norm gains (NAS)
+        self.head_gates = nnx.List([nnx.Param(jnp.ones((2, 2)))])  # pruning gates
+        self.retention = nnx.Param(jnp.ones((2, 8)))            # token-skipping retention [L, T]
+        self.split = nnx.Module()                                 # a split layer's second quantizer
+        self.split.weight_quant2 = nnx.Module()
+        self.split.weight_quant2.alpha = nnx.Param(jnp.ones((1, 4)))
+
+
+def test_weight_decay_mask_excludes_norm_gains_gates_and_token_controls():
+    mask = nnx.to_pure_dict(train.weight_decay_mask(nnx.state(_Controls(nnx.Rngs(0)), nnx.Param)))
+    assert mask["dense"]["kernel"] is True
+    assert mask["stem_bn"]["scale"] is False
+    assert mask["head_gates"][0] is False
+    assert mask["retention"] is False
+    assert mask["split"]["weight_quant2"]["alpha"] is False
 
 
 # ---------------------------------------------------------------------------------------
@@ -341,7 +401,8 @@ def test_resume_false_refuses_existing_checkpoints(checkpointed, tmp_path):
 # Devices and hosts
 # ---------------------------------------------------------------------------------------
 def test_four_devices_match_one_device(device_run, reference_run):
-    assert jax.device_count() == 1  # this process keeps its single device
+    # the reference ran on this process's devices (one by default, 8 under the CI's 8-device pass):
+    # data parallelism over 4 devices must match it either way
     result = _result(device_run, "4-device run")
     assert result["device_count"] == 4
     losses, params = reference_run

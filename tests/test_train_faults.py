@@ -150,7 +150,7 @@ def corrupt(step_dir, how):
         path = os.path.join(step_dir, "manifest", "metadata")
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-        manifest["leaves"]["params/classifier/kernel"]["crc32"] ^= 1
+        manifest["leaves"]["params/classifier/kernel"]["checksum"] ^= 1
         with open(path, "w", encoding="utf-8") as f:
             json.dump(manifest, f)
     elif how == "data":

@@ -2,7 +2,8 @@
 
 Every function takes the student's tensor first and the teacher's second (the teacher is
 treated as a constant: wrap it in ``jax.lax.stop_gradient`` or compute it outside the
-differentiated function).  Methods: docs/distillation.md.
+differentiated function).  Inputs of any float dtype (bfloat16 activations of a mixed-precision
+model) are upcast: every loss is computed and returned in float32.  Methods: docs/distillation.md.
 
 Reductions (one convention everywhere):
 
@@ -224,8 +225,9 @@ def _log_probs(p, mask):
 
 
 def log_distribution_kl(student_log_p, teacher_log_p, mask=None):
-    """``sum_k p_t (log p_t - log p_s)`` over the last axis, mean over valid query rows."""
-    kl = jnp.sum(jnp.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1)
+    """``sum_k p_t (log p_t - log p_s)`` over the last axis, mean over valid query rows (float32)."""
+    log_t, log_s = _f32(teacher_log_p), _f32(student_log_p)
+    kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
     if mask is None:
         return jnp.mean(kl)
     return _masked_mean(kl, _query_weights(mask, kl.ndim + 1))

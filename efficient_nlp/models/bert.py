@@ -449,8 +449,8 @@ class Encoder(nnx.Module):
         return self.backbone.encoder(hidden_states, attention_mask, **kwargs)
 
     def head(self, hidden_states, *, deterministic: bool = True, rngs=None, pooled=None):
-        """The last layer's output [B,T,H] -> logits (None for the bare encoder); ``pooled``:
-        the pooler's output when already computed."""
+        """The last layer's output [B,T,H] -> float32 logits whatever the compute dtype (None for
+        the bare encoder); ``pooled``: the pooler's output when already computed."""
         return None
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, capture: Iterable[str] = (),
@@ -506,7 +506,7 @@ class BertForSequenceClassification(Encoder):
             x = self.pre_classifier(x)
             pooled = jnp.tanh(x) if traits.classifier_act == "tanh" else activation(traits.classifier_act)(x)
         pooled = self.dropout(pooled, deterministic=deterministic, rngs=rngs)
-        return self.classifier(pooled)
+        return self.classifier(pooled).astype(jnp.float32)  # float32 logits for the loss
 
 
 class BertLMHead(nnx.Module):
@@ -522,10 +522,11 @@ class BertLMHead(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), dtype=param_dtype))
 
     def __call__(self, hidden_states, word_embedding):
-        """hidden_states [B,T,H], word_embedding [V,E] -> logits [B,T,V]."""
+        """hidden_states [B,T,H], word_embedding [V,E] -> float32 logits [B,T,V] (the matmul in
+        the compute dtype)."""
         h = self.layer_norm(activation(self.hidden_act)(self.dense(hidden_states)))
         logits = jnp.einsum("bth,vh->btv", h, word_embedding.astype(h.dtype))
-        return logits + self.bias[...].astype(logits.dtype)
+        return logits.astype(jnp.float32) + self.bias[...].astype(jnp.float32)
 
 
 class BertForMaskedLM(Encoder):

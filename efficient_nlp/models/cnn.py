@@ -64,7 +64,7 @@ class SmallCNN(nnx.Module):
         inputs["dense"] = x
         x = jax.nn.relu(self.dense(x))
         inputs["classifier"] = x
-        logits = self.classifier(x)
+        logits = self.classifier(x).astype(jnp.float32)  # float32 whatever the compute dtype
         return (logits, inputs) if capture else logits
 
 

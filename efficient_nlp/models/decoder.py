@@ -106,11 +106,13 @@ def rope_tables(inv_freq, position_ids) -> tuple[jax.Array, jax.Array]:
 
 
 def apply_rope(x, cos, sin):
-    """Rotate head vectors ``x`` [B,N,T,D] by the angles of ``cos`` / ``sin`` [B or 1, T, D]."""
+    """Rotate head vectors ``x`` [B,N,T,D] by the angles of ``cos`` / ``sin`` [B or 1, T, D]; the
+    rotation runs in float32 (a bfloat16 cos / sin of a large angle is off in its third digit),
+    the result has the dtype of ``x``."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    c, s = cos[:, None].astype(x.dtype), sin[:, None].astype(x.dtype)
-    return x * c + rotated * s
+    y = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-y[..., half:], y[..., :half]], axis=-1)
+    return (y * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
 
 
 def causal_bias(query_slots, num_slots: int, attention_mask=None, sliding_window: int | None = None):
@@ -405,6 +407,7 @@ class DecoderForCausalLM(Decoder):
         return self.lm_head is None
 
     def _logits(self, normed):
+        """float32 logits [B,T,V] whatever the compute dtype (the matmul runs in it)."""
         if self.lm_head is not None:
-            return self.lm_head(normed)
-        return self.backbone.embeddings.word_embeddings.attend(normed)
+            return self.lm_head(normed).astype(jnp.float32)
+        return self.backbone.embeddings.word_embeddings.attend(normed).astype(jnp.float32)

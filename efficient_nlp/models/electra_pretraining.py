@@ -33,7 +33,7 @@ class ElectraDiscriminatorHead(nnx.Module):
 
     def __call__(self, hidden_states):
         x = activation(self.hidden_act)(self.dense(hidden_states))
-        return self.dense_prediction(x)[..., 0]
+        return self.dense_prediction(x)[..., 0].astype(jnp.float32)  # float32 logits for the loss
 
 
 class ElectraForPreTraining(Encoder):

@@ -35,6 +35,7 @@ from flax import nnx
 from efficient_nlp.nas import sharing
 
 SHARING_KINDS = ("ordinal", "independent", "transitional")
+_EXACT = jax.lax.Precision.HIGHEST
 
 
 class Transform(nnx.Variable):
@@ -106,13 +107,15 @@ class ApsLayer(nnx.Module):
         ``i`` and output choice ``o`` (indices into the candidate widths; None for a fixed axis)."""
         w = self.kernel[...]
         b = None if self.bias is None else self.bias[...]
+        # HIGHEST: at an accelerator's default precision the projection would round W to
+        # bfloat16 / TF32, and an ordinal candidate would no longer be the exact slice of W.
         if self.q is not None:
             q = jax.lax.stop_gradient(self.q[...][0 if i is None else i])
-            w = jnp.einsum("...io,ia->...ao", w, q)
+            w = jnp.einsum("...io,ia->...ao", w, q, precision=_EXACT)
         if self.p is not None:
             p = jax.lax.stop_gradient(self.p[...][0 if o is None else o])
-            w = jnp.einsum("...io,ob->...ib", w, p)
-            b = None if b is None else b @ p
+            w = jnp.einsum("...io,ob->...ib", w, p, precision=_EXACT)
+            b = None if b is None else jnp.matmul(b, p, precision=_EXACT)
         return w, b
 
     def candidate_kernel(self, i: int | None = None, o: int | None = None):

@@ -84,7 +84,7 @@ from efficient_nlp.quant.ptq import calibration_set, layer_errors, partition, re
 from efficient_nlp.quant import rounding, smoothing  # noqa: E402  (one-shot per-layer methods)
 from efficient_nlp.quant.rounding import InputStats, expand_scales, gptq, hessian_update, init_stats, layer_error, rtn
 from efficient_nlp.quant.smoothing import awq_clip, awq_scales, scale_kernel, smoothquant_scales
-from efficient_nlp.quant.quantizers import check_group_size, group_view, ungroup
+from efficient_nlp.quant.quantizers import activation_axis, check_group_size, clip_bounds, group_view, positive_step, ungroup
 from efficient_nlp.quant.integer import group_int8_matmul
 from efficient_nlp.quant.compressed_tensors import (CompressedTensorsError, load_compressed_tensors,
                                                     save_compressed_tensors)
@@ -104,5 +104,5 @@ __all__ = [
     "choose_split", "part_sharpness", "top_eigenvalue", "plot_sharpness",
     "rounding", "smoothing", "InputStats", "init_stats", "hessian_update", "layer_error", "rtn", "gptq",
     "expand_scales", "awq_scales", "awq_clip", "smoothquant_scales", "scale_kernel", "group_view", "ungroup", "check_group_size",
-    "group_int8_matmul", "save_compressed_tensors", "load_compressed_tensors", "CompressedTensorsError",
+    "activation_axis", "positive_step", "clip_bounds", "group_int8_matmul", "save_compressed_tensors", "load_compressed_tensors", "CompressedTensorsError",
 ]

@@ -96,15 +96,14 @@ def weight_codes(wq: M.QuantizerModule, w) -> dict[str, Any]:
         codes = Q.quantize_codes(w, scale, zp, b, signed)  # group scales apply through the view
         zp = None if signed else zp
     elif m in ("lsq", "pact"):
-        if m == "lsq":
-            scale = jnp.asarray(wq.step[...], w.dtype)
+        if m == "lsq":  # the step and clip values as the forward uses them: positive, ordered
+            scale = Q.positive_step(jnp.asarray(wq.step[...], w.dtype))
             y = Q.group_view(w, g) if g else w
             offset = None if signed else jnp.asarray(wq.offset[...], w.dtype)
         else:
-            lo, hi = jnp.asarray(wq.lo[...], w.dtype), jnp.asarray(wq.hi[...], w.dtype)
+            lo, hi = Q.clip_bounds(jnp.asarray(wq.lo[...], w.dtype), jnp.asarray(wq.hi[...], w.dtype))
             y = jnp.minimum(jnp.maximum(w, lo), hi)
-            r = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if signed else hi - lo
-            scale = jnp.where(r > 0, r * (1.0 / Q.qrange(b, signed)[1]), jnp.ones_like(r))
+            scale = Q.clip_scale(lo, hi, b, signed)
             offset = None if signed else lo
         qn, qp = Q.qrange(b, signed)
         if signed:

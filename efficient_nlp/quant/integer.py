@@ -12,8 +12,10 @@ most 8 bits (W8A8, W4A8, W2A8, ...) becomes an `IntLinear`:
   ``g`` input rows and output channel) from `efficient_nlp.quant.export.weight_codes`, computed
   once (no per-call weight quantization);
 * inputs: quantized per call to int8 codes ``c`` with the same quantizer parameters as fake
-  quantization (the per-batch range of ``uniform``, or the learned LSQ step / LSQ+ offset / PACT
-  clip values): ``x_hat = s_x * (c + shift) + offset`` (symmetric: ``shift = 0``, no offset;
+  quantization (the per-token or per-example range of ``uniform``: ``s_x`` and ``offset`` are
+  keepdims arrays with one entry per token / example, which factor out of the product over the
+  features; or the learned LSQ step / LSQ+ offset / PACT clip values):
+  ``x_hat = s_x * (c + shift) + offset`` (symmetric: ``shift = 0``, no offset;
   asymmetric: ``shift = 2^(b-1)`` gives the unsigned level, ``offset`` = the grid's minimum, i.e.
   ``-s_x * (zero_point + 2^(b-1))`` for uniform, the LSQ+ offset, PACT's ``lo``);
 * ``acc = dot_general(c, d, preferred_element_type=int32) + shift * sum_k d_k`` (exact integer
@@ -31,8 +33,10 @@ codes and dequantize them per call (`DequantLinear`, also with group scales: W4A
 `QuantEmbed` tables become int8 codes whose gathered rows are dequantized (`IntEmbed`), exactly
 the fake-quant values.  The attention's
 activation-activation matmuls (``q.k^T``, ``probs.v``) run the same int8 products batched over
-(batch, head) (`IntAttention`) when all four operands are quantized.  Unsigned (asymmetric)
-weight grids stay fake-quantized.
+(batch, head) (`IntAttention`) when all four operands are quantized, with per-token ``v`` scales
+folded into the probabilities as in `AttentionQuant`.  Unsigned (asymmetric) weight grids stay
+fake-quantized.  All quantizer arithmetic (ranges, scales, codes) is float32 whatever the
+input dtype, as in fake quantization, so a bfloat16 model gets the codes of its QAT forward.
 """
 from __future__ import annotations
 
@@ -57,8 +61,11 @@ class IntCodes(nnx.Variable):
 def activation_codes(qm: M.QuantizerModule, x):
     """``(codes int8, s_x, offset, shift)`` with ``qm(x) == s_x * (codes + shift) + offset`` up to
     float rounding (``shift = 2^(b-1)`` turns the int8 codes of an unsigned grid back into its
-    levels ``u in [0, 2^b - 1]``; ``offset`` is None and ``shift`` 0 for symmetric grids).  Same
-    grid, range and rounding as the fake-quant forward of ``qm``."""
+    levels ``u in [0, 2^b - 1]``; ``offset`` is None and ``shift`` 0 for symmetric grids and for
+    the ``[0, max]`` grid of ``range_mode="nonneg"``).  Same grid, range (per token / example:
+    keepdims ``s_x`` and ``offset``) and rounding as the fake-quant forward of ``qm``, in float32
+    whatever ``x``'s dtype; learned steps and clip values are used as the forward uses them
+    (`quantizers.positive_step`, `quantizers.clip_bounds`)."""
     q = qm.quantizer
     m, b, signed = q.method, q.bits, q.signed
     x = jnp.asarray(x, jnp.float32)
@@ -66,18 +73,18 @@ def activation_codes(qm: M.QuantizerModule, x):
         raise RuntimeError(f"activation quantizer {q.name} is not calibrated; run quant.calibrate first")
     half = 0 if signed else 2 ** (b - 1)
     if m == "uniform":
-        s, zp = Q.uniform_params(x, b, signed, qm.axis, "absmax" if signed else "minmax")
+        s, zp = qm.uniform_params(x)
         codes = Q.quantize_codes(x, s, zp, b, signed)
         # s * (codes - zp) = s * (codes + half) - s * (zp + half); -s * (zp + half) is min(x).
-        return codes, s, (None if signed else -s * (zp + half)), half
+        offset = None if signed or qm.range_mode == "nonneg" else -s * (zp + half)
+        return codes, s, offset, half
     if m == "lsq":
-        s = jnp.asarray(qm.step[...], x.dtype)
+        s = Q.positive_step(jnp.asarray(qm.step[...], x.dtype))
         y, offset = x, (None if signed else jnp.asarray(qm.offset[...], x.dtype))
     elif m == "pact":
-        lo, hi = jnp.asarray(qm.lo[...], x.dtype), jnp.asarray(qm.hi[...], x.dtype)
+        lo, hi = Q.clip_bounds(jnp.asarray(qm.lo[...], x.dtype), jnp.asarray(qm.hi[...], x.dtype))
         y = jnp.minimum(jnp.maximum(x, lo), hi)
-        r = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if signed else hi - lo
-        s = jnp.where(r > 0, r * (1.0 / Q.qrange(b, signed)[1]), jnp.ones_like(r))
+        s = Q.clip_scale(lo, hi, b, signed)
         offset = None if signed else lo
     else:
         raise ValueError(f"activation_codes: {m!r} is not an activation quantizer")
@@ -140,6 +147,9 @@ class IntLinear(nnx.Module):
             acc = int8_matmul(codes, self.w_codes[...])
         if shift:  # unsigned levels u = codes + shift: sum_k u_k d_k, exactly, in int32
             acc = acc + shift * self.w_colsum[...]
+        if self.group_size:  # per-token s_x / offset [..., 1] broadcast over [..., G, out]
+            s_x = s_x[..., None]
+            offset = None if offset is None else offset[..., None]
         y = acc.astype(jnp.float32) * s_x
         if offset is not None:
             y = y + offset * self.w_colsum[...].astype(jnp.float32)
@@ -151,33 +161,55 @@ class IntLinear(nnx.Module):
         return y
 
 
-def _int_product(x, xq: M.QuantizerModule, w, wq: M.QuantizerModule, dims):
+def _to_output(a, w_axis: int):
+    """A keepdims array over ``w`` [batch..., S, D] (colsum, scale: size 1 on the contracted
+    ``w_axis``) laid out to broadcast over the product [batch..., T, w's free axis]: the
+    contracted axis moves to the position of x's free axis, second to last."""
+    if jnp.ndim(a) < 2:
+        return a
+    return jnp.moveaxis(a, w_axis, -2)
+
+
+def _int_product(x, xq: M.QuantizerModule, w, wq: M.QuantizerModule, dims, *, codes=None,
+                 keep_zeros=False):
     """``Q(x) . Q(w)`` over ``dims`` (a ``dot_general`` dimension spec contracting x's last axis)
-    as an int8 x int8 -> int32 product rescaled like `IntLinear` (``w`` on a signed grid;
-    ``colsum`` of w's codes over the contracted axis gives the zero-point terms)."""
+    as an int8 x int8 -> int32 product rescaled like `IntLinear` (``w`` on a signed grid whose
+    scale is constant along the contracted axis; ``colsum`` of w's codes over the contracted
+    axis gives the zero-point terms).  ``codes``: w's ``(codes, scale)`` when already known.
+    ``keep_zeros``: exact zeros of ``x`` count as 0, not as the grid's offset (the attention
+    probabilities of masked keys, `AttentionQuant.quantized_probs`): with the 0/1 mask ``m``
+    of the non-zero entries, ``sum_k m_k (c_k + shift) d_k = (m c) . d + shift * (m . d)`` and
+    the offset term is ``offset * (m . d)`` (a second int8 product)."""
     c, s_x, offset, shift = activation_codes(xq, x)
-    d, s_w, _, _ = activation_codes(wq, w)
+    d, s_w = codes if codes is not None else activation_codes(wq, w)[:2]
+    (_, (w_axis,)), _ = dims
+    masked = keep_zeros and offset is not None
+    if masked:
+        nonzero = jnp.asarray(x) != 0
+        c = jnp.where(nonzero, c, jnp.zeros_like(c))
+        colsum = jax.lax.dot_general(nonzero.astype(jnp.int8), d, dims, preferred_element_type=jnp.int32)
     acc = jax.lax.dot_general(c, d, dims, preferred_element_type=jnp.int32)
     if shift or offset is not None:
-        (_, (w_axis,)), (_, w_batch) = dims
-        colsum = jnp.sum(d.astype(jnp.int32), axis=w_axis, keepdims=True)
-        # Put colsum's free axis last, after the batch axes, to broadcast over acc [batch..., T, out].
-        colsum = jnp.moveaxis(colsum, w_axis, -2) if w_axis != w.ndim - 2 else colsum
+        if not masked:
+            colsum = _to_output(jnp.sum(d.astype(jnp.int32), axis=w_axis, keepdims=True), w_axis)
         if shift:
             acc = acc + shift * colsum
     y = acc.astype(jnp.float32) * s_x
     if offset is not None:
         y = y + offset * colsum.astype(jnp.float32)
-    return y * s_w
+    return y * _to_output(s_w, w_axis)
 
 
 class IntAttention(nnx.Module):
     """The attention's ``q.k^T`` and ``probs.v`` as int8 x int8 -> int32 batched matmuls (the
-    ``matmul_quant`` hook), with the same quantizers as the fake-quant `AttentionQuant`."""
+    ``matmul_quant`` hook), with the same quantizers as the fake-quant `AttentionQuant`: per-token
+    ``q`` / ``k`` scales rescale the rows / columns of the int32 scores; per-token ``v`` scales
+    are folded into the probabilities before they are quantized (``AttentionQuant.fold_v``)."""
 
     def __init__(self, aq: M.AttentionQuant):
         self.site = aq.site
         self.q, self.k, self.v, self.probs = aq.q, aq.k, aq.v, aq.probs
+        self.fold = aq.fold_v()
 
     def scores(self, q, k):
         """q [B,N,T,D], k [B,N,S,D] -> [B,N,T,S]."""
@@ -185,7 +217,13 @@ class IntAttention(nnx.Module):
 
     def context(self, probs, v):
         """probs [B,N,T,S], v [B,N,S,D] -> [B,N,T,D]."""
-        return _int_product(probs, self.probs, v, self.v, (((3,), (2,)), ((0, 1), (0, 1))))
+        dims = (((3,), (2,)), ((0, 1), (0, 1)))
+        if not self.fold:
+            return _int_product(probs, self.probs, v, self.v, dims, keep_zeros=True)
+        d, s_v, _, _ = activation_codes(self.v, v)                       # s_v [B,N,S,1]
+        weighted = jnp.asarray(probs, jnp.float32) * jnp.swapaxes(s_v, -1, -2)
+        return _int_product(weighted, self.probs, v, self.v, dims, codes=(d, jnp.ones((), jnp.float32)),
+                            keep_zeros=True)
 
 
 def _int_attention_ok(aq: M.AttentionQuant) -> bool:

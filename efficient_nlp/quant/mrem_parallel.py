@@ -109,6 +109,8 @@ def place(num_modules: int, placement: Sequence[int] | None = None, devices=None
     default ``jax.local_devices()``), one per module; ``None`` / empty: round-robin, module n on
     device ``n mod D`` (``shared`` is True when D < ``num_modules``)."""
     devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("no devices to place the modules on: pass devices=None (all local devices) or a non-empty list")
     if placement is None or len(placement) == 0:
         return [devices[i % len(devices)] for i in range(num_modules)], len(devices) < num_modules
     placement = [int(i) for i in placement]
@@ -216,8 +218,8 @@ class _Worker:
 
 def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int = 4, steps: int = 2000,
            learning_rate: float = 1e-4, batch_size: int = 32, queue_size: int = 8, teacher_forcing: float = 0.4,
-           placement: Sequence[int] | None = None, eval_batch_size: int = 64, seed: int = 0,
-           log: Callable[[str], Any] | None = print) -> ptq.Reconstruction:
+           placement: Sequence[int] | None = None, devices: Sequence[jax.Device] | None = None,
+           eval_batch_size: int = 64, seed: int = 0, log: Callable[[str], Any] | None = print) -> ptq.Reconstruction:
     """MREM-P (see module docstring) of a `quantize_model` copy ``qmodel`` of ``teacher``.
 
     Returns a `ptq.Reconstruction` ``(model, report, info)``: the new qmodel, ``report`` one
@@ -225,7 +227,8 @@ def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
     module), ``shared_devices``, ``queue_size``, ``anneal_steps`` (T0), ``batch_size``,
     ``seconds_fill`` / ``seconds_parallel`` (wall time of the sequential fill and of the
     parallel phase), ``seconds_train``, ``seconds`` (the whole call).  ``qmodel`` itself is not
-    modified.  ``teacher_forcing``: T0 as a fraction of ``steps`` (0 = none).
+    modified.  ``teacher_forcing``: T0 as a fraction of ``steps`` (0 = none).  ``devices``: the
+    devices to place modules on (default ``jax.local_devices()``); ``placement`` indexes them.
     """
     start = time.perf_counter()
     mods = mrem.modules(F.num_layers(qmodel), num_modules)
@@ -240,7 +243,7 @@ def mrem_p(qmodel, teacher, calib: Mapping[str, np.ndarray], *, num_modules: int
     rows = len(arrays["input_ids"])
     if rows == 0:
         raise ValueError("the calibration set is empty")
-    devices, shared = place(len(mods), placement)
+    devices, shared = place(len(mods), placement, devices)
     ids = [d.id for d in devices]
     if log:
         log(f"MREM-P: {len(mods)} modules on devices {ids}" + (

@@ -53,6 +53,19 @@ Integer codes (`uniform_params` / `quantize_codes` / `dequantize`)::
 A zero range (an all-zero or constant group) gets ``scale = 1`` instead of 0, so nothing divides
 by zero: an all-zero tensor quantizes to zeros and a constant one to (almost exactly) itself.
 
+Arithmetic in float32: ranges, scales, zero points, codes and the dequantized values are computed
+in float32 (float64 stays float64) whatever the input dtype, and fake-quantized outputs are cast
+back to the input dtype.  A bfloat16 tensor therefore gets exactly the codes of the same values
+in float32, and the integer export (float32) reproduces a bfloat16 QAT forward's codes.
+
+Learned state is positive by construction: `lsq` and `lsq_plus` use ``max(|step|, MIN_STEP)``
+and `clip_quant` the sorted pair ``(min(lo, hi), max(lo, hi))``, so an update that pushes a step
+below zero or a clip value past the other cannot flip, empty or zero the grid (`positive_step`,
+`clip_bounds`; the integer model and the export use the same two functions).
+
+Activations take dynamic ranges per token or per example, never across a batch:
+`activation_axis` gives the reduced axes (the last one, or all but the first).
+
 Scales are computed as ``range * (1 / Qp)`` (a multiplication by a constant), never
 ``range / Qp``: XLA rewrites a division by a constant into that multiplication under ``jit`` but
 not eagerly, which would make jitted and eager scales differ in the last bit.  Computed this way
@@ -67,7 +80,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RANGE_MODES = ("absmax", "minmax")
+RANGE_MODES = ("absmax", "minmax", "nonneg")
+#: Activation granularities (`activation_axis`): a range per token or per example.
+ACTIVATION_GRANULARITIES = ("token", "example")
+#: The floor of a learned step (the smallest normal float32): never 0, below any useful step.
+MIN_STEP = float(np.finfo(np.float32).tiny)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -102,9 +119,51 @@ def _code_bounds(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def _float(x):
+def _out_dtype(x):
+    """The dtype of a fake-quantized output: ``x``'s floating dtype (float32 for integers)."""
     x = jnp.asarray(x)
-    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+    return x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+def _float(x):
+    """``x`` in the quantizers' arithmetic dtype: at least float32 (bfloat16 / float16 and integers
+    become float32, float64 stays float64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(_out_dtype(x), jnp.float32))
+
+
+def activation_axis(granularity: str, ndim: int) -> tuple[int, ...]:
+    """The axes reduced for one dynamic activation range: ``token`` the last axis (one range per
+    token row, e.g. per ``[b, t]`` of a ``[B, T, H]`` input, per ``[b, n, t]`` of a ``[B, N, T, D]``
+    attention operand), ``example`` every axis but the first (one per batch row).  Never the
+    batch axis: a row's codes do not depend on the other rows of its batch."""
+    if granularity not in ACTIVATION_GRANULARITIES:
+        raise ValueError(f"activation_axis: granularity must be one of {ACTIVATION_GRANULARITIES}, got "
+                         f"{granularity!r}")
+    if ndim < 1:
+        raise ValueError("activation_axis: a 0-d activation has no axis to reduce; give a [..., features] tensor")
+    if granularity == "token" or ndim == 1:
+        return (ndim - 1,)
+    return tuple(range(1, ndim))
+
+
+def positive_step(step):
+    """``max(|step|, MIN_STEP)``: the step an LSQ grid uses, positive whatever the update did."""
+    step = jnp.asarray(step)
+    return jnp.maximum(jnp.abs(step), jnp.asarray(MIN_STEP, step.dtype))
+
+
+def clip_bounds(lo, hi):
+    """``(min(lo, hi), max(lo, hi))``: the clip range PACT uses, ordered whatever the update did."""
+    return jnp.minimum(lo, hi), jnp.maximum(lo, hi)
+
+
+def clip_scale(lo, hi, bits: int, signed: bool):
+    """The grid step of `clip_quant` for ordered ``lo <= hi``: ``max(|lo|, |hi|) / Qp`` (signed)
+    or ``(hi - lo) / Qp`` (unsigned); 1 for a zero range."""
+    _, qp = qrange(bits, signed)
+    r = jnp.maximum(jnp.abs(lo), jnp.abs(hi)) if signed else hi - lo
+    return jnp.where(r > 0, r * (1.0 / qp), jnp.ones_like(r))
 
 
 def _axes(axis, ndim: int, fn: str):
@@ -222,7 +281,10 @@ def uniform_params(x, bits, signed=True, axis=None, range_mode="absmax", *, grou
     range); both names are accepted so configs can say which estimator they mean.
     unsigned: ``scale = (max - min) / Qp`` with ``Qp = 2^b - 1`` and
     ``zero_point = -min / scale - 2^(b-1)`` (codes offset to int8, see the module docstring);
-    both range modes use ``[min, max]``.  Ranges are reduced over ``axis`` (keepdims; 0-d for
+    ``absmax`` and ``minmax`` use ``[min, max]``, ``nonneg`` uses ``[0, max(max x, 0)]`` (for
+    non-negative tensors such as attention probabilities: 0 is a level, so exact zeros, e.g. of
+    masked keys, stay exactly 0 and the range does not depend on how many there are; unsigned
+    only).  Ranges are reduced over ``axis`` (keepdims; 0-d for
     None), treated as constants (``stop_gradient``); a zero range gives ``scale = 1``.
     ``group_size = g``: one range per block of ``g`` rows and column (``axis`` None or 0), scales
     ``[d_in // g, 1, ...]`` (see the module docstring).
@@ -235,6 +297,9 @@ def uniform_params(x, bits, signed=True, axis=None, range_mode="absmax", *, grou
         _group_axis(axis, "uniform_params")
         x, axis = group_view(x, group_size), 1
     qn, qp = qrange(bits, signed)
+    if signed and range_mode == "nonneg":
+        raise ValueError("uniform_params: range_mode='nonneg' is an unsigned grid [0, max]; give signed=False "
+                         "or range_mode='absmax'")
     if signed:
         if range_mode == "absmax":
             r = _reduce(jnp.max, jnp.abs(x), axis, "uniform_params")
@@ -243,8 +308,12 @@ def uniform_params(x, bits, signed=True, axis=None, range_mode="absmax", *, grou
                             jnp.abs(_reduce(jnp.max, x, axis, "uniform_params")))
         scale = jnp.where(r > 0, r * (1.0 / qp), jnp.ones_like(r))
         return scale, jnp.zeros_like(scale)
-    lo = _reduce(jnp.min, x, axis, "uniform_params")
     hi = _reduce(jnp.max, x, axis, "uniform_params")
+    if range_mode == "nonneg":
+        hi = jnp.maximum(hi, 0)
+        lo = jnp.zeros_like(hi)
+    else:
+        lo = _reduce(jnp.min, x, axis, "uniform_params")
     r = hi - lo
     scale = jnp.where(r > 0, r * (1.0 / qp), jnp.ones_like(r))
     zero_point = -lo / scale - 2 ** (bits - 1)
@@ -292,7 +361,7 @@ def uniform(x, bits, signed=True, axis=None, range_mode="absmax", *, group_size=
     round to nearest, RTN g128: one scale per ``group_size`` consecutive input rows and column).
     """
     bits = _check_bits(bits, signed, "uniform")
-    x = _float(x)
+    x = jnp.asarray(x, _out_dtype(x))
     scale, zero_point = uniform_params(x, bits, signed, axis, range_mode, group_size=group_size)
     x_hat = dequantize(quantize_codes(x, scale, zero_point, bits, signed), scale, zero_point)
     return _ste(x, x_hat.astype(x.dtype))
@@ -302,12 +371,9 @@ def uniform(x, bits, signed=True, axis=None, range_mode="absmax", *, group_size=
 def _clip_forward(x, lo, hi, bits, signed):
     y = jnp.minimum(jnp.maximum(x, lo), hi)
     qn, qp = qrange(bits, signed)
+    s = clip_scale(lo, hi, bits, signed)
     if signed:
-        r = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        s = jnp.where(r > 0, r * (1.0 / qp), jnp.ones_like(r))
         return s * jnp.clip(jnp.round(y / s), qn, qp)
-    r = hi - lo
-    s = jnp.where(r > 0, r * (1.0 / qp), jnp.ones_like(r))
     return lo + s * jnp.clip(jnp.round((y - lo) / s), 0, qp)
 
 
@@ -346,13 +412,14 @@ def clip_quant(x, lo, hi, bits, signed=True):
     Gradients (straight-through inside, the grid's dependence on lo/hi is ignored): ``x`` gets
     the upstream gradient where ``lo <= x <= hi`` and 0 outside; ``lo`` the sum of the upstream
     gradients where ``x < lo``, ``hi`` the sum where ``x > hi`` (summed to their shapes: scalars,
-    or keepdims arrays for per-channel clip values).  Requires ``lo < hi`` (not checked under jit).
+    or keepdims arrays for per-channel clip values).  The pair is used ordered (`clip_bounds`):
+    clip values that an update swapped keep a valid grid (the gradients follow the swap).
+    Computed in float32 (module docstring), the output in ``x``'s dtype.
     """
     bits = _check_bits(bits, signed, "clip_quant")
-    x = _float(x)
-    lo = _param(lo, x, "clip_quant", "lo")
-    hi = _param(hi, x, "clip_quant", "hi")
-    return _clip_quant(x, lo, hi, bits, signed)
+    dtype, x = _out_dtype(x), _float(x)
+    lo, hi = clip_bounds(_param(lo, x, "clip_quant", "lo"), _param(hi, x, "clip_quant", "hi"))
+    return _clip_quant(x, lo, hi, bits, signed).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- LSQ / LSQ+
@@ -406,18 +473,20 @@ def lsq(x, step, bits, signed=True, *, grad_scale=None):
       step, ``x.size / step.size`` (``x.size`` for a scalar step; the per-channel choice keeps
       each channel's gradient on the per-tensor scale).  ``grad_scale`` overrides it (1.0 = none).
 
-    ``step`` must be positive (``lsq_init`` never returns 0).  Signed needs ``bits >= 2``.  A
-    group step ``[d_in // g, 1, ...]`` (``lsq_init(x, ..., group_size=g)``) applies through
-    `group_view` (``numel = g``).
+    The grid uses ``positive_step(step) = max(|step|, MIN_STEP)``: a step that an update pushed
+    negative quantizes like its magnitude (its gradient is flipped accordingly) and a zero step
+    cannot divide by zero.  Signed needs ``bits >= 2``.  A group step ``[d_in // g, 1, ...]``
+    (``lsq_init(x, ..., group_size=g)``) applies through `group_view` (``numel = g``).  Computed in
+    float32 (module docstring), the output in ``x``'s dtype.
     """
     bits = _check_bits(bits, signed, "lsq")
-    x = _float(x)
-    g = group_size_of(x, step)
+    g = group_size_of(jnp.asarray(x), step)
     if g:
         return ungroup(lsq(group_view(x, g), step, bits, signed, grad_scale=grad_scale))
-    s = _param(step, x, "lsq", "step")
+    dtype, x = _out_dtype(x), _float(x)
+    s = positive_step(_param(step, x, "lsq", "step"))
     qn, qp = qrange(bits, signed)
-    return _lsq(x, s, qn, qp, _lsq_grad_scale(x, s, qp, grad_scale))
+    return _lsq(x, s, qn, qp, _lsq_grad_scale(x, s, qp, grad_scale)).astype(dtype)
 
 
 def lsq_init(x, bits, signed=True, axis=None, *, group_size=0):
@@ -474,17 +543,19 @@ def lsq_plus(x, step, offset, bits, *, grad_scale=None):
     sum of the upstream gradients of the clipped elements (``v <= 0`` or ``v >= Qp``): inside the
     grid the offset cancels (``-1 + 1``), outside ``x_hat`` moves with it.  The offset's gradient
     is not scaled.  ``step`` and ``offset`` are scalars or keepdims arrays broadcasting to ``x``,
-    or group-shaped ``[d_in // g, 1, ...]`` (applied through `group_view`).
+    or group-shaped ``[d_in // g, 1, ...]`` (applied through `group_view`).  The step is used as
+    ``positive_step(step)`` (see `lsq`); the offset is free.  Computed in float32, the output in
+    ``x``'s dtype.
     """
     bits = _check_bits(bits, False, "lsq_plus")
-    x = _float(x)
-    g = group_size_of(x, step) or group_size_of(x, offset)
+    g = group_size_of(jnp.asarray(x), step) or group_size_of(jnp.asarray(x), offset)
     if g:
         return ungroup(lsq_plus(group_view(x, g), step, offset, bits, grad_scale=grad_scale))
-    s = _param(step, x, "lsq_plus", "step")
+    dtype, x = _out_dtype(x), _float(x)
+    s = positive_step(_param(step, x, "lsq_plus", "step"))
     b = _param(offset, x, "lsq_plus", "offset")
     _, qp = qrange(bits, False)
-    return _lsq_plus(x, s, b, qp, _lsq_grad_scale(x, s, qp, grad_scale))
+    return _lsq_plus(x, s, b, qp, _lsq_grad_scale(x, s, qp, grad_scale)).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- TWN / BWN
@@ -522,19 +593,20 @@ def binary_codes(w, axis=None):
 def twn(w, axis=None):
     """Ternary weights ``(w_hat, alpha)``: ``w_hat = alpha * codes`` of `ternary_codes`;
     straight-through identity gradient w.r.t. ``w`` (alpha and Delta are constants)."""
-    w = _float(w)
+    w = jnp.asarray(w, _out_dtype(w))
     codes, alpha = ternary_codes(w, axis)
-    return _ste(w, alpha * codes.astype(w.dtype)), alpha
+    return _ste(w, (alpha * codes.astype(alpha.dtype)).astype(w.dtype)), alpha
 
 
 def bwn(w, axis=None):
     """Binary weights ``(w_hat, alpha)``: ``w_hat = alpha * codes`` of `binary_codes`
     (``sign(0) = +1``); straight-through identity gradient w.r.t. ``w`` (alpha is a constant)."""
-    w = _float(w)
+    w = jnp.asarray(w, _out_dtype(w))
     codes, alpha = binary_codes(w, axis)
-    return _ste(w, alpha * codes.astype(w.dtype)), alpha
+    return _ste(w, (alpha * codes.astype(alpha.dtype)).astype(w.dtype)), alpha
 
 
-__all__ = ["RANGE_MODES", "qrange", "group_view", "ungroup", "check_group_size", "group_size_of", "uniform",
+__all__ = ["RANGE_MODES", "ACTIVATION_GRANULARITIES", "MIN_STEP", "activation_axis", "positive_step", "clip_bounds",
+           "clip_scale", "qrange", "group_view", "ungroup", "check_group_size", "group_size_of", "uniform",
            "uniform_params", "quantize_codes", "dequantize", "clip_quant", "lsq", "lsq_init", "lsq_plus", "twn", "bwn", "ternary_codes",
            "binary_codes"]

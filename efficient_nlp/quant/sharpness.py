@@ -14,7 +14,7 @@ variables are the *dequantized* weights ``w_hat = Q(w)`` of the chosen part: `at
 writes ``Q(w)`` into a copy of the model and freezes its weight quantizers, and we take the
 Hessian of ``L(w_hat)`` at that point, i.e. the curvature of the loss along weight perturbations
 of a model that already sits on the quantization grid.  Activation quantizers stay in the graph
-with the derivative the training step sees (the STE: identity inside the range; per-batch
+with the derivative the training step sees (the STE: identity inside the range; per-token
 ranges are constants), so this is the curvature of the loss surrogate QAT optimises.  For a
 full-precision model it is the ordinary Hessian.
 

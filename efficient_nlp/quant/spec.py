@@ -36,7 +36,12 @@ from efficient_nlp.tree import rules as rules_lib
 
 METHODS = ("uniform", "lsq", "pact", "twn", "bwn")
 ROLES = ("weight", "embedding", "activation", "activation_unsigned")
-GRANULARITIES = ("tensor", "channel", "group")
+GRANULARITIES = ("tensor", "channel", "group", "token", "example")
+#: Granularities of weight and embedding sites.
+WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
+#: Granularities of activation sites: a dynamic range per token or per example (``tensor`` on an
+#: activation site means ``example``: a range never spans the batch).
+ACTIVATION_GRANULARITIES = ("token", "example", "tensor")
 #: Methods that take group-wise scales (``granularity="group"``): a grid with a per-scale range.
 GROUP_METHODS = ("uniform", "lsq")
 
@@ -49,7 +54,9 @@ def register_quantizer(name: str, fn: Callable) -> None:
 
     ``fn(x, bits, signed, axis) -> x_hat`` must be pure and jit-able: ``x`` the float tensor,
     ``bits`` 1..8, ``signed`` the grid (False: asymmetric, for attention probabilities and
-    post-GELU inputs), ``axis`` the axis reduced for per-channel scales (None: per tensor).  Its
+    post-GELU inputs), ``axis`` the axes reduced for one range (weights: None per tensor, the
+    per-channel axis; activations: a tuple, the last axis per token or all axes but the first
+    per example, `quantizers.activation_axis`).  Its
     gradient is the caller's choice; most quantizers want a straight-through one
     (``x + stop_gradient(x_hat - x)``, docs/quantization.md).  Registration lasts for the process (a
     notebook cell works; no entry points).  A name already taken (built-in or registered) or a
@@ -88,9 +95,15 @@ class Quantizer:
       range), ``twn`` (ternary), ``bwn`` (binary), or a name added with `register_quantizer`.
     bits: 1..8 (``twn`` implies 2, ``bwn`` 1).
     signed: symmetric grid around 0 (False: asymmetric ``[0, 2^b-1]`` grid over ``[min, max]``).
-    granularity: ``tensor`` (one scale), ``channel`` (one per output column of a kernel, one
-      per row of an embedding table) or ``group`` (one per ``group_size`` consecutive input rows
-      and output column of a Linear kernel: the RTN / GPTQ "g128" setting); weights only.
+    granularity: for weights and embeddings ``tensor`` (one scale), ``channel`` (one per
+      output column of a kernel, one per row of an embedding table) or ``group`` (one per
+      ``group_size`` consecutive input rows and output column of a Linear kernel: the RTN / GPTQ
+      "g128" setting).  For activations the dynamic range (``uniform`` and registered methods)
+      of ``token`` (one per token: the last axis reduced; `make_spec`'s default) or
+      ``example`` (one per batch row: all axes but the first; ``tensor`` on an activation site
+      means ``example``).  Activation ranges never span the batch, so a row's output does not
+      depend on the rest of its batch; per token they do not depend on padding either.  Learned
+      activation quantizers (``lsq``, ``pact``) have static scales, whatever the granularity.
     group_size: the rows sharing a scale with ``granularity="group"`` (>= 1, must divide the
       kernel's ``d_in``); 0 otherwise.  ``uniform`` and ``lsq`` only.
     """
@@ -143,16 +156,37 @@ class Quantizer:
 
     @property
     def name(self) -> str:
-        """E.g. ``uniform8``, ``uniform8u`` (unsigned), ``twn2/ch``, ``uniform4/g128``."""
+        """E.g. ``uniform8``, ``uniform8u`` (unsigned), ``twn2/ch``, ``uniform4/g128``,
+        ``uniform8/ex`` (per-example activation ranges; per token has no suffix)."""
         s = f"{self.method}{self.bits}"
         if not self.signed:
             s += "u"
         if self.granularity == "group":
             return s + f"/g{self.group_size}"
-        return s + ("/ch" if self.granularity == "channel" else "")
+        return s + {"channel": "/ch", "example": "/ex"}.get(self.granularity, "")
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Quantizer))
+
+
+def activation_quantizer(q: Quantizer | None, where: str) -> Quantizer | None:
+    """``q`` for an activation site: ``tensor`` becomes ``example`` (one range per batch row); a
+    weight granularity (``channel``, ``group``) is a ValueError naming ``where`` and the fix."""
+    if q is None or q.granularity in ("token", "example"):
+        return q
+    if q.granularity == "tensor":
+        return q.replace(granularity="example")
+    raise ValueError(f"{where}: the activation quantizer {q.name} has granularity {q.granularity!r}; activations "
+                     f"take {ACTIVATION_GRANULARITIES} (a dynamic range per token or per example, 'tensor' = "
+                     f"per example); {WEIGHT_GRANULARITIES} are for weights")
+
+
+def weight_granularity_check(q: Quantizer | None, where: str) -> None:
+    """A ValueError naming ``where`` when a weight / embedding quantizer has an activation
+    granularity (``token``, ``example``)."""
+    if q is not None and q.granularity not in WEIGHT_GRANULARITIES:
+        raise ValueError(f"{where}: the weight quantizer {q.name} has granularity {q.granularity!r}; weights and "
+                         f"embeddings take {WEIGHT_GRANULARITIES} ('token' and 'example' are for activations)")
 
 
 def weight_quantizer(bits: int, method: str | None = None, granularity: str | None = None,
@@ -208,7 +242,7 @@ def _float_activations(a_bits) -> bool:
 def make_spec(w_bits: int = 8, e_bits: int | None = None, a_bits: int | None = 8, *,
               weight_method: str | None = None, activation_method: str = "uniform",
               weight_granularity: str | None = None, weight_group_size: int = 0,
-              rules: Any = ()) -> QuantSpec:
+              activation_granularity: str = "token", rules: Any = ()) -> QuantSpec:
     """A W-E-A spec with the literature's defaults (docs/quantization.md).
 
     Weights: ``w_bits`` 1 -> BWN, 2 -> TWN, else uniform symmetric; scales per output channel
@@ -218,9 +252,11 @@ def make_spec(w_bits: int = 8, e_bits: int | None = None, a_bits: int | None = 8
     inputs and output column, e.g. 128: RTN / GPTQ "W4 g128"; ``g`` must divide every quantized
     kernel's ``d_in``, a rule can give a site another setting).  Embeddings: the same method at
     ``e_bits`` (default ``w_bits``) with row-wise scales (never groups).  Activations at
-    ``a_bits`` with ``activation_method`` (``uniform``: per-batch range, ``lsq`` or ``pact``:
-    learned), symmetric except attention probabilities and post-GELU FFN activations
-    (asymmetric).  ``a_bits`` of 16 or 32 (or None) leaves activations in float: weight-only
+    ``a_bits`` with ``activation_method`` (``uniform``: a range from the data, ``lsq`` or
+    ``pact``: learned), symmetric except attention probabilities and post-GELU FFN activations
+    (asymmetric); ``activation_granularity`` ``token`` (default: a range per token) or
+    ``example`` (per batch row) for the data-derived ranges, never one across the batch.
+    ``a_bits`` of 16 or 32 (or None) leaves activations in float: weight-only
     quantization, e.g. ``make_spec(4, 32, 16, weight_group_size=128)`` is W4A16 g128 with float
     embeddings; ``w_bits`` / ``e_bits`` of 32 leave weights / embeddings in float.
     ``rules``: see `QuantSpec`.
@@ -228,26 +264,31 @@ def make_spec(w_bits: int = 8, e_bits: int | None = None, a_bits: int | None = 8
     e_bits = w_bits if e_bits is None else e_bits
     weight = weight_quantizer(w_bits, weight_method, weight_granularity, weight_group_size)
     embedding = weight_quantizer(e_bits, weight_method if e_bits == w_bits else None, "channel")
+    if activation_granularity not in ACTIVATION_GRANULARITIES:
+        raise ValueError(f"activation_granularity must be one of {ACTIVATION_GRANULARITIES} (a range per token "
+                         f"or per example; 'tensor' = per example), got {activation_granularity!r}")
+    granularity = "example" if activation_granularity == "tensor" else activation_granularity
     if _float_activations(a_bits):
         act = act_u = None
     else:
-        act = Quantizer(activation_method, a_bits, True)
-        act_u = Quantizer(activation_method, a_bits, False)
+        act = Quantizer(activation_method, a_bits, True, granularity)
+        act_u = Quantizer(activation_method, a_bits, False, granularity)
     return QuantSpec(weight, embedding, act, act_u, tuple(_normalise_rules(rules)))
 
 
 def spec_from_config(cfg: Mapping) -> QuantSpec:
     """`make_spec` from a config dict with keys w_bits, e_bits, a_bits, weight_method,
-    activation_method, weight_granularity, weight_group_size, rules (``[[regex, payload], ...]``);
-    unknown keys are an error; ``""`` or 0 for e_bits / weight_method / weight_granularity /
-    weight_group_size means the default."""
+    activation_method, weight_granularity, weight_group_size, activation_granularity, rules
+    (``[[regex, payload], ...]``); unknown keys are an error; ``""`` or 0 for e_bits /
+    weight_method / weight_granularity / weight_group_size / activation_granularity means the
+    default."""
     cfg = dict(cfg)
     valid = {"w_bits", "e_bits", "a_bits", "weight_method", "activation_method", "weight_granularity",
-             "weight_group_size", "rules"}
+             "weight_group_size", "activation_granularity", "rules"}
     unknown = sorted(set(cfg) - valid)
     if unknown:
         raise ValueError(f"unknown quantization config key(s) {unknown}; valid: {sorted(valid)}")
-    for key in ("e_bits", "weight_method", "weight_granularity", "weight_group_size"):
+    for key in ("e_bits", "weight_method", "weight_granularity", "weight_group_size", "activation_granularity"):
         if cfg.get(key) in ("", 0):
             cfg.pop(key)
     w_bits = cfg.pop("w_bits", 8)
@@ -301,16 +342,20 @@ def resolve(spec: QuantSpec, sites: Mapping[str, str]) -> dict[str, tuple[Quanti
                 q = payload
             else:
                 start = base or (weight_quantizer(8) if role in ("weight", "embedding") else
-                                 Quantizer("uniform", 8, role == "activation"))
+                                 Quantizer("uniform", 8, role == "activation", "token"))
                 q = start.replace(**payload)
             out[name] = (q, f"rule {found[name].index}")
         elif name in skips:
             out[name] = (None, "default skip")
         else:
             out[name] = (base, f"role {role}")
-        q = out[name][0]
+        q, why = out[name]
         if q is not None and q.granularity == "group" and role != "weight":
             raise ValueError(f"site {name!r} (role {role}) got {q.name}: group-wise scales are for Linear "
                              f"kernels (role weight) only; embeddings keep row-wise scales ('channel') and "
-                             f"activations one scale per tensor")
+                             f"activations a range per token or per example")
+        if role.startswith("activation"):
+            out[name] = (activation_quantizer(q, f"site {name!r} ({why})"), why)
+        else:
+            weight_granularity_check(q, f"site {name!r} ({why})")
     return out

@@ -12,6 +12,9 @@ checkpoints, metrics.
         ...
     print(train.format_summary(meter.summary()))
 
+Sharding of the training state on a (``data``, ``model``) mesh (``config.train.mesh``,
+``config.train.sharding``: data parallel, FSDP, tensor parallel or rules): `sharding`.
+
 ``config.train`` keys and defaults: ``default_train_config()``; ``config.distributed``:
 ``default_distributed_config()``; ``config.compute``: ``compute.default_compute_config()``.
 """
@@ -23,12 +26,14 @@ from efficient_nlp.train.checkpoint import (
 )
 from efficient_nlp.train.distributed import (
     DATA_AXIS,
+    MODEL_AXIS,
     batch_sharding,
     default_distributed_config,
     init_distributed,
     is_main_process,
     make_mesh,
     place,
+    put,
     replicate,
     replicated,
     scalars_to_host,
@@ -44,8 +49,9 @@ from efficient_nlp.train.loop import (
     make_step_runner,
     train_options,
 )
-from efficient_nlp.train import compute
+from efficient_nlp.train import compute, sharding
 from efficient_nlp.train.compute import Meter, format_summary
+from efficient_nlp.train.sharding import ShardingError, shard_state
 from efficient_nlp.train.step import (
     NonFiniteLossError,
     Progress,
@@ -71,11 +77,11 @@ from efficient_nlp.train.memory import count_params, step_memory, tree_bytes
 
 __all__ = [
     "CheckpointError", "Checkpointer", "CorruptCheckpointError", "DATA_AXIS",
-    "IncompatibleCheckpointError", "Meter", "MetricsWriter", "NonFiniteLossError", "Progress", "StepRunner",
+    "IncompatibleCheckpointError", "MODEL_AXIS", "Meter", "MetricsWriter", "NonFiniteLossError", "Progress", "StepRunner",
     "TrainOptions", "TrainingInterrupted", "TrainState", "batch_sharding", "check_opt_state", "compare_latency", "compiled_step", "compute", "copy_model", "count_params",
     "default_distributed_config", "default_train_config", "fit", "format_summary", "init_distributed", "init_state",
     "is_main_process", "make_eval_fn", "make_lr_schedule", "make_mesh", "make_optimizer", "make_step",
-    "make_step_runner", "mean_metrics", "measure_latency", "place", "predict", "predict_logits", "read_metrics",
-    "replicate", "replicated", "run", "scalars_to_host", "shard_batch", "step_memory", "to_host", "token_batch",
+    "make_step_runner", "mean_metrics", "measure_latency", "place", "predict", "put", "predict_logits", "read_metrics",
+    "ShardingError", "replicate", "replicated", "run", "scalars_to_host", "shard_batch", "shard_state", "sharding", "step_memory", "to_host", "token_batch",
     "train_options", "tree_bytes", "weight_decay_mask",
 ]

@@ -1,7 +1,9 @@
-"""Devices, mesh and multi-host plumbing for data-parallel training.
+"""Devices, mesh and multi-host plumbing for training.
 
-One mesh axis, ``data``, spans every global device (all hosts). Parameters and optimizer
-state are replicated over it; batches are sharded along their leading (batch) axis.
+The mesh has two axes, ``data`` and ``model`` (`make_mesh`; by default ``model`` has size 1,
+so ``data`` spans every global device of all hosts). Batches are sharded along their leading
+(batch) axis over ``data`` and replicated over ``model``; the training state is placed by
+the rules of `efficient_nlp.train.sharding` (replicated by default: data parallelism).
 Each host feeds only its own rows (``batch_size // process_count``); ``shard_batch``
 assembles the global array with ``jax.make_array_from_process_local_data``.
 
@@ -18,9 +20,10 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 
 log = logging.getLogger(__name__)
 _INITIALIZED = False
@@ -122,21 +125,14 @@ def is_main_process():
     return jax.process_index() == 0
 
 
-def make_mesh(devices=None):
-    """A 1-D mesh with axis ``data`` over all global devices, ordered by host.
+def make_mesh(devices=None, shape=None):
+    """The 2-D mesh (``data``, ``model``) over ``devices`` (default: all global devices).
 
-    Devices are sorted by (process_index, id) so each host's rows of a global batch land
-    on that host's own devices.
+    ``shape``: ``{"data": n, "model": m}`` with -1 for "the remaining devices" (default
+    ``{"data": -1, "model": 1}``); see `efficient_nlp.train.sharding.make_mesh`.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    devices.sort(key=lambda d: (d.process_index, d.id))
-    axis_type = getattr(getattr(jax.sharding, "AxisType", None), "Auto", None)
-    if axis_type is not None:  # explicit Auto: newer jax may default to Explicit axes
-        try:
-            return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(axis_type,))
-        except TypeError:  # pragma: no cover - Mesh without axis_types
-            pass
-    return Mesh(np.array(devices), (DATA_AXIS,))
+    from efficient_nlp.train import sharding  # sharding builds on this module
+    return sharding.make_mesh(shape, devices)
 
 
 def replicated(mesh):
@@ -160,6 +156,13 @@ def replicate(tree, mesh):
     return jax.tree.map(lambda x: _put(x, sharding), tree)
 
 
+def put(tree, shardings):
+    """`replicate` with one sharding per leaf: ``shardings`` is a pytree of shardings with
+    the structure of ``tree`` (e.g. from `efficient_nlp.train.sharding.shardings`). New
+    buffers, safe to donate; multi-host safe for host-identical values."""
+    return jax.tree.map(_put, tree, shardings)
+
+
 def place(tree, mesh):
     """`replicate` except that arrays already replicated over ``mesh`` are returned as they
     are (no copy, no transfer): for read-only uses such as evaluation, never for donation."""
@@ -181,7 +184,7 @@ def _is_placed(x, sharding):
 
 
 def _put(x, sharding):
-    """A new replicated copy of ``x`` (device to device in a single process)."""
+    """A new copy of ``x`` placed with ``sharding`` (device to device in a single process)."""
     local = not isinstance(x, jax.Array) or x.is_fully_addressable
     if sharding.is_fully_addressable and local:
         if isinstance(x, jax.Array) and len(sharding.device_set) > 1:
@@ -219,13 +222,14 @@ def host_value(x):
 def shard_batch(host_batch, mesh):
     """Builds global arrays from this host's numpy batch (a pytree of arrays).
 
-    Leading axis: this host's rows, concatenated over hosts in process order and sharded
-    over ``data``. Scalars (ndim 0) are replicated and must agree across hosts. The local
-    batch size must be divisible by the number of local devices.
+    Leading axis: this host's rows, concatenated over hosts in process order, sharded over
+    ``data`` and replicated over the other mesh axes. Scalars (ndim 0) are replicated and
+    must agree across hosts. The local batch size must be divisible by the number of
+    ``data`` positions of this host's devices.
     """
     data_sharding = batch_sharding(mesh)
     rep = replicated(mesh)
-    n_local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    n_local = _local_data_shards(mesh)
 
     def put(x):
         if isinstance(x, jax.Array) and _is_placed(x, data_sharding if x.ndim else rep):
@@ -236,11 +240,19 @@ def shard_batch(host_batch, mesh):
         if x.shape[0] % max(n_local, 1):
             raise ValueError(
                 f"Host-local batch of {x.shape[0]} rows cannot be split evenly over this "
-                f"host's {n_local} devices; make batch_size // process_count a multiple "
-                f"of {n_local}.")
+                f"host's {n_local} data-parallel device groups; make batch_size // "
+                f"process_count a multiple of {n_local}.")
         return jax.make_array_from_process_local_data(data_sharding, x)
 
     return jax.tree.map(put, host_batch)
+
+
+def _local_data_shards(mesh):
+    """How many distinct ``data`` positions this host's devices occupy in ``mesh``."""
+    axis = mesh.axis_names.index(DATA_AXIS)
+    me = jax.process_index()
+    positions = {index[axis] for index, d in np.ndenumerate(mesh.devices) if d.process_index == me}
+    return len(positions)
 
 
 def to_host(tree):

@@ -2,8 +2,15 @@
 
 Functional NNX: the model is split into ``graphdef``, trainable state (``nnx.Param`` by
 default) and the rest; the library's one update (`efficient_nlp.train.step.make_step`) is
-jitted with the state replicated over the mesh, the batch sharded over ``data`` and the
-state buffers donated.
+jitted with the state placed on the (``data``, ``model``) mesh by the rules of
+``config.train.sharding`` (`efficient_nlp.train.sharding`; replicated by default), the batch
+sharded over ``data`` and the state buffers donated.
+
+Checkpoints hold what a resumed run cannot rebuild: the step, the trained variables, the
+optimizer state and the non-trainable variables other than ``nnx.Param`` (counters, RNG
+streams, statistics). The ``nnx.Param`` variables outside ``trainable`` (a distillation
+teacher, a frozen backbone) are constants of the run: they are not written, and a resumed run
+takes them from the model it is given.
 
 Step numbering: ``step`` counts completed updates. Update ``t`` (1 ... num_steps) uses
 the ``t``-th batch of ``batches(0)`` (batch index ``t - 1``), the learning rate
@@ -21,7 +28,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import threading
 import time
@@ -30,12 +36,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from efficient_nlp.train import distributed, step_cost
+from efficient_nlp.train import distributed, sharding, step_cost
 from efficient_nlp.train.checkpoint import Checkpointer, CorruptCheckpointError
 from efficient_nlp.train.metrics import MetricsWriter
 from efficient_nlp.train.optim import make_lr_schedule, make_optimizer
+from efficient_nlp.train.precision import set_compute_dtype
 from efficient_nlp.train.progress import ProgressReporter
 from efficient_nlp.train.step import NonFiniteLossError, init_state, make_step, mean_metrics, step_key
 
@@ -67,8 +75,13 @@ def default_train_config():
         keep_checkpoints=2,        # newest N kept (0 or None: all).
         resume=True,               # continue from the latest checkpoint in workdir.
         async_checkpointing=True,
-        checkpoint_checksums=True,  # CRC32 per leaf, verified on restore.
+        checkpoint_checksums=True,  # a checksum per leaf (computed on device), verified on restore.
         tensorboard=True,
+        mesh=ml_collections.ConfigDict(dict(data=-1, model=1)),  # -1: the remaining devices.
+        # "replicated" (data parallel), "fsdp", "tensor", "fsdp+tensor" or [(regex, spec), ...]
+        # (efficient_nlp.train.sharding).
+        sharding=ml_collections.FieldReference("replicated", field_type=object),
+        compute_dtype="float32",   # or "bfloat16" (parameters stay float32).
         progress_bar=True,         # tqdm on process 0 when stderr is a terminal.
         progress_seconds=30.0,     # without a terminal: a progress line at least this often
                                    # (seconds of wall time; 0: only the log_every records).
@@ -97,6 +110,9 @@ class TrainOptions:
     async_checkpointing: bool
     checkpoint_checksums: bool
     tensorboard: bool
+    mesh: dict
+    sharding: object
+    compute_dtype: str
     progress_bar: bool
     progress_seconds: float
 
@@ -125,6 +141,9 @@ def train_options(config):
         if field.type in ("int", int) and value is not None:
             value = int(value)
         values[field.name] = value
+    values["mesh"] = dict(values["mesh"])
+    if not isinstance(values["sharding"], str):  # a list of rules (checked by `sharding.rules_of`)
+        values["sharding"] = tuple(values["sharding"])
     return TrainOptions(**values)
 
 
@@ -143,26 +162,32 @@ def _fit_step(loss_fn, tx, trainable, seed, graphdef, state, nonfinite_step, bat
 
 
 class _Setup:
-    """Splits the model, replicates its state, builds the optimizer and the step."""
+    """Splits the model, places its state by the sharding rules, builds the optimizer and the
+    step."""
 
     def __init__(self, model, loss_fn, opts, *, mesh=None, optimizer=None, lr_schedule=None,
                  trainable=nnx.Param, opt_state=None):
         self.opts = opts
-        self.mesh = mesh or distributed.make_mesh()
+        self.mesh = mesh or sharding.make_mesh(opts.mesh)
         rep = distributed.replicated(self.mesh)
         if optimizer is None:
             self.tx = make_optimizer(opts, opts.num_steps)
             self.schedule = make_lr_schedule(opts, opts.num_steps)
         else:
             self.tx, self.schedule = optimizer, lr_schedule
+        # A copy: the caller's model keeps its compute dtype.
+        model = set_compute_dtype(nnx.clone(model), opts.compute_dtype)
         self.graphdef, state = init_state(model, self.tx, trainable, opt_state)
+        self.shardings = sharding.shardings(state, self.mesh, opts.sharding)
         # New buffers (never aliases of the caller's model, which donation would delete).
-        self.state = distributed.replicate(state, self.mesh)
+        self.state = distributed.put(state, self.shardings)
         self.nonfinite = distributed.replicate(np.full((), -1, np.int32), self.mesh)
-        # Jitted per run (not cached across runs: loss_fn may hold a teacher's arrays).
+        # Jitted per run (not cached across runs: loss_fn may hold a teacher's arrays). The
+        # state and batch arrive placed (`distributed.put`, `shard_batch`): the step compiles
+        # for their shardings and returns the state with the same ones.
         self.step_fn = jax.jit(
             functools.partial(_fit_step, loss_fn, self.tx, trainable, int(opts.seed), self.graphdef),
-            donate_argnums=(0, 1), out_shardings=(rep, rep, rep))
+            donate_argnums=(0, 1), out_shardings=(self.shardings, rep, rep))
         # Reports each step to the compute meters of `efficient_nlp.train.compute`, if any.
         self.metered = step_cost.metered(self.step_fn, batch_argnum=2, model=model, devices=self.mesh.size)
 
@@ -313,7 +338,8 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
         (``lr_schedule(count)`` then gives the logged learning rate).
       trainable: NNX filter of the variables that get gradients (default ``nnx.Param``);
         all other variables pass through the step (updated if the model mutates them).
-      mesh: a mesh with a ``data`` axis (default: all devices).
+      mesh: a mesh with a ``data`` axis (default: `efficient_nlp.train.sharding.make_mesh` of
+        ``config.train.mesh``); the state is placed on it by ``config.train.sharding``.
       opt_state: the optimizer state to start from instead of ``optimizer.init(params)`` (e.g.
         Adam moments carried over from a smaller model by progressive stacking); it must match
         the structure, shapes and dtypes of that init state (else ``ValueError`` naming the
@@ -352,7 +378,7 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
     num_steps = opts.num_steps
     main = distributed.is_main_process()
     history = []
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+    ckpt = Checkpointer(epath.Path(workdir) / "checkpoints",
                         max_to_keep=opts.keep_checkpoints or None,
                         async_save=opts.async_checkpointing,
                         checksums=opts.checkpoint_checksums)
@@ -415,7 +441,7 @@ def fit(model, loss_fn, batches, *, config, workdir, eval_fn=None, optimizer=Non
                 window = []
             if do_ckpt:
                 with stop.shielded():
-                    ckpt.save(t, setup.state)
+                    ckpt.save(t, _checkpointed(setup.state)[0])
             if stop.requested:
                 raise _interrupted(ckpt, setup.state, t, stop)
             if do_eval:
@@ -445,7 +471,7 @@ def _interrupted(ckpt, state, t, stop):
     """Saves step ``t`` (unless saved already) and waits for it; returns the exception
     fit raises after a signal."""
     with stop.shielded():
-        ckpt.save(t, state)
+        ckpt.save(t, _checkpointed(state)[0])
         ckpt.wait_until_finished()
     step_dir = ckpt.step_dir(t)
     log.warning("Stopped by %s after step %d; saved %s", stop.name, t, step_dir)
@@ -478,13 +504,22 @@ def _resume(ckpt, state, stop):
         + "; ".join(set_aside) + ". To start over, train in a new workdir.")
 
 
+def _checkpointed(state):
+    """``(saved, constants)``: the part of ``state`` a checkpoint holds (module docstring) and
+    the non-trainable ``nnx.Param`` variables it leaves out."""
+    constants, rest = nnx.split_state(state.rest, nnx.Param, ...)
+    return state._replace(rest=rest), constants
+
+
 def _restore(ckpt, step, state):
-    restored = ckpt.restore(step, state)
+    """Restores ``step`` into the placement of ``state``, whose constants it keeps."""
+    target, constants = _checkpointed(state)
+    restored = ckpt.restore(step, target)
     saved_step = int(distributed.to_host(restored.step))
     if saved_step != int(step):
         raise CorruptCheckpointError(
             ckpt.step_dir(step), f"it holds the state of step {saved_step}")
-    return saved_step, restored
+    return saved_step, restored._replace(rest=nnx.merge_state(constants, restored.rest))
 
 
 def _check_finite(setup, window, ckpt):
@@ -518,12 +553,11 @@ def _train_record(setup, window, t, steps_per_sec):
 
 def _truncate_metrics(workdir, start):
     """Drops records after ``start`` left by an interrupted run (they are redone)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return
     import json
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
@@ -532,5 +566,4 @@ def _truncate_metrics(workdir, start):
         except (ValueError, KeyError, TypeError):
             continue
     if len(keep) != len(lines):
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(keep)
+        path.write_text("".join(keep), encoding="utf-8")

@@ -1,8 +1,20 @@
 """The default optimizer: AdamW, linear warmup then linear decay, global-norm clipping.
 
 Weight decay (decoupled, scaled by the learning rate as in PyTorch's AdamW) is applied
-to weight matrices only: not to biases, LayerNorm scales/biases or any leaf of
-ndim <= 1 (``weight_decay_mask``).
+to weight matrices only (``weight_decay_mask``): kernels, embedding tables, LoRA / adapter
+factors.  It is never applied to
+
+* any leaf of ndim <= 1, biases and normalisation parameters (a path component containing
+  ``bias`` / ``norm``; a leaf named ``scale``: flax's name for every norm's gain, e.g. the
+  per-candidate batch-norm of a NAS supernet);
+* quantizer state: every leaf under a ``weight_quant`` / ``input_quant`` module (numbered in a
+  split layer) or the attention's ``matmul_quant`` hook (its ``q`` / ``k`` / ``v`` / ``probs``
+  quantizers), and leaves named ``step``, ``offset`` (LSQ / LSQ+), ``lo`` / ``hi`` (PACT clip
+  values).  Per-channel LSQ steps are
+  ``[1, d_out]`` and group-wise ones ``[d_in / g, 1, d_out]``: decay would pull the grid
+  towards zero, which is not a regulariser of the weights but a change of the quantizer;
+* other learned controls that are not weights: pruning gates (``head_gates`` / ``ffn_gates``,
+  regularised by their own L1 term) and token-skipping ``retention`` / ``threshold`` values.
 """
 import math
 import re
@@ -15,6 +27,11 @@ from efficient_nlp.tree import path_str
 
 # A parameter whose path has a component matching this (case-insensitively) is not decayed.
 NO_DECAY_PATTERN = re.compile(r"bias|layernorm|layer_norm|norm", re.IGNORECASE)
+#: Path components whose whole subtree is not decayed: quantizer modules (``weight_quant1`` /
+#: ``weight_quant2``: the halves of a split layer), pruning gates.
+NO_DECAY_MODULES = re.compile(r"(weight_quant|input_quant)\d*|matmul_quant|head_gates|ffn_gates")
+#: Leaf names that are not decayed: quantizer state, norm gains, token-skipping controls.
+NO_DECAY_LEAVES = frozenset({"step", "offset", "lo", "hi", "scale", "retention", "threshold"})
 
 
 def _cfg(config):
@@ -60,10 +77,14 @@ def make_lr_schedule(config, num_steps):
 
 
 def decays(path, leaf):
-    """True if weight decay applies to the parameter at ``path`` (a weight matrix)."""
+    """True if weight decay applies to the parameter at ``path`` (a weight matrix; see the
+    module docstring for what is excluded)."""
     if jnp.ndim(leaf) <= 1:
         return False
-    return not any(NO_DECAY_PATTERN.search(name) for name in path_str(path).split("."))
+    names = path_str(path).split(".")
+    if names[-1] in NO_DECAY_LEAVES or any(NO_DECAY_MODULES.fullmatch(name) for name in names[:-1]):
+        return False
+    return not any(NO_DECAY_PATTERN.search(name) for name in names)
 
 
 def weight_decay_mask(params):
