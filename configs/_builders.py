@@ -112,7 +112,8 @@ def quant_config(a_bits, activation_method, w_bits=None, e_bits=None, weight_met
             weight_method=weight_method,        # "" = by bits: 1 bwn, 2 twn, else uniform
             weight_granularity="")              # "" = channel for uniform / lsq, tensor for twn / bwn
     fields.update(
-        activation_method=activation_method,    # uniform (per-batch range) | lsq (learned steps) | pact
+        activation_method=activation_method,    # uniform (per-token range) | lsq (learned steps) | pact
+        activation_granularity="",              # "" = token; "example" (one range per example)
         rules=[])                               # [[regex, None or {field: value}], ...]
     return ml_collections.ConfigDict(fields)
 
