@@ -43,7 +43,7 @@ from efficient_nlp.train import distributed, sharding, step_cost
 from efficient_nlp.train.checkpoint import Checkpointer, CorruptCheckpointError
 from efficient_nlp.train.metrics import MetricsWriter
 from efficient_nlp.train.optim import make_lr_schedule, make_optimizer
-from efficient_nlp.train.precision import set_compute_dtype
+from efficient_nlp.train.precision import compute_dtype, set_compute_dtype
 from efficient_nlp.train.progress import ProgressReporter
 from efficient_nlp.train.step import NonFiniteLossError, init_state, make_step, mean_metrics, step_key
 
@@ -175,8 +175,9 @@ class _Setup:
             self.schedule = make_lr_schedule(opts, opts.num_steps)
         else:
             self.tx, self.schedule = optimizer, lr_schedule
-        # A copy: the caller's model keeps its compute dtype.
-        model = set_compute_dtype(nnx.clone(model), opts.compute_dtype)
+        if compute_dtype(opts.compute_dtype) != jnp.float32:
+            # A copy: the caller's model keeps its compute dtype (float32 leaves the model as given).
+            model = set_compute_dtype(nnx.clone(model), opts.compute_dtype)
         self.graphdef, state = init_state(model, self.tx, trainable, opt_state)
         self.shardings = sharding.shardings(state, self.mesh, opts.sharding)
         # New buffers (never aliases of the caller's model, which donation would delete).
