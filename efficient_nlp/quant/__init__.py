@@ -7,6 +7,7 @@ transform, packed integer export, integer inference, cost accounting.
     print(report); print(quant.cost_report(model, spec, batch))
     quant.save_packed(quant.export_packed(qmodel), out_dir)   # real bit-packed integer artefact
     imodel, _ = quant.to_integer_model(qmodel)           # int8 dot_general inference
+    static = quant.to_static_int8(model, batch)          # static-scale int8 for CPU: static.forward(ids, mask, types)
     binary, _ = quant.split_model(qmodel)                # TWN -> two BWN halves, same function (BinaryBERT)
 
 One-shot per-layer methods (docs/oneshot.md): `rtn`, `gptq`, `awq_scales`, `awq_clip`, `smoothquant_scales` on a kernel and its input statistics (`init_stats`,
@@ -45,6 +46,7 @@ from efficient_nlp.quant.integer import (
     int8_matmul,
     to_integer_model,
 )
+from efficient_nlp.quant.static_int8 import StaticInt8, to_static_int8
 from efficient_nlp.quant.modules import AttentionQuant, QuantEmbed, QuantizerModule, QuantLinear
 from efficient_nlp.quant.packing import pack, packed_nbytes, unpack
 from efficient_nlp.quant.quantizers import (
@@ -97,7 +99,7 @@ __all__ = [
     "AttentionQuant", "CostReport", "cost_report", "cost_table",
     "PackedArtifactError", "export_packed", "save_packed", "load_packed", "packed_size_mb", "restore",
     "weight_codes", "dequantize_weight", "unpacked_weights", "quantized_weights", "artifact_nbytes",
-    "to_integer_model", "IntegerReport", "IntAttention", "IntLinear", "IntSplitLinear", "IntSplitEmbed", "DequantLinear", "IntEmbed", "activation_codes",
+    "to_integer_model", "to_static_int8", "StaticInt8", "IntegerReport", "IntAttention", "IntLinear", "IntSplitLinear", "IntSplitEmbed", "DequantLinear", "IntEmbed", "activation_codes",
     "int8_matmul", "ptq", "mrem", "calibration_set", "partition", "rem", "mrem_s", "mrem_p", "layer_errors",
     "ternary_weight_split", "tws_scalars", "split_model", "splittable_sites", "split_modules", "SplitLinear",
     "SplitEmbed", "SplitReport", "adaptive", "sharpness", "group_sites", "sensitivity", "split_costs", "knapsack",

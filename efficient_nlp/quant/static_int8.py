@@ -1,0 +1,293 @@
+"""Static-scale int8 inference: W8A8 with calibrated activation scales, for CPU deployment.
+
+    static = quant.to_static_int8(model, calibration_batch)     # a float model: PACT W8A8, calibrated
+    logits = static.forward(ids, mask, types)                    # jitted, int8 products
+    logits = static.model(ids, mask, types).logits               # the same model, un-jitted
+
+`efficient_nlp.quant.to_integer_model` computes a range per token for every activation, i.e. a
+reduction and a separate quantization pass before each int8 product.  With *static* scales
+(the learned ``lsq`` step or ``pact`` clip values, set by `efficient_nlp.quant.calibrate` and
+possibly trained by QAT) the quantization of an activation is elementwise,
+
+    c = clip(round(clip(x, lo, hi) / s), Qn, Qp)           (PACT; LSQ: clip(round(x / s), Qn, Qp))
+
+so XLA fuses it into the op that produces ``x`` (LayerNorm, GELU, bias add) and the rescaling of
+the accumulator, ``y = (acc + shift * colsum) * (s_x * s_w) + (offset * colsum * s_w + bias)``
+(the zero-point algebra of `efficient_nlp.quant.integer.IntLinear`, with per-column constants),
+into the op that reads ``y`` (residual add + LayerNorm, GELU).  Weights and the word embedding
+are converted to codes once; the query / key / value projections of a BERT-family attention
+with one input quantizer become one ``[H, 3W]`` product.
+
+The integer product ``c @ d`` runs on one of two carriers (``carrier=``):
+
+* ``"bf16"`` (default): the codes as bfloat16 operands with float32 accumulation.  Every code
+  ``|c| <= 128``, ``|d| <= 127`` is exact in bfloat16, every product ``c_k d_k`` is exact in
+  float32 and so is every partial sum while ``sum_k |c_k d_k| <= 128 * 127 * K < 2^24``, i.e.
+  ``K <= MAX_EXACT_K = 1032`` -- whatever order the matmul sums in, the result equals the
+  int32 product bit for bit.  Longer contractions (the FFN output, ``K = 1536``) run as one
+  batched product over equal exact slices (2 x 768) summed in int32 (`carried_matmul`).  On
+  x86 CPUs XLA runs these products with its YNNPACK/XNNPACK library (AVX-512 BF16); GPUs and
+  TPUs run bfloat16 products with float32 accumulation as well;
+* ``"int8"``: XLA's int8 x int8 -> int32 ``dot_general``.
+
+Attention's ``q.k^T`` and ``probs.v`` stay as the fake-quant model computes them (float
+matmuls; with an attention quantizer its static fake quantization, also elementwise).  The
+result equals the fake-quantized model with the same static scales up to float rounding of the
+rescaling (and hence, rarely, a code on a rounding tie of the next quantizer).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_nlp import train
+from efficient_nlp.models import family as F
+from efficient_nlp.models.bert import BertAttention
+from efficient_nlp.quant import modules as M
+from efficient_nlp.quant.export import weight_codes
+from efficient_nlp.quant.integer import IntCodes, IntEmbed, _scale_vector, activation_codes
+from efficient_nlp.quant.spec import QuantSpec, make_spec
+from efficient_nlp.quant.transform import ACTIVATION_QUANTIZERS, calibrate, find_sites, quantize_model, \
+    quantizer_modules
+
+#: Activation quantizer methods with static scales (learned / calibrated, not computed per call).
+STATIC_METHODS = ("lsq", "pact")
+#: Longest contraction whose bfloat16-carried int8 product is exact: ``128 * 127 * K < 2^24``.
+MAX_EXACT_K = (2 ** 24 - 1) // (128 * 127)
+CARRIERS = {"bf16": jnp.bfloat16, "int8": jnp.int8}
+#: XLA:CPU options of the compiled forward (checked against the installed XLA, `compiler_options`).
+CPU_COMPILER_OPTIONS: dict[str, Any] = {}
+
+
+def carried_matmul(codes, w_codes):
+    """``codes [..., K] @ w_codes [K, N]`` of integer codes -> float32 holding the exact int32
+    product.  int8 operands: XLA's int8 dot with int32 accumulation.  bfloat16 operands (integer
+    codes carried exactly): float32 accumulation, exact for ``K <= MAX_EXACT_K`` (module
+    docstring); a longer ``K`` runs as one batched product over ``P = ceil(K / MAX_EXACT_K)``
+    equal slices (``[P, ..., K/P] @ [P, K/P, N]``, zero codes padding ``K`` to a multiple of
+    ``P``) whose exact results are summed in int32."""
+    k, lead = codes.shape[-1], codes.ndim - 1
+    if codes.dtype == jnp.int8:
+        return jax.lax.dot_general(codes, w_codes, (((lead,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.int32).astype(jnp.float32)
+    pieces = math.ceil(k / MAX_EXACT_K)
+    if pieces == 1:
+        return jax.lax.dot_general(codes, w_codes, (((lead,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    size = math.ceil(k / pieces)
+    if size * pieces != k:  # zero codes add nothing to the product
+        codes = jnp.pad(codes, [(0, 0)] * lead + [(0, size * pieces - k)])
+        w_codes = jnp.pad(w_codes, [(0, size * pieces - k), (0, 0)])
+    sliced = codes.reshape(codes.shape[:-1] + (pieces, size))                    # [..., P, K/P]
+    acc = jax.lax.dot_general(sliced, w_codes.reshape(pieces, size, -1),         # [P, ..., N]
+                              (((lead + 1,), (1,)), ((lead,), (0,))), preferred_element_type=jnp.float32)
+    return jnp.sum(acc.astype(jnp.int32), axis=0).astype(jnp.float32)
+
+
+def _grid_params(qm: M.QuantizerModule) -> list:
+    return [jnp.asarray(getattr(qm, n)[...]) for n in ("step", "offset", "lo", "hi") if hasattr(qm, n)]
+
+
+def same_grid(a: M.QuantizerModule, b: M.QuantizerModule) -> bool:
+    """Whether two static activation quantizers put the same grid on any input (one set of codes)."""
+    pa, pb = _grid_params(a), _grid_params(b)
+    return (a.quantizer == b.quantizer and a.range_mode == b.range_mode and len(pa) == len(pb)
+            and all(x.shape == y.shape and bool(jnp.all(x == y)) for x, y in zip(pa, pb)))
+
+
+def _int_weight(qlinear: M.QuantLinear) -> bool:
+    """A QuantLinear with a signed (or ternary / binary) non-group weight grid and a quantized input."""
+    wq, aq = qlinear.weight_quant, qlinear.input_quant
+    return (wq is not None and aq is not None and aq.quantizer.bits <= 8 and wq.quantizer.granularity != "group"
+            and (wq.quantizer.signed or wq.quantizer.method in ("twn", "bwn")))
+
+
+class StaticLinear(nnx.Module):
+    """One or more `QuantLinear` sharing an input quantizer, as one product with their kernels
+    side by side: ``y = (acc + shift * colsum) * (s_x * s_w) + (offset * colsum * s_w + bias)``
+    with ``acc = c @ d`` (`carried_matmul`) and the static codes ``c`` of the input."""
+
+    def __init__(self, qlinears: Sequence[M.QuantLinear], carrier: str = "bf16"):
+        first = qlinears[0]
+        codes = [weight_codes(q.weight_quant, q.kernel[...]) for q in qlinears]
+        d = jnp.concatenate([c["codes"] for c in codes], axis=1)
+        self.w_codes = IntCodes(d.astype(CARRIERS[carrier]))
+        self.w_scale = IntCodes(jnp.concatenate([jnp.broadcast_to(_scale_vector(c["scale"]), (q.out_features,))
+                                                 for c, q in zip(codes, qlinears)]))
+        self.w_colsum = IntCodes(jnp.sum(d.astype(jnp.int32), axis=0).astype(jnp.float32))  # exact: < 2^24
+        self.bias = IntCodes(jnp.concatenate([jnp.zeros((q.out_features,), jnp.float32) if q.bias is None
+                                              else jnp.asarray(q.bias[...], jnp.float32) for q in qlinears]))
+        self.input_quant = first.input_quant
+        self.sites = tuple(q.site for q in qlinears)
+        self.out_features = tuple(q.out_features for q in qlinears)
+
+    def __call__(self, x):
+        c, s_x, offset, shift = activation_codes(self.input_quant, x)
+        acc = carried_matmul(c.astype(self.w_codes[...].dtype), self.w_codes[...])
+        colsum, s_w = self.w_colsum[...], self.w_scale[...]
+        if shift:  # the unsigned levels c + shift, exactly (integers below 2^24 in float32)
+            acc = acc + shift * colsum
+        const = self.bias[...] if offset is None else self.bias[...] + offset * colsum * s_w
+        return acc * (s_x * s_w) + const
+
+
+class StaticAttention(nnx.Module):
+    """A BERT-family `BertAttention` (post-LayerNorm, no dropout at inference) with one
+    `StaticLinear` for query / key / value and one for the output dense; ``q.k^T`` and
+    ``probs.v`` as in the fake-quant model (its ``matmul_quant`` hook, or float)."""
+
+    def __init__(self, attention: BertAttention, carrier: str = "bf16"):
+        self.qkv = StaticLinear([attention.query, attention.key, attention.value], carrier)
+        self.output = StaticLinear([attention.output], carrier)
+        self.layer_norm = attention.layer_norm
+        self.head_dim = attention.head_dim
+        self.matmul_quant = attention.matmul_quant
+
+    def __call__(self, x, bias=None, *, want: frozenset = frozenset(), deterministic: bool = True, rngs=None):
+        """x [B,T,H], bias [B,1,1,T] additive (or None) -> (out [B,T,H], captured dict)."""
+        if not deterministic:
+            raise ValueError("the static int8 model is for inference: call it with deterministic=True")
+        b, t, _ = x.shape
+        d = self.head_dim
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+
+        def heads(y):  # [B,T,N*D] -> [B,N,T,D]
+            return y.reshape(b, t, y.shape[-1] // d, d).transpose(0, 2, 1, 3)
+
+        q, k, v = heads(q), heads(k), heads(v)
+        mq = self.matmul_quant
+        qk = jnp.matmul(q, k.transpose(0, 1, 3, 2)) if mq is None else mq.scores(q, k)
+        scores = qk * (1.0 / math.sqrt(d))
+        logits = scores if bias is None else scores + bias
+        probs = jax.nn.softmax(logits, axis=-1)
+        context = jnp.matmul(probs, v) if mq is None else mq.context(probs, v)
+        context = context.transpose(0, 2, 1, 3).reshape(b, t, -1)
+        out = self.layer_norm(self.output(context) + x)
+        values = {"attn_input": x, "ffn_input": out, "attn_scores": scores, "attn_probs": probs, "values": v,
+                  "context": context, "mha_out": out}
+        return out, {name: values[name] for name in want if name in values}
+
+
+class StaticInt8(NamedTuple):
+    """`to_static_int8`'s result: the converted ``model`` (``model(ids, mask, types).logits``)
+    and ``forward(*inputs) -> logits``, its jitted forward with the CPU compiler options."""
+
+    model: nnx.Module
+    forward: Callable
+
+
+def check_static(qmodel) -> None:
+    """ValueError naming the activation quantizers whose range is computed per call (``uniform``
+    or a registered method) or that were never calibrated, and the fix."""
+    acts = [(p, m) for p, m in quantizer_modules(qmodel) if p.rsplit(".", 1)[-1] in ACTIVATION_QUANTIZERS]
+    dynamic = [f"{p} ({m.quantizer.name})" for p, m in acts if m.quantizer.method not in STATIC_METHODS]
+    if dynamic:
+        raise ValueError(f"to_static_int8 needs static activation scales, but {len(dynamic)} activation quantizer(s) "
+                         f"compute a range per call: {dynamic[:3]}; quantize with make_spec(..., "
+                         f"activation_method='pact') (or 'lsq') and calibrate, or pass the float model with a "
+                         f"calibration batch, or use quant.to_integer_model for dynamic ranges")
+    missing = [p for p, m in acts if not m.calibrated]
+    if missing:
+        raise ValueError(f"to_static_int8: {len(missing)} activation quantizer(s) are not calibrated ({missing[:3]}); "
+                         f"pass a calibration batch (or run quant.calibrate(qmodel, batch) first)")
+
+
+def default_spec(model) -> QuantSpec:
+    """W8A8 with PACT (calibrated min / max, static) activation ranges on every Linear input, int8
+    row-wise word embeddings, attention's ``q.k^T`` and ``probs.v`` in float."""
+    _, sites = find_sites(model)
+    attention = [s for s in sites if s.rsplit(".", 1)[-1] in ("q", "k", "v", "probs")]
+    rules = [(r"\.(q|k|v|probs)$", None)] if attention else []
+    return make_spec(8, 8, 8, activation_method="pact", rules=rules)
+
+
+def _is_quantized(model) -> bool:
+    return any(isinstance(m, (M.QuantLinear, M.QuantEmbed)) for _, m in nnx.iter_modules(model))
+
+
+def convert(qmodel, carrier: str = "bf16"):
+    """A copy of the fake-quantized ``qmodel`` (static activation scales, `check_static`) with
+    int8 codes: fused `StaticAttention` where a BERT-family attention's four Linears are int8
+    sites with one input grid, `StaticLinear` for the other int8 Linears, `IntEmbed` for
+    quantized embeddings.  Other sites stay as they are (fake-quantized or float)."""
+    if carrier not in CARRIERS:
+        raise ValueError(f"carrier must be one of {sorted(CARRIERS)}, got {carrier!r}")
+    check_static(qmodel)
+    model = train.copy_model(qmodel)
+    for path, mod in list(nnx.iter_modules(model)):
+        if isinstance(mod, BertAttention) and not isinstance(mod.query, StaticLinear):
+            parts = (mod.query, mod.key, mod.value, mod.output)
+            if all(isinstance(q, M.QuantLinear) and _int_weight(q) for q in parts) and \
+                    same_grid(mod.query.input_quant, mod.key.input_quant) and \
+                    same_grid(mod.query.input_quant, mod.value.input_quant):
+                F.set_module(model, ".".join(map(str, path)), StaticAttention(mod, carrier))
+    for path, mod in list(nnx.iter_modules(model)):
+        if isinstance(mod, M.QuantLinear) and _int_weight(mod):
+            F.set_module(model, ".".join(map(str, path)), StaticLinear([mod], carrier))
+        elif isinstance(mod, M.QuantEmbed):
+            F.set_module(model, ".".join(map(str, path)), IntEmbed(mod))
+    return model
+
+
+@functools.cache
+def compiler_options(backend: str) -> dict[str, Any]:
+    """`CPU_COMPILER_OPTIONS` on the CPU backend when the installed XLA knows them (a tiny
+    compile checks), else ``{}`` (other backends, other XLA versions)."""
+    if backend != "cpu" or not CPU_COMPILER_OPTIONS:
+        return {}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(jnp.zeros(2)).compile()
+    except Exception:  # noqa: BLE001  (an option this XLA does not have: compile without)
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+def jit_forward(model, options: dict[str, Any] | None = None) -> Callable:
+    """``forward(*inputs) -> model(*inputs).logits`` compiled once per input shape with XLA
+    ``options`` (default `compiler_options` of the default backend); the model's state is
+    captured (later changes to ``model`` are not seen)."""
+    graphdef, state = nnx.split(model)
+    opts = compiler_options(jax.default_backend()) if options is None else options
+
+    @functools.partial(jax.jit, compiler_options=opts or None)
+    def run(state, *inputs):
+        return nnx.merge(graphdef, state)(*inputs).logits
+
+    return functools.partial(run, state)
+
+
+def to_static_int8(model, calibration: dict | Callable | None = None, *, spec: QuantSpec | None = None,
+                   carrier: str = "bf16") -> StaticInt8:
+    """Static-scale int8 inference model (module docstring) and its jitted forward.
+
+    ``model``: a float model (quantized with ``spec``, default `default_spec`: W8A8 with PACT
+    activation ranges, attention matmuls in float, then calibrated on ``calibration``, a batch
+    dict or ``fn(model)`` as for `efficient_nlp.quant.calibrate`), or a fake-quantized model
+    whose activation quantizers are ``lsq`` / ``pact`` (after QAT; calibrated here on
+    ``calibration`` only when they are not calibrated yet, so learned steps are kept).  ``carrier``: ``"bf16"`` or ``"int8"`` operands of the integer
+    products (same results).  ``model`` is not changed.
+    """
+    if _is_quantized(model):
+        if spec is not None:
+            raise ValueError("to_static_int8: the model is already quantized; give spec= with the float model only")
+        qmodel = model
+        if calibration is not None and not all(m.calibrated for _, m in quantizer_modules(model)):
+            qmodel = train.copy_model(model)
+            calibrate(qmodel, calibration)
+    else:
+        if calibration is None:
+            raise ValueError("to_static_int8 on a float model needs a calibration batch (a dict with input_ids, "
+                             "attention_mask, token_type_ids of representative rows) to set the activation scales")
+        qmodel, _ = quantize_model(model, spec or default_spec(model))
+        calibrate(qmodel, calibration)
+    smodel = convert(qmodel, carrier)
+    return StaticInt8(smodel, jit_forward(smodel))
+
+
+__all__ = ["CARRIERS", "MAX_EXACT_K", "STATIC_METHODS", "StaticAttention", "StaticInt8", "StaticLinear",
+           "carried_matmul", "check_static", "compiler_options", "convert", "default_spec", "jit_forward",
+           "same_grid", "to_static_int8"]
