@@ -87,3 +87,65 @@ def test_uncalibrated_and_missing_calibration_are_clear_errors(bert, calib):
     static = quant.to_static_int8(qmodel, calib)  # calibrated here, on a copy
     assert not qmodel.bert.encoder.layers[0].ffn.intermediate.input_quant.calibrated
     assert np.isfinite(_logits(static.model, calib)).all()
+
+
+def test_smoothed_static_model_equals_smoothed_fake_quant(bert, calib):
+    """smooth='smoothquant': SmoothQuant folded into the float model (its function unchanged),
+    then the same W8A8 PACT model as the fake-quant reference with the same scales."""
+    from efficient_nlp import oneshot
+
+    smoothed = oneshot.smooth(bert, calib, method="smoothquant", alpha=0.5, log=None)
+    assert any(r["smoothed"] for r in smoothed.report)
+    ref = _logits(bert, calib)
+    np.testing.assert_allclose(_logits(smoothed.model, calib), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    static = quant.to_static_int8(bert, calib, smooth="smoothquant", alpha=0.5, clip="minmax")
+    qmodel, _ = quant.quantize_model(smoothed.model, S.default_spec(bert))
+    quant.calibrate(qmodel, calib)
+    batch = _tiny.token_batch(3, 12, V, seed=2)
+    fake = _logits(qmodel, batch)
+    np.testing.assert_allclose(_logits(static.model, batch), fake, rtol=0, atol=1e-5 * np.abs(fake).max())
+    # the smoothing changed the model that was quantized: the unsmoothed static model differs
+    plain = _logits(quant.to_static_int8(bert, calib, clip="minmax").model, batch)
+    assert np.abs(plain - fake).max() > 1e-4 * np.abs(fake).max()
+
+
+@pytest.mark.parametrize("clip", ["percentile", "mse"])
+def test_clipped_ranges_lie_inside_the_data_and_mse_beats_minmax(bert, calib, clip):
+    """Every PACT range lies inside [min, max] of its calibration inputs; MSE clipping never
+    raises a quantizer's error on those inputs and lowers the total."""
+    qmodel, _ = quant.quantize_model(bert, S.default_spec(bert))
+    S.calibrate_clipped(qmodel, calib, clip, percentile=99.0)
+    inputs = S.calibration_inputs(qmodel, calib)
+    assert len(inputs) == 2 * 6 + 2  # query, key, value, output, ffn in / out per layer; pooler, classifier
+    total = {"clip": 0.0, "minmax": 0.0}
+    for path, x in inputs.items():
+        qm = S.F.get_module(qmodel, path)
+        lo, hi = float(qm.lo[...]), float(qm.hi[...])
+        assert x.min() <= lo <= hi <= x.max(), path
+        b, signed = qm.quantizer.bits, qm.quantizer.signed
+        err, full = float(S.quant_mse(x, lo, hi, b, signed)), float(S.quant_mse(x, x.min(), x.max(), b, signed))
+        if clip == "mse":
+            assert err <= full * (1 + 1e-6), path
+        total["clip"] += err
+        total["minmax"] += full
+    if clip == "mse":
+        assert total["clip"] < total["minmax"]
+    static = quant.to_static_int8(bert, calib, clip=clip, percentile=99.0)  # the same model, converted
+    np.testing.assert_allclose(_logits(static.model, calib), _logits(qmodel, calib), rtol=0,
+                               atol=1e-5 * np.abs(_logits(bert, calib)).max())
+
+
+def test_float_inputs_keep_a_role_in_float_and_bad_options_are_clear_errors(bert, calib):
+    static = quant.to_static_int8(bert, calib, float_inputs=("ffn_out",))
+    layer = static.model.bert.encoder.layers[0]
+    assert isinstance(layer.ffn.intermediate, S.StaticLinear)
+    assert not isinstance(layer.ffn.output, S.StaticLinear) and layer.ffn.output.input_quant is None
+    with pytest.raises(ValueError, match="unknown layer role.*ffn_outt"):
+        quant.to_static_int8(bert, calib, float_inputs=("ffn_outt",))
+    with pytest.raises(ValueError, match="clip must be one of"):
+        quant.to_static_int8(bert, calib, clip="max")
+    with pytest.raises(ValueError, match="smooth must be"):
+        quant.to_static_int8(bert, calib, smooth="awq")
+    qmodel, _ = quant.quantize_model(bert, S.default_spec(bert))
+    with pytest.raises(ValueError, match="already quantized.*float model only"):
+        quant.to_static_int8(qmodel, calib, smooth="smoothquant")

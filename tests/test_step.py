@@ -97,6 +97,55 @@ def test_make_step_equals_a_hand_written_optax_update():
     assert bool(metrics["nonfinite"])
 
 
+@pytest.mark.parametrize("n", [1, 7, 4096, 100_003])
+def test_step_dropout_bits_are_jax_random_bits(n):
+    """The unrolled Threefry of the dropout masks gives jax.random.bits's words exactly."""
+    from efficient_nlp.models.dropout import _bits32, threefry_bits32
+
+    for key in (jax.random.key(0), jax.random.fold_in(jax.random.key(11), 5)):
+        want = np.asarray(jax.random.bits(key, (n,), jnp.uint32))
+        np.testing.assert_array_equal(np.asarray(jax.jit(threefry_bits32, static_argnums=1)(key, n)), want)
+        np.testing.assert_array_equal(np.asarray(_bits32(key, n)), want)
+    rbg = jax.random.key(3, impl="rbg")  # other implementations: jax.random.bits itself
+    np.testing.assert_array_equal(np.asarray(_bits32(rbg, n)), np.asarray(jax.random.bits(rbg, (n,), jnp.uint32)))
+
+
+def test_step_dropout_masks_equal_the_jax_random_bits_masks():
+    """Dropout masks equal those drawn by jax.random.bits (what the dropout used before its
+    unrolled Threefry); a BERT's loss and gradients with them agree to float rounding (the two
+    programs are compiled, hence fused, differently)."""
+    from efficient_nlp.models import dropout as dropout_lib
+
+    x = jnp.ones((3, 5, 7))
+    drop = jax.jit(lambda k: dropout_lib.dropout(x, 0.25, k))
+    fast_mask = np.asarray(drop(jax.random.key(5)))
+
+    cfg = models.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=24, num_labels=2, max_position_embeddings=16,
+                            hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    model = models.BertForSequenceClassification(cfg, rngs=nnx.Rngs(0))
+    batch = {k: jnp.asarray(v) for k, v in token_batch(4, 9, 50).items()}
+
+    def loss_and_grads():
+        def loss(m):
+            out = m(batch["input_ids"], batch["attention_mask"], deterministic=False, rngs=nnx.Rngs(dropout=7))
+            return jnp.sum(out.logits ** 2)
+        return jax.jit(nnx.value_and_grad(loss))(model)
+
+    fast = loss_and_grads()
+    original = dropout_lib._bits32
+    dropout_lib._bits32 = lambda key, n: jax.random.bits(key, (n,), jnp.uint32)
+    try:
+        slow = loss_and_grads()
+        slow_mask = np.asarray(jax.jit(lambda k: dropout_lib.dropout(x, 0.25, k))(jax.random.key(5)))
+    finally:
+        dropout_lib._bits32 = original
+    np.testing.assert_array_equal(fast_mask, slow_mask)
+    assert 0 < (fast_mask == 0).sum() < fast_mask.size
+    for a, b in zip(leaves(fast), leaves(slow)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+
+
 # ----------------------------------------------------------------------------- run
 def test_run_equals_an_explicit_loop_and_leaves_the_model_alone():
     model = Tiny()

@@ -30,6 +30,20 @@ The integer product ``c @ d`` runs on one of two carriers (``carrier=``):
   TPUs run bfloat16 products with float32 accumulation as well;
 * ``"int8"``: XLA's int8 x int8 -> int32 ``dot_general``.
 
+Accuracy options of a float model calibrated here: activation grids are asymmetric
+(``asymmetric=True``, default: the ``[lo, hi]`` grid of a LayerNorm output with one-sided
+outlier channels wastes no levels; its zero point is one constant per output column);
+``clip=`` sets each range to the min / max of the calibration inputs (``"minmax"``, default), a
+central ``percentile`` of them, or the range minimising their quantization mean squared error
+(``"mse"``, `mse_range`); ``smooth="smoothquant"`` first migrates input-channel outliers into the
+weights where the inverse scale folds exactly into the float model (`efficient_nlp.oneshot.smooth`:
+on post-LayerNorm BERT-family layers only the attention output's input, through the value
+projection; a LayerNorm output also feeds the residual); ``float_inputs`` keeps the inputs of
+some Linear roles in float (those products run as float matmuls: slower).  On MiniLM sentence
+embeddings clipping hurts (its outlier channels carry signal) and the FFN inputs (``ffn_in``,
+``ffn_out``) are the sensitive sites; the repository's ``benchmarks/int8_accuracy.py`` prints the
+comparison.
+
 Attention's ``q.k^T`` and ``probs.v`` stay as the fake-quant model computes them (float
 matmuls; with an attention quantizer its static fake quantization, also elementwise).  The
 result equals the fake-quantized model with the same static scales up to float rounding of the
@@ -39,16 +53,19 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from efficient_nlp import train
 from efficient_nlp.models import family as F
 from efficient_nlp.models.bert import BertAttention
 from efficient_nlp.quant import modules as M
+from efficient_nlp.quant import quantizers as Q
 from efficient_nlp.quant.export import weight_codes
 from efficient_nlp.quant.integer import IntCodes, IntEmbed, _scale_vector, activation_codes
 from efficient_nlp.quant.spec import QuantSpec, make_spec
@@ -60,6 +77,10 @@ STATIC_METHODS = ("lsq", "pact")
 #: Longest contraction whose bfloat16-carried int8 product is exact: ``128 * 127 * K < 2^24``.
 MAX_EXACT_K = (2 ** 24 - 1) // (128 * 127)
 CARRIERS = {"bf16": jnp.bfloat16, "int8": jnp.int8}
+#: How `to_static_int8` sets the PACT clip range of each activation quantizer from its calibration inputs.
+CLIPS = ("minmax", "percentile", "mse")
+#: Calibration inputs (values) one quantizer's ``mse`` search looks at, an even subsample of the rest.
+MSE_SAMPLE = 1 << 18
 #: XLA:CPU options of the compiled forward (checked against the installed XLA, `compiler_options`).
 CPU_COMPILER_OPTIONS: dict[str, Any] = {}
 
@@ -196,12 +217,134 @@ def check_static(qmodel) -> None:
                          f"pass a calibration batch (or run quant.calibrate(qmodel, batch) first)")
 
 
-def default_spec(model) -> QuantSpec:
-    """W8A8 with PACT (calibrated min / max, static) activation ranges on every Linear input, int8
-    row-wise word embeddings, attention's ``q.k^T`` and ``probs.v`` in float."""
+class _Recorder(nnx.Module):
+    """Stands in for an activation quantizer during `calibration_inputs`: hands its input to
+    ``sink`` and passes it on unquantized (``quantizer``: the replaced one's, for its readers)."""
+
+    def __init__(self, path: str, sink: Callable, quantizer):
+        self.path, self.sink, self.quantizer = path, sink, quantizer
+
+    def __call__(self, x):
+        self.sink(self.path, x)
+        return x
+
+
+def calibration_inputs(qmodel, calibration: dict | Callable) -> dict[str, np.ndarray]:
+    """``{path: values}``: the float32 inputs of every ``pact`` activation quantizer of ``qmodel``
+    on one float forward pass over ``calibration`` (a batch dict or ``fn(model)``; activations
+    unquantized, weights as ``qmodel`` has them), flattened; with a batch dict only the real
+    tokens (``attention_mask``) of ``[B, T, ...]`` inputs, since padding never reaches a result."""
+    paths = [p for p, m in quantizer_modules(qmodel) if p.rsplit(".", 1)[-1] in ACTIVATION_QUANTIZERS
+             and m.quantizer.method == "pact"]
+    mask = None if callable(calibration) or calibration.get("attention_mask") is None else \
+        np.asarray(calibration["attention_mask"]).astype(bool)
+    seen: dict[str, list] = {p: [] for p in paths}
+
+    def sink(path, x):
+        x = np.asarray(x, np.float32)
+        seen[path].append(x[mask] if mask is not None and x.shape[:2] == mask.shape else x)
+
+    model = train.copy_model(qmodel)
+    for p in paths:
+        F.set_module(model, p, _Recorder(p, sink, F.get_module(model, p).quantizer))
+    calibration(model) if callable(calibration) else F.forward(model, calibration)
+    return {p: np.concatenate([v.reshape(-1) for v in seen[p]]) for p in paths if seen[p]}
+
+
+def quant_mse(x, lo, hi, bits: int, signed: bool) -> jax.Array:
+    """Mean squared error of PACT's fake quantization (`quantizers.clip_quant`) of ``x`` with
+    the clip range ``[lo, hi]``: rounding inside the range plus clipping outside it."""
+    x = jnp.asarray(x, jnp.float32)
+    return jnp.mean(jnp.square(Q.clip_quant(x, lo, hi, bits, signed=signed) - x))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "signed"))
+def _best(x, los, his, bits, signed):
+    errs = jax.vmap(lambda lo, hi: quant_mse(x, lo, hi, bits, signed))(los, his)
+    i = jnp.argmin(errs)
+    return los[i], his[i]
+
+
+def mse_range(x, bits: int, signed: bool, steps: int = 100) -> tuple[float, float]:
+    """The clip range ``[lo, hi]`` inside ``[min x, max x]`` minimising `quant_mse` of ``x``
+    (MSE-optimal clipping, e.g. Banner et al. 2019; Sung et al. 2015), searched on a grid of
+    ``steps`` candidates per bound that includes the full range, so its error never exceeds the
+    min / max range's.  Signed (symmetric) grids: one threshold ``t`` (``lo = max(min, -t)``,
+    ``hi = min(max, t)``); unsigned grids: ``hi`` then ``lo``, alternately, twice.  At most
+    `MSE_SAMPLE` values (an even subsample) enter the search."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    if x.size > MSE_SAMPLE:
+        x = x[:: -(-x.size // MSE_SAMPLE)]
+    lo, hi = float(x.min()), float(x.max())
+    frac = np.linspace(1.0 / steps, 1.0, steps, dtype=np.float32)
+    xs = jnp.asarray(x)
+    if signed:
+        t = max(-lo, hi) * frac
+        best = _best(xs, np.maximum(np.float32(lo), -t), np.minimum(np.float32(hi), t), bits, True)
+        return float(best[0]), float(best[1])
+    cur_lo, cur_hi = lo, hi
+    for _ in range(2):
+        his = np.minimum(cur_lo + (hi - cur_lo) * frac, np.float32(hi))  # the last one is hi, exactly
+        cur_hi = float(_best(xs, np.full(steps, cur_lo, np.float32), his, bits, False)[1])
+        los = np.maximum(cur_hi - (cur_hi - lo) * frac, np.float32(lo))
+        cur_lo = float(_best(xs, los, np.full(steps, cur_hi, np.float32), bits, False)[0])
+    return cur_lo, cur_hi
+
+
+def clip_range(x, quantizer, clip: str, percentile: float = 99.99) -> tuple[float, float]:
+    """The PACT clip range ``(lo, hi)`` of a quantizer from its calibration inputs ``x``:
+    ``"minmax"`` the extremes, ``"percentile"`` the central ``percentile`` percent of the values
+    (``lo``, ``hi`` = the ``(100 - p)``-th and ``p``-th percentiles), ``"mse"`` `mse_range`."""
+    x = np.asarray(x, np.float32).reshape(-1)
+    if clip == "minmax":
+        return float(x.min()), float(x.max())
+    if clip == "percentile":
+        lo, hi = np.percentile(x, [100.0 - percentile, percentile])
+        return float(lo), float(hi)
+    if clip == "mse":
+        return mse_range(x, quantizer.bits, quantizer.signed)
+    raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
+
+
+def calibrate_clipped(qmodel, calibration: dict | Callable, clip: str = "minmax", percentile: float = 99.99) -> None:
+    """`efficient_nlp.quant.calibrate` of ``qmodel`` (in place), then, for ``clip`` other than
+    ``"minmax"``, each ``pact`` activation quantizer's ``lo`` / ``hi`` set by `clip_range` from
+    its `calibration_inputs`."""
+    if clip not in CLIPS:
+        raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (50, 100] (the central share of values kept), got {percentile}")
+    calibrate(qmodel, calibration)
+    if clip == "minmax":
+        return
+    for path, x in calibration_inputs(qmodel, calibration).items():
+        qm = F.get_module(qmodel, path)
+        lo, hi = clip_range(x, qm.quantizer, clip, percentile)
+        qm.lo[...] = jnp.asarray(lo, qm.lo[...].dtype)
+        qm.hi[...] = jnp.asarray(hi, qm.hi[...].dtype)
+
+
+def default_spec(model, float_inputs: Sequence[str] = (), asymmetric: bool = True) -> QuantSpec:
+    """W8A8 with PACT (calibrated, static) activation ranges on every Linear input, int8
+    row-wise word embeddings, attention's ``q.k^T`` and ``probs.v`` in float; the inputs of the
+    Linears of the layer roles in ``float_inputs`` (e.g. ``("ffn_out",)``) stay float too.
+    ``asymmetric`` (default): every Linear input gets the unsigned ``[lo, hi]`` grid (the range of
+    a LayerNorm output with one-sided outlier channels is not wasted on values that never occur;
+    its zero point costs one constant per output column in `StaticLinear`, no extra product);
+    else symmetric grids except after GELU / ReLU (`make_spec`)."""
     _, sites = find_sites(model)
     attention = [s for s in sites if s.rsplit(".", 1)[-1] in ("q", "k", "v", "probs")]
     rules = [(r"\.(q|k|v|probs)$", None)] if attention else []
+    if float_inputs:
+        bad = sorted(set(float_inputs) - set(F.LAYER_ROLES))
+        if bad:
+            raise ValueError(f"float_inputs: unknown layer role(s) {bad}; valid: {list(F.LAYER_ROLES)}")
+        paths = [s.path for s in F.sites(model, tuple(float_inputs))]
+        if not paths:
+            raise ValueError(f"float_inputs: the model has no Linear of the roles {list(float_inputs)}")
+        rules.append((r"^(" + "|".join(map(re.escape, paths)) + r")\.input$", None))
+    if asymmetric:
+        rules.append((r"\.input$", {"signed": False}))
     return make_spec(8, 8, 8, activation_method="pact", rules=rules)
 
 
@@ -261,33 +404,55 @@ def jit_forward(model, options: dict[str, Any] | None = None) -> Callable:
 
 
 def to_static_int8(model, calibration: dict | Callable | None = None, *, spec: QuantSpec | None = None,
-                   carrier: str = "bf16") -> StaticInt8:
+                   carrier: str = "bf16", clip: str = "minmax", percentile: float = 99.99, smooth: str | None = None,
+                   alpha: float = 0.5, float_inputs: Sequence[str] = (), asymmetric: bool = True) -> StaticInt8:
     """Static-scale int8 inference model (module docstring) and its jitted forward.
 
     ``model``: a float model (quantized with ``spec``, default `default_spec`: W8A8 with PACT
     activation ranges, attention matmuls in float, then calibrated on ``calibration``, a batch
     dict or ``fn(model)`` as for `efficient_nlp.quant.calibrate`), or a fake-quantized model
     whose activation quantizers are ``lsq`` / ``pact`` (after QAT; calibrated here on
-    ``calibration`` only when they are not calibrated yet, so learned steps are kept).  ``carrier``: ``"bf16"`` or ``"int8"`` operands of the integer
-    products (same results).  ``model`` is not changed.
+    ``calibration`` only when they are not calibrated yet, so learned steps are kept).
+    ``carrier``: ``"bf16"`` or ``"int8"`` operands of the integer products (same results).
+    Calibration here: ``clip`` (`CLIPS`, `clip_range`: ``"mse"``, ``"percentile"`` of
+    ``percentile``, ``"minmax"``) sets the PACT ranges.  Float model only: ``smooth="smoothquant"``
+    runs `efficient_nlp.oneshot.smooth` (``alpha``) on ``calibration`` (a batch dict) first;
+    ``float_inputs``: layer roles whose Linear inputs stay float, ``asymmetric``: unsigned
+    activation grids (`default_spec`; a quantized model keeps its own grids).
+    ``model`` is not changed.
     """
+    if smooth not in (None, "smoothquant"):
+        raise ValueError(f"smooth must be None or 'smoothquant', got {smooth!r}")
     if _is_quantized(model):
-        if spec is not None:
-            raise ValueError("to_static_int8: the model is already quantized; give spec= with the float model only")
+        if spec is not None or smooth is not None or float_inputs:
+            raise ValueError("to_static_int8: the model is already quantized; spec=, smooth= and float_inputs= "
+                             "apply to the float model only (pass the float model with a calibration batch)")
         qmodel = model
         if calibration is not None and not all(m.calibrated for _, m in quantizer_modules(model)):
             qmodel = train.copy_model(model)
-            calibrate(qmodel, calibration)
+            calibrate_clipped(qmodel, calibration, clip, percentile)
     else:
         if calibration is None:
             raise ValueError("to_static_int8 on a float model needs a calibration batch (a dict with input_ids, "
                              "attention_mask, token_type_ids of representative rows) to set the activation scales")
-        qmodel, _ = quantize_model(model, spec or default_spec(model))
-        calibrate(qmodel, calibration)
+        if spec is not None and (float_inputs or asymmetric):
+            raise ValueError("to_static_int8: give either spec= or float_inputs= / asymmetric= (rules of your spec "
+                             "can leave inputs in float: (r'<site>\\.input$', None), or make them unsigned: "
+                             "(r'\\.input$', {'signed': False}))")
+        if smooth is not None:
+            if callable(calibration):
+                raise ValueError("to_static_int8: smooth= needs the calibration batch as a dict of token arrays "
+                                 "(input_ids, attention_mask, token_type_ids), not a function")
+            from efficient_nlp import oneshot
+
+            model = oneshot.smooth(model, calibration, method=smooth, alpha=alpha, log=None).model
+        qmodel, _ = quantize_model(model, spec or default_spec(model, float_inputs, asymmetric))
+        calibrate_clipped(qmodel, calibration, clip, percentile)
     smodel = convert(qmodel, carrier)
     return StaticInt8(smodel, jit_forward(smodel))
 
 
-__all__ = ["CARRIERS", "MAX_EXACT_K", "STATIC_METHODS", "StaticAttention", "StaticInt8", "StaticLinear",
-           "carried_matmul", "check_static", "compiler_options", "convert", "default_spec", "jit_forward",
-           "same_grid", "to_static_int8"]
+__all__ = ["CARRIERS", "CLIPS", "MAX_EXACT_K", "MSE_SAMPLE", "STATIC_METHODS", "StaticAttention", "StaticInt8",
+           "StaticLinear", "calibrate_clipped", "calibration_inputs", "carried_matmul", "check_static", "clip_range",
+           "compiler_options", "convert", "default_spec", "jit_forward", "mse_range", "quant_mse", "same_grid",
+           "to_static_int8"]
