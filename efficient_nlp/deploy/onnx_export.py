@@ -1,6 +1,6 @@
 """ONNX export of the encoder sequence classifiers, float and integer, with our own emitter.
 
-    path = deploy.export_onnx(model, "model.onnx")               # float or quant.to_integer_model output
+    path = deploy.export_onnx(model, "model.onnx")   # float, to_integer_model or to_static_int8 output
     sess = deploy.ort_session(path)
     logits, = sess.run(["logits"], {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
 
@@ -18,7 +18,8 @@ them), output ``logits`` (float32 ``[batch, num_labels]``):
   (``where(mask > 0, 0, MASK_VALUE)`` with ``MASK_VALUE`` = half of float32's minimum, as
   `bert.attention_bias`), ``Softmax`` on the last axis, ``MatMul`` with v, back to ``[B,T,N*D]``,
   output Linear, residual, ``LayerNormalization``;
-* feed-forward: Linear, activation (exact GELU ``0.5 x (1 + erf(x / sqrt 2))``, tanh GELU
+* feed-forward: Linear, activation (exact GELU ``0.5 x (1 + erf(x / sqrt 2))``, the pattern
+  ONNX Runtime fuses into one ``BiasGelu`` kernel, tanh GELU
   ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, ReLU, SiLU), Linear, residual,
   ``LayerNormalization``;
 * head: BERT's pooler ``tanh(dense(h[:, 0]))`` then ``classifier``; the other families'
@@ -28,12 +29,18 @@ them), output ``logits`` (float32 ``[batch, num_labels]``):
 Integer models (`efficient_nlp.quant.to_integer_model`): `IntLinear` sites become activation
 quantization ops + ``MatMulInteger`` on int8 weight initializers (`onnx_quant`), `IntAttention`
 the same for ``q.k^T`` and ``probs.v``, `IntEmbed` an int8 table gathered and rescaled per row.
-Sites without such a mapping (group-wise scales, ternary splits, sites the integer model kept
-fake-quantized, weight-only `DequantLinear`) are exported with their dequantized float weight and
-their activation fake-quantized in float -- the same function, float matmuls -- and listed in the
-report (`ExportReport`, stored in the file's metadata and returned by `export_report`).  A
-fake-quantized model (`quant.quantize_model`) is refused: convert it with
-``quant.to_integer_model`` first, so the file holds int8 weights and int8 matmuls.
+Static int8 models (`efficient_nlp.quant.to_static_int8`, static PACT / LSQ activation scales):
+`StaticLinear` sites (q / k / v fused in one product, then ``Split``) become the QDQ form ONNX
+Runtime fuses into ``MatMulIntegerToFloat`` (`onnx_qdq`); attention's products stay as the
+static model computes them.
+
+Sites without an integer mapping (group-wise scales, ternary splits, sites the integer
+conversion kept fake-quantized, weight-only `DequantLinear`) are exported with their dequantized
+float weight and their activation fake-quantized in float -- the same function, float matmuls --
+and listed in the report (`ExportReport`, stored in the file's metadata and returned by
+`export_report`).  A fake-quantized model (`quant.quantize_model`) is refused: convert it with
+``quant.to_integer_model`` (or ``quant.to_static_int8``) first, so the file holds int8 weights
+and int8 matmuls.
 
 All parameters are exported in float32 whatever the model's dtypes.
 """
@@ -46,15 +53,19 @@ import os
 import numpy as np
 from flax import nnx
 
+from efficient_nlp.deploy import onnx_qdq as QDQ
 from efficient_nlp.deploy import onnx_quant as OQ
 from efficient_nlp.deploy.onnx_graph import Graph, _onnx
 from efficient_nlp.models import bert as B
 from efficient_nlp.models import family as F
 from efficient_nlp.quant import integer as I
 from efficient_nlp.quant import modules as M
+from efficient_nlp.quant import static_int8 as S
 from efficient_nlp.quant.export import dequantize_weight
 
 REPORT_KEY = "efficient_nlp.export_report"
+#: The report's name of the QDQ form of a static int8 Linear site (`onnx_qdq`).
+QDQ_FORM = "int8 QDQ MatMul"
 INT64 = 7
 
 
@@ -78,7 +89,8 @@ class ExportReport:
 
 
 # ----------------------------------------------------------------------------- validation
-_INTEGER_TYPES = (I.IntLinear, I.IntEmbed, I.DequantLinear, I.IntAttention, I.IntSplitLinear, I.IntSplitEmbed)
+_INTEGER_TYPES = (I.IntLinear, I.IntEmbed, I.DequantLinear, I.IntAttention, I.IntSplitLinear, I.IntSplitEmbed,
+                  S.StaticLinear, S.StaticAttention)
 _FAKE_TYPES = (M.QuantLinear, M.QuantEmbed, M.AttentionQuant)
 
 
@@ -119,6 +131,10 @@ def linear(g: Graph, mod, x: str, ndim: int, hint: str, report: list) -> str:
     bias = None if getattr(mod, "bias", None) is None else mod.bias[...]
     if isinstance(mod, nnx.Linear):
         return _float_linear(g, x, mod.kernel[...], bias, hint, key)
+    if isinstance(mod, S.StaticLinear):
+        y, note = QDQ.static_linear(g, mod, x, hint, key)
+        report.extend((site, QDQ_FORM, note) for site in mod.sites)
+        return y
     site = getattr(mod, "site", hint)
     if isinstance(mod, I.IntLinear) and not mod.group_size:
         report.append((site, "int8 MatMulInteger", f"W{mod.w_bits} A{mod.a_bits}"))
@@ -136,7 +152,7 @@ def linear(g: Graph, mod, x: str, ndim: int, hint: str, report: list) -> str:
         why = "weight-only site (float input)"
     elif isinstance(mod, M.QuantLinear):
         w = _f32(mod.kernel[...] if mod.weight_quant is None else mod.weight_quant(mod.kernel[...]))
-        why = "kept fake-quantized by to_integer_model"
+        why = "kept fake-quantized by the integer conversion"
     else:
         raise ValueError(f"export_onnx: no ONNX mapping for the {type(mod).__name__} at {site}; supported: "
                          "nnx.Linear and the integer model's sites (merge adapters / factorisations first)")
@@ -175,7 +191,8 @@ def layer_norm(g: Graph, mod: nnx.LayerNorm, x: str, hint: str) -> str:
 def activation(g: Graph, name: str, x: str, hint: str) -> str:
     """`bert.activation` as ops."""
     if name == "gelu":
-        erf = g.op("Erf", [g.op("Mul", [x, g.const(1.0 / math.sqrt(2.0))], hint + ".scaled")], hint + ".erf")
+        # Div by sqrt(2): the pattern ONNX Runtime's GeluFusion turns into one Gelu (BiasGelu) kernel
+        erf = g.op("Erf", [g.op("Div", [x, g.const(math.sqrt(2.0))], hint + ".scaled")], hint + ".erf")
         inner = g.op("Add", [erf, g.const(1.0)], hint + ".one_plus")
     elif name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         cube = g.op("Mul", [g.op("Mul", [x, x], hint + ".sq"), x], hint + ".cube")
@@ -232,14 +249,21 @@ def _heads(g: Graph, y: str, n: int, d: int, hint: str, perm) -> str:
 def _attention(g: Graph, model, i: int, x: str, bias: str, report: list) -> str:
     path = F.attention_path(model, i)
     att = F.get_module(model, path)
-    layout = F.head_layout(model, i)
-    n, d = layout.num_heads, layout.head_dim
-    if layout.num_kv_heads != n:
-        raise ValueError(f"export_onnx: layer {i} has {layout.num_kv_heads} key/value heads for {n} query heads; "
+    if isinstance(att, S.StaticAttention):  # one [H, 3W] product, split into q / k / v
+        d = att.head_dim
+        widths = att.qkv.out_features
+        n, kv_heads = widths[0] // d, widths[1] // d
+        qkv = linear(g, att.qkv, x, 3, path + ".qkv", report)
+        projections = g.op("Split", [qkv, g.const(list(widths), np.int64)], path + ".qkv_split", outputs=3, axis=-1)
+    else:
+        layout = F.head_layout(model, i)
+        n, d, kv_heads = layout.num_heads, layout.head_dim, layout.num_kv_heads
+        projections = [linear(g, getattr(att, name), x, 3, f"{path}.{name}", report)
+                       for name in ("query", "key", "value")]
+    if kv_heads != n:
+        raise ValueError(f"export_onnx: layer {i} has {kv_heads} key/value heads for {n} query heads; "
                          "the encoder export expects one per query head")
-    q = _heads(g, linear(g, att.query, x, 3, path + ".query", report), n, d, path + ".q", (0, 2, 1, 3))
-    k = _heads(g, linear(g, att.key, x, 3, path + ".key", report), n, d, path + ".k", (0, 2, 1, 3))
-    v = _heads(g, linear(g, att.value, x, 3, path + ".value", report), n, d, path + ".v", (0, 2, 1, 3))
+    q, k, v = (_heads(g, y, n, d, f"{path}.{name}", (0, 2, 1, 3)) for y, name in zip(projections, "qkv"))
     mq = att.matmul_quant
     if isinstance(mq, I.IntAttention):
         report.append((mq.site, "int8 MatMulInteger", "q.k^T and probs.v"))
@@ -299,6 +323,8 @@ def build_graph(model, *, batch=None, seq=None, opset: int = 17):
     onnx = _onnx()
     if opset < 17:
         raise ValueError(f"export_onnx needs opset >= 17 (LayerNormalization), got {opset}")
+    if isinstance(model, S.StaticInt8):
+        model = model.model
     check_exportable(model)
     g, report = Graph(opset), []
     ids, mask, types = (g.name(n) for n in ("input_ids", "attention_mask", "token_type_ids"))
@@ -320,11 +346,23 @@ def build_graph(model, *, batch=None, seq=None, opset: int = 17):
 
 
 def export_onnx(model, path, *, batch=None, seq=None, opset: int = 17, verbose: bool = False) -> str:
-    """Write ``model`` (a float encoder sequence classifier or its ``quant.to_integer_model``
-    output) to ``path`` as ONNX; returns the path.  ``batch`` / ``seq``: fixed sizes of the input
-    axes (None: dynamic).  The model is checked with ``onnx.checker``; the site report (int8 ops
-    or float fallbacks) is stored in the file's metadata (`export_report`), and printed when
-    ``verbose`` or when some quantized site fell back to a dequantized float weight."""
+    """Write ``model`` to ``path`` as ONNX; returns the path.  The form follows the model's type:
+
+    * a float encoder sequence classifier: float ops (``MatMul``);
+    * ``quant.to_integer_model`` output (ranges computed per token / per example): the range
+      reductions and the quantization as ops, then ``MatMulInteger`` on int8 weights
+      (report form ``int8 MatMulInteger``);
+    * ``quant.to_static_int8`` output (the `StaticInt8` tuple or its ``.model``; static
+      PACT / LSQ scales): QDQ -- ``QuantizeLinear`` -> ``DequantizeLinear`` on each activation,
+      ``DequantizeLinear`` on int8 weight initializers (per output column), float ``MatMul``,
+      which ONNX Runtime's optimizer fuses into ``MatMulIntegerToFloat`` (report form
+      ``int8 QDQ MatMul``; `onnx_qdq`);
+
+    sites of any model without an integer form run float ops on dequantized weights (report
+    form ``float ...``).  ``batch`` / ``seq``: fixed sizes of the input axes (None: dynamic).
+    The model is checked with ``onnx.checker``; the site report (the form per quantized site)
+    is stored in the file's metadata (`export_report`), and printed when ``verbose`` or when
+    some quantized site fell back to a dequantized float weight."""
     onnx = _onnx()
     proto, report = build_graph(model, batch=batch, seq=seq, opset=opset)
     onnx.checker.check_model(proto)

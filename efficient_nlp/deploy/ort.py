@@ -2,6 +2,7 @@
 
     sess = ort_session("model.onnx", threads=2)
     quantize_dynamic_onnx("model.onnx", "model.int8.onnx")   # onnxruntime.quantization, QInt8 weights
+    optimized_model("model.onnx", "model.opt.onnx")          # the graph ONNX Runtime runs after its fusions
 
 `quantize_dynamic_onnx` is ONNX Runtime's recipe, not ours: per-tensor uint8 activations with
 ranges computed per call over the whole tensor (``DynamicQuantizeLinear``) and int8 weights,
@@ -34,6 +35,24 @@ def ort_session(path, threads: int | None = None):
     return ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+#: `optimized_model` levels -> ``onnxruntime.GraphOptimizationLevel`` names.
+OPTIMIZATION_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def optimized_model(src, dst, level: str = "extended") -> str:
+    """Write the graph ONNX Runtime runs for ``src`` after its graph optimizations at ``level``
+    (``"basic"``, ``"extended"``: the fusions, e.g. QDQ -> ``MatMulIntegerToFloat``, Gelu;
+    ``"all"`` adds layout changes specific to this machine) to ``dst``; returns ``dst``."""
+    ort = _ort()
+    if level not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"level must be one of {sorted(OPTIMIZATION_LEVELS)}, got {level!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[level])
+    options.optimized_model_filepath = os.fspath(dst)
+    ort.InferenceSession(os.fspath(src), sess_options=options, providers=["CPUExecutionProvider"])
+    return os.fspath(dst)
+
+
 def quantize_dynamic_onnx(src, dst) -> str:
     """ONNX Runtime's dynamic int8 quantization (``onnxruntime.quantization.quantize_dynamic``,
     ``weight_type=QInt8``) of the float model ``src``, written to ``dst``; returns ``dst``."""
@@ -44,4 +63,4 @@ def quantize_dynamic_onnx(src, dst) -> str:
     return os.fspath(dst)
 
 
-__all__ = ["ort_session", "quantize_dynamic_onnx"]
+__all__ = ["OPTIMIZATION_LEVELS", "optimized_model", "ort_session", "quantize_dynamic_onnx"]
