@@ -57,6 +57,18 @@ def test_float_model_with_a_calibration_batch(bert, calib):
     np.testing.assert_array_equal(_logits(bert, calib), before)
 
 
+def test_a_float_model_with_its_own_spec(bert, calib):
+    """``spec=`` replaces the default spec (symmetric PACT here): equal to that spec calibrated."""
+    spec = S.default_spec(bert, asymmetric=False)
+    static = quant.to_static_int8(bert, calib, spec=spec)
+    qmodel, _ = quant.quantize_model(bert, spec)
+    quant.calibrate(qmodel, calib)
+    ref = _logits(qmodel, calib)
+    np.testing.assert_allclose(_logits(static.model, calib), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    with pytest.raises(ValueError, match="either spec="):
+        quant.to_static_int8(bert, calib, spec=spec, asymmetric=True)
+
+
 @pytest.mark.parametrize("k", [384, 1032, 1536, 2100])
 def test_bf16_carried_product_is_the_exact_int32_product(k):
     """Worst case (every product 128 * 127 of one sign) and random codes: the bfloat16-carried

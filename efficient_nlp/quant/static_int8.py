@@ -54,7 +54,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +81,6 @@ CARRIERS = {"bf16": jnp.bfloat16, "int8": jnp.int8}
 CLIPS = ("minmax", "percentile", "mse")
 #: Calibration inputs (values) one quantizer's ``mse`` search looks at, an even subsample of the rest.
 MSE_SAMPLE = 1 << 18
-#: XLA:CPU options of the compiled forward (checked against the installed XLA, `compiler_options`).
-CPU_COMPILER_OPTIONS: dict[str, Any] = {}
 
 
 def carried_matmul(codes, w_codes):
@@ -195,7 +193,7 @@ class StaticAttention(nnx.Module):
 
 class StaticInt8(NamedTuple):
     """`to_static_int8`'s result: the converted ``model`` (``model(ids, mask, types).logits``)
-    and ``forward(*inputs) -> logits``, its jitted forward with the CPU compiler options."""
+    and ``forward(*inputs) -> logits``, its jitted forward."""
 
     model: nnx.Module
     forward: Callable
@@ -376,27 +374,12 @@ def convert(qmodel, carrier: str = "bf16"):
     return model
 
 
-@functools.cache
-def compiler_options(backend: str) -> dict[str, Any]:
-    """`CPU_COMPILER_OPTIONS` on the CPU backend when the installed XLA knows them (a tiny
-    compile checks), else ``{}`` (other backends, other XLA versions)."""
-    if backend != "cpu" or not CPU_COMPILER_OPTIONS:
-        return {}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(jnp.zeros(2)).compile()
-    except Exception:  # noqa: BLE001  (an option this XLA does not have: compile without)
-        return {}
-    return dict(CPU_COMPILER_OPTIONS)
-
-
-def jit_forward(model, options: dict[str, Any] | None = None) -> Callable:
-    """``forward(*inputs) -> model(*inputs).logits`` compiled once per input shape with XLA
-    ``options`` (default `compiler_options` of the default backend); the model's state is
-    captured (later changes to ``model`` are not seen)."""
+def jit_forward(model) -> Callable:
+    """``forward(*inputs) -> model(*inputs).logits`` compiled once per input shape; the model's
+    state is captured (later changes to ``model`` are not seen)."""
     graphdef, state = nnx.split(model)
-    opts = compiler_options(jax.default_backend()) if options is None else options
 
-    @functools.partial(jax.jit, compiler_options=opts or None)
+    @jax.jit
     def run(state, *inputs):
         return nnx.merge(graphdef, state)(*inputs).logits
 
@@ -405,7 +388,7 @@ def jit_forward(model, options: dict[str, Any] | None = None) -> Callable:
 
 def to_static_int8(model, calibration: dict | Callable | None = None, *, spec: QuantSpec | None = None,
                    carrier: str = "bf16", clip: str = "minmax", percentile: float = 99.99, smooth: str | None = None,
-                   alpha: float = 0.5, float_inputs: Sequence[str] = (), asymmetric: bool = True) -> StaticInt8:
+                   alpha: float = 0.5, float_inputs: Sequence[str] = (), asymmetric: bool | None = None) -> StaticInt8:
     """Static-scale int8 inference model (module docstring) and its jitted forward.
 
     ``model``: a float model (quantized with ``spec``, default `default_spec`: W8A8 with PACT
@@ -418,7 +401,8 @@ def to_static_int8(model, calibration: dict | Callable | None = None, *, spec: Q
     ``percentile``, ``"minmax"``) sets the PACT ranges.  Float model only: ``smooth="smoothquant"``
     runs `efficient_nlp.oneshot.smooth` (``alpha``) on ``calibration`` (a batch dict) first;
     ``float_inputs``: layer roles whose Linear inputs stay float, ``asymmetric``: unsigned
-    activation grids (`default_spec`; a quantized model keeps its own grids).
+    activation grids (`default_spec`; default True without ``spec``; a quantized model keeps its
+    own grids).
     ``model`` is not changed.
     """
     if smooth not in (None, "smoothquant"):
@@ -435,7 +419,7 @@ def to_static_int8(model, calibration: dict | Callable | None = None, *, spec: Q
         if calibration is None:
             raise ValueError("to_static_int8 on a float model needs a calibration batch (a dict with input_ids, "
                              "attention_mask, token_type_ids of representative rows) to set the activation scales")
-        if spec is not None and (float_inputs or asymmetric):
+        if spec is not None and (float_inputs or asymmetric is not None):
             raise ValueError("to_static_int8: give either spec= or float_inputs= / asymmetric= (rules of your spec "
                              "can leave inputs in float: (r'<site>\\.input$', None), or make them unsigned: "
                              "(r'\\.input$', {'signed': False}))")
@@ -446,7 +430,7 @@ def to_static_int8(model, calibration: dict | Callable | None = None, *, spec: Q
             from efficient_nlp import oneshot
 
             model = oneshot.smooth(model, calibration, method=smooth, alpha=alpha, log=None).model
-        qmodel, _ = quantize_model(model, spec or default_spec(model, float_inputs, asymmetric))
+        qmodel, _ = quantize_model(model, spec or default_spec(model, float_inputs, asymmetric is not False))
         calibrate_clipped(qmodel, calibration, clip, percentile)
     smodel = convert(qmodel, carrier)
     return StaticInt8(smodel, jit_forward(smodel))
@@ -454,5 +438,5 @@ def to_static_int8(model, calibration: dict | Callable | None = None, *, spec: Q
 
 __all__ = ["CARRIERS", "CLIPS", "MAX_EXACT_K", "MSE_SAMPLE", "STATIC_METHODS", "StaticAttention", "StaticInt8",
            "StaticLinear", "calibrate_clipped", "calibration_inputs", "carried_matmul", "check_static", "clip_range",
-           "compiler_options", "convert", "default_spec", "jit_forward", "mse_range", "quant_mse", "same_grid",
+           "convert", "default_spec", "jit_forward", "mse_range", "quant_mse", "same_grid",
            "to_static_int8"]
